@@ -1,0 +1,30 @@
+# Two commands do all set-up on a fresh machine:
+#   make demo   builds .venv and runs the whole pipeline on the bundled demo world
+#   make test   builds .venv and runs the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The CPU wheel on machines without a GPU: on this project's machines `torch==2.13.0` is a local
+# CPU wheel. Elsewhere set TORCH_SPEC / TORCH_PIP_ARGS (e.g. --index-url .../whl/cpu) as you need.
+TORCH_SPEC ?= torch==2.13.0
+TORCH_PIP_ARGS ?=
+DEMO_ARGS ?=
+
+.PHONY: setup demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(PY) || python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(TORCH_PIP_ARGS) "$(TORCH_SPEC)"
+	$(PY) -m pip install -q -e ".[dev]"
+	touch $@
+
+demo: setup
+	$(VENV)/bin/quartet demo --output runs/demo $(DEMO_ARGS)
+
+test: setup
+	$(PY) -m pytest tests
+
+clean:
+	rm -rf $(VENV) runs

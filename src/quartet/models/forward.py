@@ -1,0 +1,63 @@
+"""Forward passes shared by every stage: padding-independent positions, per-token values, scores.
+
+Reward model and critic are the same thing in Hugging Face terms: an
+`AutoModelForSequenceClassification` with one output. Its linear `score` head applied to
+every position gives the critic's per-token values; read at the last non-padding token it
+gives the reward model's score. Positions are computed from the attention mask, so left
+and right padding give the same numbers.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+
+def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Positions counted over real tokens only: left padding does not shift them."""
+    return (attention_mask.long().cumsum(-1) - 1).clamp(min=0)  # [batch, seq]
+
+
+def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
+    """Index of the last non-padding token of each row, for left- or right-padded rows."""
+    seq_len = attention_mask.shape[-1]
+    positions = torch.arange(seq_len, device=attention_mask.device)
+    return (positions * attention_mask.long()).argmax(-1)  # [batch]
+
+
+def _score_head(model: PreTrainedModel) -> torch.nn.Module:
+    head = getattr(model, "score", None)
+    if head is None:
+        raise ValueError(
+            f"{type(model).__name__} has no 'score' head; reward models and critics must be "
+            "AutoModelForSequenceClassification models with num_labels=1"
+        )
+    return head
+
+
+def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """One scalar per token from a one-output sequence-classification model: [batch, seq]."""
+    hidden = model.base_model(
+        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
+    ).last_hidden_state  # [batch, seq, hidden]
+    head = _score_head(model)
+    return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+
+
+def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """The score of each whole sequence, read at its last non-padding token: [batch]."""
+    values = token_values(model, input_ids, attention_mask)
+    index = last_token_index(attention_mask)
+    return values.gather(1, index[:, None]).squeeze(1)
+
+
+def causal_lm_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                     logits_to_keep: int = 0) -> torch.Tensor:
+    """Logits of a causal LM with padding-independent positions.
+
+    `logits_to_keep=k` computes the LM head on the last k positions only (0 = all), which
+    saves the head's work on prompt positions when only response log-probs are needed.
+    """
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+                logits_to_keep=logits_to_keep, use_cache=False)
+    return out.logits

@@ -1,0 +1,92 @@
+"""Loading and saving models in Hugging Face format (safetensors only, no remote code by default)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import torch
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
+
+_PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
+
+
+class ModelLoadError(ValueError):
+    """A model or tokenizer directory that cannot be used, with the reason."""
+
+
+def require_local_dir(path: str | Path, what: str = "model") -> Path:
+    """Check that `path` is an existing local directory (Quartet never downloads from a hub)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise ModelLoadError(f"{what} directory not found: {path} (Quartet loads local Hugging Face directories only)")
+    return path
+
+
+def _check_weights(path: Path, allow_pickle: bool) -> bool:
+    """Return whether to load safetensors; refuse pickle weights unless explicitly allowed."""
+    has_safetensors = any(path.glob("*.safetensors"))
+    if has_safetensors:
+        return True
+    pickles = [name for name in _PICKLE_WEIGHTS if (path / name).exists()]
+    if pickles and not allow_pickle:
+        raise ModelLoadError(
+            f"{path}: only pickle weights ({pickles[0]}) found; pickle can run code when loaded. "
+            "Convert them to safetensors, or set model.allow_pickle=true if you trust this file."
+        )
+    if not pickles:
+        raise ModelLoadError(f"{path}: no model weights (*.safetensors) found")
+    return False
+
+
+def load_causal_lm(path: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False,
+                   dtype: torch.dtype = torch.float32) -> PreTrainedModel:
+    """Load a causal LM from a local directory."""
+    path = require_local_dir(path)
+    use_safetensors = _check_weights(path, allow_pickle)
+    return AutoModelForCausalLM.from_pretrained(
+        str(path), trust_remote_code=trust_remote_code, use_safetensors=use_safetensors, dtype=dtype
+    )
+
+
+def load_scalar_model(path: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False,
+                      dtype: torch.dtype = torch.float32, pad_token_id: int | None = None) -> PreTrainedModel:
+    """Load a one-output sequence-classification model (reward model or critic).
+
+    From a reward/critic checkpoint the trained `score` head is loaded; from a causal LM
+    checkpoint the transformer is reused and a fresh linear head is initialised.
+    """
+    path = require_local_dir(path)
+    use_safetensors = _check_weights(path, allow_pickle)
+    config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if getattr(config, "num_labels", 1) != 1 and _is_sequence_classifier(config):
+        raise ModelLoadError(
+            f"{path}: this sequence-classification model has {config.num_labels} outputs; "
+            "a reward model or critic needs exactly one (num_labels=1)"
+        )
+    config.num_labels = 1
+    if pad_token_id is not None:
+        config.pad_token_id = pad_token_id
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(path), config=config, trust_remote_code=trust_remote_code, use_safetensors=use_safetensors, dtype=dtype
+    )
+    return model
+
+
+def _is_sequence_classifier(config) -> bool:
+    return any(arch.endswith("ForSequenceClassification") for arch in (config.architectures or []))
+
+
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, output_dir: str | Path) -> Path:
+    """Write `model` (safetensors) and `tokenizer` as a directory that plain transformers loads."""
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(output_dir), safe_serialization=True)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(output_dir))
+    return output_dir

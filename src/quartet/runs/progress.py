@@ -1,0 +1,28 @@
+"""Progress bars with ETA and the main metrics, for every long loop."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import Any
+
+from tqdm.auto import tqdm
+
+
+def progress_bar(total: int, desc: str, initial: int = 0) -> tqdm:
+    """A tqdm bar on stderr; QUARTET_PROGRESS=0 turns bars off (logs stay)."""
+    disable = os.environ.get("QUARTET_PROGRESS", "1") == "0"
+    return tqdm(total=total, desc=desc, initial=initial, file=sys.stderr, dynamic_ncols=True,
+                mininterval=0.5, disable=disable, leave=True)
+
+
+def format_postfix(metrics: dict[str, Any], keys: list[str]) -> dict[str, str]:
+    """Short strings of the chosen metrics for a bar's postfix."""
+    shown = {}
+    for key in keys:
+        value = metrics.get(key)
+        if isinstance(value, float):
+            shown[key.rsplit("/", 1)[-1]] = f"{value:.4g}"
+        elif value is not None:
+            shown[key.rsplit("/", 1)[-1]] = str(value)
+    return shown

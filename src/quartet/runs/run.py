@@ -1,0 +1,70 @@
+"""One run of one stage: its output directory, config, metrics, device and seed."""
+
+from __future__ import annotations
+
+import json
+import random
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from pydantic import BaseModel
+
+from quartet.config import dump_config
+from quartet.runs.checkpoint import latest_checkpoint
+from quartet.runs.metrics import MetricsLogger
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def select_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("run.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    return torch.device(name)
+
+
+class Run:
+    """The output directory of a stage run.
+
+    Layout: config.yaml, metrics.jsonl, tensorboard/, checkpoints/step-N/, final/, summary.json.
+    """
+
+    def __init__(self, output_dir: str | Path, config: BaseModel, stage: str, resume: bool = False):
+        self.dir = Path(output_dir)
+        self.stage = stage
+        self.config = config
+        self.dir.mkdir(parents=True, exist_ok=True)
+        self.resume_from = latest_checkpoint(self.checkpoints_dir) if resume else None
+        if not resume and self.final_dir.exists():
+            raise FileExistsError(
+                f"{self.dir} already holds a finished {stage} run (final/ exists); "
+                "choose another --output, or delete it"
+            )
+        if not self.resume_from:  # a fresh start: drop metrics of an earlier, unfinished attempt
+            (self.dir / "metrics.jsonl").unlink(missing_ok=True)
+        dump_config(config, self.dir / "config.yaml")
+        self.device = select_device(getattr(getattr(config, "run", None), "device", "auto"))
+        self.metrics = MetricsLogger(self.dir)
+
+    @property
+    def checkpoints_dir(self) -> Path:
+        return self.dir / "checkpoints"
+
+    @property
+    def final_dir(self) -> Path:
+        return self.dir / "final"
+
+    def write_summary(self, summary: dict[str, Any]) -> Path:
+        path = self.dir / "summary.json"
+        path.write_text(json.dumps(summary, indent=2, default=float) + "\n", encoding="utf-8")
+        return path
+
+    def close(self) -> None:
+        self.metrics.close()
