@@ -13,6 +13,11 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
+from transformers.utils import logging as hf_logging
+
+# Quartet draws its own progress bars; transformers' per-shard bars on tiny models are noise.
+hf_logging.disable_progress_bar()
+
 _PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json", "model.pt", "model.ckpt")
 
 
