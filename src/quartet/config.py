@@ -32,7 +32,8 @@ class ModelConfig(Section):
     """Where a model comes from: a local Hugging Face directory, or a tiny preset built from scratch."""
 
     path: str | None = Field(None, description="Local Hugging Face model directory (from_pretrained).")
-    preset: str | None = Field(None, description="Build a fresh model from a named preset (nano, tiny, small, gpt2-tiny).")
+    preset: str | None = Field(None, description="Build a fresh model from a named preset (nano, tiny, small, gpt2-tiny); "
+                               "'tiny' when neither path nor preset is set.")
     tokenizer_path: str | None = Field(None, description="Tokenizer directory; defaults to `path`.")
     vocab_size: int = Field(2048, gt=16, description="Vocabulary of the tokenizer trained for a preset.")
     trust_remote_code: bool = False
@@ -103,15 +104,15 @@ class StageConfig(Section):
 class SFTConfig(StageConfig):
     """`quartet sft`: supervised fine-tuning of the initial actor (and reference)."""
 
-    model: ModelConfig = ModelConfig(preset="tiny")
+    model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig()
     lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="after")
-    def _needs_model(self) -> "SFTConfig":
+    def _default_model(self) -> "SFTConfig":
         if not self.model.path and not self.model.preset:
-            raise ValueError("set model.path (a local model directory) or model.preset")
+            self.model.preset = "tiny"
         return self
 
 
@@ -126,16 +127,16 @@ class RewardConfig(StageConfig):
     """`quartet reward`: a one-output sequence classifier trained on chosen/rejected pairs."""
 
     run: RunSection = RunSection(output_dir="runs/reward")
-    model: ModelConfig = ModelConfig(preset="tiny")
+    model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig(lr=1e-4)
     loss: RewardLossConfig = RewardLossConfig()
     lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="after")
-    def _needs_model(self) -> "RewardConfig":
+    def _default_model(self) -> "RewardConfig":
         if not self.model.path and not self.model.preset:
-            raise ValueError("set model.path (an SFT or reward model directory) or model.preset")
+            self.model.preset = "tiny"
         return self
 
 

@@ -1,0 +1,167 @@
+"""The `quartet` command: one thin subcommand per stage (parse, build config, call the stage)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Callable
+
+from quartet import __version__
+
+STAGE_HELP = "any config key as a dotted override, e.g. --train.lr 1e-4 (see the configs/ examples)"
+
+
+def _add_stage(sub, name: str, help_text: str) -> argparse.ArgumentParser:
+    parser = sub.add_parser(name, help=help_text, description=help_text, epilog=STAGE_HELP)
+    parser.add_argument("--config", help="YAML config file")
+    parser.add_argument("--output", help="run directory (same as --run.output_dir)")
+    parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    return parser
+
+
+def _stage_config(config_cls, args, overrides: list[str]):
+    from quartet.config import load_config
+
+    if args.output:
+        overrides = [*overrides, "--run.output_dir", args.output]
+    return load_config(config_cls, args.config, overrides)
+
+
+def _cmd_sft(args, overrides: list[str]) -> None:
+    from quartet.config import SFTConfig
+    from quartet.stages.sft import run_sft
+
+    run_sft(_stage_config(SFTConfig, args, overrides), resume=args.resume)
+
+
+def _cmd_reward(args, overrides: list[str]) -> None:
+    from quartet.config import RewardConfig
+    from quartet.stages.reward import run_reward
+
+    run_reward(_stage_config(RewardConfig, args, overrides), resume=args.resume)
+
+
+def _cmd_ppo(args, overrides: list[str]) -> None:
+    from quartet.config import PPOConfig
+    from quartet.stages.ppo import run_ppo
+
+    run_ppo(_stage_config(PPOConfig, args, overrides), resume=args.resume)
+
+
+def _cmd_pipeline(args, overrides: list[str]) -> None:
+    from quartet.stages.pipeline import run_pipeline
+
+    if not args.config:
+        raise ValueError("quartet pipeline needs --config FILE with sft:, reward: and ppo: sections")
+    if args.output:
+        overrides = [*overrides, "--output_dir", args.output]
+    run_pipeline(args.config, overrides, resume=args.resume)
+
+
+def _cmd_score(args, overrides: list[str]) -> None:
+    from quartet.stages.reward import score_file
+
+    if overrides:
+        raise ValueError(f"unexpected arguments: {' '.join(overrides)}")
+    score_file(args.model, args.input, args.output, batch_size=args.batch_size, max_length=args.max_length)
+
+
+def _cmd_demo(args, overrides: list[str]) -> None:
+    from quartet.demo.run import run_demo
+
+    if overrides:
+        raise ValueError(f"unexpected arguments: {' '.join(overrides)}")
+    run_demo(args.output, quick=args.quick, seed=args.seed)
+
+
+def _cmd_report(args, overrides: list[str]) -> None:
+    from quartet.report import render_report
+
+    if overrides:
+        raise ValueError(f"unexpected arguments: {' '.join(overrides)}")
+    print(f"report: {render_report(args.run_dir, args.output)}")
+
+
+def _cmd_convert(args, overrides: list[str]) -> None:
+    from quartet.models.llama2c import convert_llama2c
+
+    if overrides:
+        raise ValueError(f"unexpected arguments: {' '.join(overrides)}")
+    print(f"converted: {convert_llama2c(args.checkpoint, args.tokenizer, args.output)}")
+
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
+    parser = argparse.ArgumentParser(prog="quartet", description="RLHF with four models: SFT -> reward model -> PPO.")
+    parser.add_argument("--version", action="version", version=f"quartet {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    handlers: dict[str, Callable] = {}
+    _add_stage(sub, "sft", "stage 1: supervised fine-tuning (actor and reference)")
+    handlers["sft"] = _cmd_sft
+    _add_stage(sub, "reward", "stage 2: reward model on chosen/rejected pairs")
+    handlers["reward"] = _cmd_reward
+    _add_stage(sub, "ppo", "stage 3: PPO with actor, critic, reward model and reference")
+    handlers["ppo"] = _cmd_ppo
+    _add_stage(sub, "pipeline", "all three stages in order from one config file")
+    handlers["pipeline"] = _cmd_pipeline
+    score = sub.add_parser("score", help="score prompt/response pairs with a reward model",
+                           description="Score a JSONL/JSON/CSV/Parquet file of prompt + response (or completion) "
+                                       "rows with a reward model; writes the rows with a 'score' field as JSONL.")
+    score.add_argument("--model", required=True, help="reward model directory")
+    score.add_argument("--input", required=True, help="file of rows with prompt and response/completion")
+    score.add_argument("--output", required=True, help="JSONL file to write")
+    score.add_argument("--batch-size", type=int, default=16)
+    score.add_argument("--max-length", type=int, default=1024)
+    handlers["score"] = _cmd_score
+    demo = sub.add_parser("demo", help="the whole pipeline on a generated restaurant town (no download)",
+                          description="SFT -> reward model -> PPO on a small generated world, judged by a hidden "
+                                      "gold judge; writes report.html and summary.json.")
+    demo.add_argument("--output", default="runs/demo", help="run directory (default: runs/demo)")
+    demo.add_argument("--quick", action="store_true", help="a smaller run (about 3 minutes on 2 CPU cores)")
+    demo.add_argument("--seed", type=int, default=0)
+    handlers["demo"] = _cmd_demo
+    report = sub.add_parser("report", help="render report.html for a PPO run or a demo directory")
+    report.add_argument("run_dir")
+    report.add_argument("--output", help="HTML path (default: RUN_DIR/report.html)")
+    handlers["report"] = _cmd_report
+    convert = sub.add_parser("convert", help="convert other model formats to Hugging Face directories")
+    convert_sub = convert.add_subparsers(dest="format", metavar="FORMAT", required=True)
+    llama2c = convert_sub.add_parser("llama2c", help="a llama2.c checkpoint (.bin) and tokenizer (.bin)")
+    llama2c.add_argument("--checkpoint", required=True)
+    llama2c.add_argument("--tokenizer", required=True)
+    llama2c.add_argument("--output", required=True)
+    handlers["convert"] = _cmd_convert
+    return parser, handlers
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from quartet.config import ConfigError
+    from quartet.data import DataError
+    from quartet.models.loading import ModelLoadError
+
+    return ConfigError, DataError, ModelLoadError, FileExistsError, FileNotFoundError, ValueError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser, handlers = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if not args.command:
+        parser.print_help()
+        return 0
+    if rest and not rest[0].startswith("--"):
+        parser.error(f"unexpected argument '{rest[0]}'")
+    try:
+        handlers[args.command](args, rest)
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+    except _user_errors() as err:
+        if os.environ.get("QUARTET_DEBUG"):
+            raise
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,92 @@
+"""Stage 1, supervised fine-tuning: produces the initial actor and the frozen reference.
+
+Cross-entropy on completion tokens (the prompt is masked by default), through the shared
+supervised training loop. `final/` is a plain Hugging Face causal LM directory.
+"""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from transformers import PreTrainedModel
+
+from quartet.config import SFTConfig
+from quartet.data import collate_sft, load_sft_examples, tokenize_sft
+from quartet.models.forward import causal_lm_logits
+from quartet.models.loading import save_model
+from quartet.runs.run import Run, seed_everything
+from quartet.runs.trainer import LossSum, SupervisedTrainer
+from quartet.stages.common import apply_lora, resolve_causal_lm, resolve_tokenizer, split_held_out, unwrap_lora
+
+
+def sft_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> LossSum:
+    """Summed next-token cross-entropy over label tokens (labels -100 are ignored)."""
+    logits = causal_lm_logits(model, batch["input_ids"], batch["attention_mask"])  # [batch, seq, vocab]
+    shifted_logits = logits[:, :-1].float()
+    shifted_labels = batch["labels"][:, 1:]
+    loss_sum = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
+                               ignore_index=-100, reduction="sum")
+    return LossSum(loss_sum, int((shifted_labels != -100).sum()))
+
+
+def run_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
+    """Train the SFT model described by `cfg`; returns the run summary (also in summary.json)."""
+    if not cfg.data.train:
+        raise ValueError("data.train is required: a local JSONL/JSON/Parquet/CSV file or save_to_disk directory")
+    seed_everything(cfg.run.seed)
+    run = Run(cfg.run.output_dir, cfg, stage="sft", resume=resume)
+    corpus = [p for p in (cfg.data.train, cfg.data.eval) if p]
+    tokenizer = resolve_tokenizer(cfg.model, corpus)
+    train_examples = load_sft_examples(cfg.data.train, tokenizer, completion_field=cfg.data.completion_field)
+    if cfg.data.limit:
+        train_examples = train_examples[: cfg.data.limit]
+    if cfg.data.eval:
+        eval_examples = load_sft_examples(cfg.data.eval, tokenizer, completion_field=cfg.data.completion_field)
+    else:
+        train_examples, eval_examples = split_held_out(train_examples, cfg.data.eval_fraction, cfg.run.seed)
+    train_data, train_stats = tokenize_sft(train_examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length,
+                                           mask_prompt=cfg.train.mask_prompt)
+    eval_data, _ = tokenize_sft(eval_examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length,
+                                mask_prompt=cfg.train.mask_prompt)
+    print(f"[sft] {len(train_data)} training / {len(eval_data)} held-out examples; {train_stats.summary()}")
+
+    model = apply_lora(resolve_causal_lm(cfg.model, tokenizer, cfg.run.seed), cfg.lora)
+    pad_id = tokenizer.pad_token_id
+
+    def save(directory: Path) -> None:
+        save_model(model, tokenizer, directory)
+
+    trainer = SupervisedTrainer(
+        model, train_data, eval_data, collate=lambda b: collate_sft(b, pad_id), loss_fn=sft_loss,
+        cfg=cfg.train, run=run, seed=cfg.run.seed, save_model=save, postfix_keys=("loss", "lr"),
+    )
+    result = trainer.train()
+    save_model(unwrap_lora(model), tokenizer, run.final_dir)
+    summary = {
+        "stage": "sft",
+        "final_dir": str(run.final_dir),
+        "n_train": len(train_data),
+        "n_eval": len(eval_data),
+        "truncation": vars(train_stats),
+        **result,
+    }
+    for key in ("initial_eval/loss", "eval/loss"):
+        if key in summary:
+            summary[key.replace("loss", "perplexity")] = math.exp(min(summary[key], 50.0))
+    run.write_summary(summary)
+    run.close()
+    _print_summary(summary)
+    return summary
+
+
+def _print_summary(summary: dict[str, Any]) -> None:
+    before, after = summary.get("initial_eval/loss"), summary.get("eval/loss")
+    line = f"[sft] {summary['steps']} steps in {summary['seconds']:.1f}s"
+    if before is not None and after is not None:
+        line += (f"; held-out loss {before:.3f} -> {after:.3f} "
+                 f"(perplexity {summary['initial_eval/perplexity']:.1f} -> {summary['eval/perplexity']:.1f})")
+    print(line + f"; model in {summary['final_dir']}")

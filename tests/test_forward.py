@@ -1,0 +1,70 @@
+"""Forward passes: padding on either side changes no log-prob, value or score."""
+
+import torch
+
+from quartet.models.forward import causal_lm_logits, last_token_index, sequence_scores, token_values
+from quartet.models.loading import load_causal_lm, load_scalar_model
+from quartet.rl.logprobs import token_logprobs
+
+
+def _pad(rows, pad_id, side):
+    width = max(len(r) for r in rows)
+    ids, mask = [], []
+    for r in rows:
+        pad = [pad_id] * (width - len(r))
+        ids.append(pad + r if side == "left" else r + pad)
+        mask.append([0] * len(pad) + [1] * len(r) if side == "left" else [1] * len(r) + [0] * len(pad))
+    return torch.tensor(ids), torch.tensor(mask)
+
+
+ROWS = [[5, 17, 42, 9, 33, 21], [8, 3, 77], [61, 62, 63, 64]]
+
+
+def test_last_token_index_for_both_paddings():
+    _, right = _pad(ROWS, 0, "right")
+    _, left = _pad(ROWS, 0, "left")
+    assert last_token_index(right).tolist() == [5, 2, 3]
+    assert last_token_index(left).tolist() == [5, 5, 5]
+
+
+def test_logprobs_do_not_depend_on_padding_side(lm_dir, tokenizer):
+    model = load_causal_lm(lm_dir).eval()
+    per_row = {}
+    for side in ("left", "right"):
+        ids, mask = _pad(ROWS, tokenizer.pad_token_id, side)
+        with torch.no_grad():
+            logp = token_logprobs(causal_lm_logits(model, ids, mask)[:, :-1], ids[:, 1:])
+        for i, row in enumerate(ROWS):
+            n = len(row) - 1
+            per_row[(side, i)] = logp[i, -n:] if side == "left" else logp[i, :n]
+    for i, row in enumerate(ROWS):
+        alone = torch.tensor([row])
+        with torch.no_grad():
+            expected = token_logprobs(causal_lm_logits(model, alone, torch.ones_like(alone))[:, :-1], alone[:, 1:])[0]
+        torch.testing.assert_close(per_row[("left", i)], expected, atol=1e-5, rtol=0)
+        torch.testing.assert_close(per_row[("right", i)], expected, atol=1e-5, rtol=0)
+
+
+def test_values_and_scores_do_not_depend_on_padding_side(scalar_dir, tokenizer):
+    model = load_scalar_model(scalar_dir).eval()
+    with torch.no_grad():
+        left_ids, left_mask = _pad(ROWS, tokenizer.pad_token_id, "left")
+        right_ids, right_mask = _pad(ROWS, tokenizer.pad_token_id, "right")
+        left_scores = sequence_scores(model, left_ids, left_mask)
+        right_scores = sequence_scores(model, right_ids, right_mask)
+        left_values = token_values(model, left_ids, left_mask)
+        for i, row in enumerate(ROWS):
+            alone = torch.tensor([row])
+            values = token_values(model, alone, torch.ones_like(alone))[0]
+            torch.testing.assert_close(left_values[i, -len(row):], values, atol=1e-5, rtol=0)
+            torch.testing.assert_close(left_scores[i], values[-1], atol=1e-5, rtol=0)
+    torch.testing.assert_close(left_scores, right_scores, atol=1e-5, rtol=0)
+
+
+def test_logits_to_keep_matches_full_head(lm_dir):
+    model = load_causal_lm(lm_dir).eval()
+    ids = torch.tensor([ROWS[0]])
+    with torch.no_grad():
+        full = causal_lm_logits(model, ids, torch.ones_like(ids))
+        tail = causal_lm_logits(model, ids, torch.ones_like(ids), logits_to_keep=3)
+    torch.testing.assert_close(tail, full[:, -3:], atol=1e-5, rtol=0)

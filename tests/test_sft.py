@@ -1,0 +1,69 @@
+"""The SFT stage end to end on a tiny model: loss goes down, the run directory is complete."""
+
+import json
+
+import torch
+import yaml
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from quartet.cli import main
+from quartet.config import SFTConfig, build_config
+from quartet.runs.metrics import read_metrics
+from quartet.stages.sft import run_sft
+
+ROWS = [{"prompt": f"Q: what comes after {i}?\nA:", "completion": f" {i + 1}."} for i in range(60)]
+
+
+def _config(tmp_path, **train):
+    tmp_path.mkdir(parents=True, exist_ok=True)
+    data = tmp_path / "sft.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    return build_config(SFTConfig, {
+        "run": {"output_dir": str(tmp_path / "run")},
+        "model": {"preset": "nano", "vocab_size": 300},
+        "data": {"train": str(data), "eval_fraction": 0.1, "max_length": 32},
+        "train": {"lr": 3e-3, "max_steps": 40, "batch_size": 8, "eval_every": 20, "log_every": 5, **train},
+    })
+
+
+def test_sft_lowers_held_out_loss_and_writes_a_loadable_model(tmp_path):
+    summary = run_sft(_config(tmp_path))
+    assert summary["eval/loss"] < summary["initial_eval/loss"] - 1.0
+    run = tmp_path / "run"
+    assert yaml.safe_load((run / "config.yaml").read_text())["train"]["max_steps"] == 40
+    records = read_metrics(run / "metrics.jsonl")
+    assert records[0]["step"] == 0 and "eval/loss" in records[0]
+    assert records[-1]["step"] == 40 and "train/loss" in records[-1]
+    assert any((run / "tensorboard").iterdir())
+    model = AutoModelForCausalLM.from_pretrained(run / "final")
+    tokenizer = AutoTokenizer.from_pretrained(run / "final")
+    ids = tokenizer("Q: what comes after 3?\nA:", return_tensors="pt")
+    out = model.generate(**ids, max_new_tokens=4, do_sample=False)
+    assert out.shape[1] > ids["input_ids"].shape[1]
+
+
+def test_sft_is_reproducible_with_the_same_seed(tmp_path):
+    a = run_sft(_config(tmp_path / "a", max_steps=6))
+    b = run_sft(_config(tmp_path / "b", max_steps=6))
+    assert a["eval/loss"] == b["eval/loss"]
+    wa = AutoModelForCausalLM.from_pretrained(tmp_path / "a" / "run" / "final").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(tmp_path / "b" / "run" / "final").state_dict()
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+
+
+def test_cli_reports_bad_input_in_one_line(tmp_path, capsys):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "hi", "completion": "yo"}\n{"prompt": "hi",\n')
+    code = main(["sft", "--output", str(tmp_path / "r"), "--data.train", str(bad), "--model.preset", "nano"])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "bad.jsonl, line 2" in err and "Traceback" not in err
+    code = main(["sft", "--train.lrr", "1"])
+    assert code == 2 and "did you mean 'train.lr'" in capsys.readouterr().err
+
+
+def test_cli_lists_the_stages(capsys):
+    main([])
+    out = capsys.readouterr().out
+    for stage in ("sft", "reward", "ppo", "pipeline", "demo", "score", "report", "convert"):
+        assert stage in out
