@@ -1,0 +1,111 @@
+"""Reward shaping for PPO-RLHF: reward-model scores plus a per-token KL penalty.
+
+DeepSpeed-Chat step 3: every valid response token gets ``-beta * kl_t`` (KL of actor vs the
+frozen reference), and the row's last valid token additionally gets the (clipped) sequence
+score from the reward model. Also: score normalisation with running statistics, and a
+penalty for responses that never emitted EOS (truncated at the generation limit).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+
+from quartet.rl.kl import kl_estimate
+from quartet.rl.masks import last_valid_index
+
+__all__ = ["per_token_rewards", "normalize_scores", "RunningMeanStd", "penalize_missing_eos"]
+
+
+def per_token_rewards(
+    logp: torch.Tensor,
+    ref_logp: torch.Tensor,
+    scores: torch.Tensor,
+    mask: torch.Tensor,
+    beta: float | torch.Tensor,
+    clip_reward_value: float | None = 5.0,
+    kl_estimator: str = "k1",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shaped per-token rewards ``[B, T]`` and the KL-penalty part of them ``[B, T]``.
+
+    ``kl_penalty[t] = -beta * kl_t`` on valid tokens, 0 elsewhere;
+    ``rewards = kl_penalty`` plus ``clamp(score, -clip_reward_value, clip_reward_value)`` at each
+    row's last valid token (``clip_reward_value=None``: no clipping). ``scores`` is ``[B]``.
+    A row with no valid token gets all zeros (no score placed).
+    """
+    kl = kl_estimate(logp, ref_logp, kl_estimator, mask=mask)  # [B, T], 0 on invalid tokens
+    kl_penalty = -beta * kl  # [B, T]
+    scores = scores.reshape(-1).to(kl_penalty.dtype)  # [B]
+    if scores.shape[0] != kl_penalty.shape[0]:
+        raise ValueError(f"scores has {scores.shape[0]} entries for a batch of {kl_penalty.shape[0]}")
+    if clip_reward_value is not None:
+        scores = scores.clamp(-clip_reward_value, clip_reward_value)  # [B]
+    last = last_valid_index(mask)  # [B], -1 for empty rows
+    positions = torch.arange(mask.shape[-1], device=mask.device)  # [T]
+    is_last = (positions.unsqueeze(0) == last.unsqueeze(1)).to(kl_penalty.dtype)  # [B, T] one-hot (or all 0)
+    rewards = kl_penalty + is_last * scores.unsqueeze(1)  # [B, T]
+    return rewards, kl_penalty
+
+
+def normalize_scores(
+    scores: torch.Tensor, mean: float | torch.Tensor, std: float | torch.Tensor, eps: float = 1e-8
+) -> torch.Tensor:
+    """``(scores - mean) / (std + eps)``."""
+    return (scores - mean) / (std + eps)
+
+
+def penalize_missing_eos(scores: torch.Tensor, has_eos: torch.Tensor, penalty: float) -> torch.Tensor:
+    """``scores`` ``[B]`` with every row whose response never emitted EOS (``has_eos`` false) set to ``penalty``."""
+    return torch.where(has_eos.bool(), scores, torch.full_like(scores, penalty))
+
+
+class RunningMeanStd:
+    """Running mean and (population) variance of scalar scores, merged batch by batch.
+
+    Each batch's mean/variance is merged with Chan et al.'s parallel algorithm, so after any
+    sequence of ``update`` calls ``mean``/``std`` equal ``numpy.mean``/``numpy.std`` (ddof=0) of
+    all values seen. Before the first value: ``mean = 0.0``, ``std = 1.0``, ``count = 0``
+    (normalising with it is the identity). State is plain Python numbers (JSON-serialisable).
+    """
+
+    def __init__(self) -> None:
+        self.mean: float = 0.0
+        self.var: float = 1.0
+        self.count: int = 0
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.var)
+
+    def update(self, x: torch.Tensor | Iterable[float] | float) -> None:
+        """Merge a batch of scalars (any shape; flattened). An empty batch changes nothing."""
+        if isinstance(x, torch.Tensor):
+            values = x.detach().reshape(-1).to(device="cpu", dtype=torch.float64)
+        else:  # a number, a list / tuple / numpy array, or any iterable of numbers
+            data = x if isinstance(x, (int, float)) or hasattr(x, "__len__") else list(x)
+            values = torch.as_tensor(data, dtype=torch.float64).reshape(-1)
+        batch_count = values.numel()
+        if batch_count == 0:
+            return
+        batch_mean = values.mean().item()
+        batch_var = values.var(unbiased=False).item()
+        total = self.count + batch_count
+        delta = batch_mean - self.mean
+        m2 = self.var * self.count + batch_var * batch_count + delta**2 * self.count * batch_count / total
+        self.mean = self.mean + delta * batch_count / total
+        self.var = m2 / total
+        self.count = total
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"mean": float(self.mean), "var": float(self.var), "count": int(self.count)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.mean = float(state["mean"])
+        self.var = float(state["var"])
+        self.count = int(state["count"])
+
+    def __repr__(self) -> str:
+        return f"RunningMeanStd(mean={self.mean:.6g}, std={self.std:.6g}, count={self.count})"

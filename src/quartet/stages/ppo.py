@@ -1,0 +1,469 @@
+"""Stage 3, PPO with four models: actor, critic, frozen reward model, frozen reference.
+
+One step, as in DeepSpeed-Chat's step 3 and the user's note:
+  1. rollout: the actor samples responses to a batch of left-padded prompts;
+  2. scoring: reference log-probs, critic values, reward-model scores (all dropout-free);
+  3. per-token rewards: -beta * KL(actor || reference) on each token, plus the clipped score
+     on the last one (rl.rewards);
+  4. GAE advantages and returns, computed backwards from the last token (rl.advantages);
+  5. `ppo_epochs` passes of clipped policy and value losses over shuffled mini-batches
+     (rl.losses), with separate optimizers for actor and critic.
+The math lives in `quartet.rl`; this module only composes it with models and runs.
+
+Dropout stays off in every PPO forward pass (models are kept in eval mode), so before the
+first update the new/old probability ratio is exactly 1.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import importlib
+import math
+import random
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from quartet.config import PPOConfig
+from quartet.data import collate_prompts, load_prompts, tokenize_prompts
+from quartet.models.forward import causal_lm_logits, sequence_scores, token_values
+from quartet.models.loading import load_causal_lm, load_scalar_model, save_model
+from quartet.models.tokenizer import load_tokenizer
+from quartet.rl import (
+    AdaptiveKLController,
+    FixedKLController,
+    RunningMeanStd,
+    entropy_from_logits,
+    explained_variance,
+    gae_advantages,
+    masked_mean,
+    normalize_scores,
+    penalize_missing_eos,
+    per_token_rewards,
+    policy_loss,
+    sequence_kl,
+    token_logprobs,
+    value_loss,
+    whiten,
+)
+from quartet.rollout.generate import Rollout, SamplingConfig, sample_responses
+from quartet.runs.checkpoint import load_training_state, rng_state, save_checkpoint, save_training_state, set_rng_state
+from quartet.runs.progress import format_postfix, progress_bar
+from quartet.runs.run import Run, seed_everything
+from quartet.runs.trainer import autocast_context, load_weights, make_optimizer
+from quartet.stages.common import apply_lora, unwrap_lora
+
+RewardFn = Callable[[list[str], list[str]], Sequence[float]]
+# Extra per-step measurements of the rollouts, e.g. the demo's hidden gold judge.
+MetricFn = Callable[[list[str], list[str]], dict[str, float]]
+
+
+# ----------------------------------------------------------------------------- reward sources
+
+
+def load_callable(spec: str) -> RewardFn:
+    """Import 'package.module:function' (or 'package.module.function')."""
+    module_name, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
+    if not module_name or not attr:
+        raise ValueError(f"models.reward_fn '{spec}' should look like 'package.module:function'")
+    try:
+        fn = getattr(importlib.import_module(module_name), attr)
+    except (ImportError, AttributeError) as err:
+        raise ValueError(f"models.reward_fn '{spec}' cannot be imported: {err}") from None
+    if not callable(fn):
+        raise ValueError(f"models.reward_fn '{spec}' is not callable")
+    return fn
+
+
+class RewardSource:
+    """Scores prompt+response: a frozen reward model or a plain Python function."""
+
+    def __init__(self, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
+                 same_tokenizer: bool = True, fn: RewardFn | None = None):
+        self.model, self.tokenizer, self.same_tokenizer, self.fn = model, tokenizer, same_tokenizer, fn
+
+    @torch.no_grad()
+    def __call__(self, rollout: Rollout, prompts: list[str], responses: list[str]) -> torch.Tensor:
+        device = rollout.prompt_ids.device
+        if self.fn is not None:
+            return torch.as_tensor([float(s) for s in self.fn(prompts, responses)], dtype=torch.float32, device=device)
+        if self.same_tokenizer:
+            return sequence_scores(self.model, rollout.sequences, rollout.attention_mask).float()
+        # a reward model with its own tokenizer reads the text, re-encoded its way
+        texts = [p + r + (self.tokenizer.eos_token or "") for p, r in zip(prompts, responses)]
+        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+        return sequence_scores(self.model, enc["input_ids"], enc["attention_mask"]).float()
+
+
+# ----------------------------------------------------------------------------- experience
+
+
+@dataclass
+class Experience:
+    """One scored rollout batch: everything the update needs, aligned on response tokens."""
+
+    sequences: torch.Tensor  # [batch, prompt_len + response_len]
+    attention_mask: torch.Tensor  # [batch, prompt_len + response_len]
+    response_ids: torch.Tensor  # [batch, response_len]
+    mask: torch.Tensor  # [batch, response_len] float, 1 on valid response tokens
+    old_logprobs: torch.Tensor  # [batch, response_len]
+    ref_logprobs: torch.Tensor
+    old_values: torch.Tensor
+    rewards: torch.Tensor
+    kl_penalty: torch.Tensor
+    advantages: torch.Tensor
+    returns: torch.Tensor
+    scores: torch.Tensor  # [batch] raw reward-model scores
+    prompts: list[str]
+    responses: list[str]
+
+
+def response_logprobs(model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                      response_ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Log-probs of the response tokens and the logits that gave them (LM head on response positions only)."""
+    response_len = response_ids.shape[1]
+    logits = causal_lm_logits(model, sequences, attention_mask, logits_to_keep=response_len + 1)[:, :-1]
+    return token_logprobs(logits, response_ids, temperature), logits  # [batch, response_len], [b, r, vocab]
+
+
+def response_values(critic: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                    response_len: int) -> torch.Tensor:
+    """V(S_t) for each response token t: the critic's value at the token before it."""
+    prompt_len = sequences.shape[1] - response_len
+    values = token_values(critic, sequences, attention_mask)  # [batch, seq]
+    return values[:, prompt_len - 1 : prompt_len - 1 + response_len]
+
+
+# ----------------------------------------------------------------------------- trainer
+
+
+class PPOTrainer:
+    """Holds the four models and runs PPO steps. `train()` runs the configured number of steps."""
+
+    def __init__(self, cfg: PPOConfig, actor: PreTrainedModel, reference: PreTrainedModel | None,
+                 critic: PreTrainedModel, reward: RewardSource, tokenizer: PreTrainedTokenizerBase,
+                 prompts: list[list[int]], run: Run, reward_stats: tuple[float, float] | None = None,
+                 metric_fns: Sequence[MetricFn] = ()):
+        self.cfg, self.p = cfg, cfg.ppo
+        self.actor, self.reference, self.critic, self.reward = actor, reference, critic, reward
+        self.tokenizer, self.prompts, self.run, self.device = tokenizer, prompts, run, run.device
+        self.sampling = SamplingConfig(**cfg.generation.model_dump())
+        self.actor_opt = make_optimizer(actor.parameters(), self.p.actor_lr, self.p.weight_decay)
+        self.critic_opt = make_optimizer(critic.parameters(), self.p.critic_lr, self.p.weight_decay)
+        self.kl_ctl = (AdaptiveKLController(self.p.beta, self.p.kl_target, self.p.kl_horizon)
+                       if self.p.adaptive_kl else FixedKLController(self.p.beta))
+        self.running_scores = RunningMeanStd()
+        self.reward_stats = reward_stats
+        self.metric_fns = list(metric_fns)
+        if self.p.score_normalization == "stored" and reward_stats is None:
+            raise ValueError("ppo.score_normalization is 'stored' but the reward model has no stored "
+                             "reward_mean/reward_std (train it with `quartet reward`, or use 'running')")
+        self.step = 0
+        self.eos_id = tokenizer.eos_token_id
+        self.pad_id = tokenizer.pad_token_id
+        for model in (actor, critic, reference, reward.model):
+            if model is not None:
+                model.to(self.device)
+                model.eval()  # dropout off everywhere in PPO
+        for frozen in (reference, reward.model):
+            if frozen is not None:
+                frozen.requires_grad_(False)
+
+    # ------------------------------------------------------------------ prompts
+
+    def prompt_batch(self, step: int) -> list[list[int]]:
+        """The prompts of `step`: seeded shuffles of the prompt set, one epoch after another."""
+        size = self.p.rollout_batch_size
+        start = step * size
+        batch = []
+        for position in range(start, start + size):
+            epoch, index = divmod(position, len(self.prompts))
+            order = list(range(len(self.prompts)))
+            random.Random(self.cfg.run.seed * 7919 + epoch).shuffle(order)
+            batch.append(self.prompts[order[index]])
+        return batch
+
+    # ------------------------------------------------------------------ experience
+
+    def reference_context(self):
+        """With LoRA and no separate reference, the reference is the actor with adapters off."""
+        if self.reference is None:
+            return self.actor.disable_adapter()
+        return contextlib.nullcontext()
+
+    @torch.no_grad()
+    def make_experience(self, prompt_ids: list[list[int]]) -> tuple[Experience, dict[str, float]]:
+        p, temperature = self.p, self.sampling.temperature
+        timings = {}
+        t0 = time.perf_counter()
+        batch = collate_prompts([{"input_ids": ids} for ids in prompt_ids], self.pad_id)
+        prompt_tensor = batch["input_ids"].to(self.device)
+        prompt_mask = batch["attention_mask"].to(self.device)
+        with autocast_context(self.device, p.bf16):
+            rollout = sample_responses(self.actor, prompt_tensor, prompt_mask, self.sampling, self.eos_id, self.pad_id)
+        timings["time/generation"] = time.perf_counter() - t0
+
+        t1 = time.perf_counter()
+        seq, attn, resp = rollout.sequences, rollout.attention_mask, rollout.response_ids
+        mask = rollout.response_mask.float()
+        prompts = self.tokenizer.batch_decode(
+            [ids[m.bool()] for ids, m in zip(rollout.prompt_ids, rollout.prompt_mask)], skip_special_tokens=False)
+        prompts = [text.replace(self.tokenizer.pad_token or "\0", "") for text in prompts]
+        responses = self.tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(resp, mask)], skip_special_tokens=True)
+        with autocast_context(self.device, p.bf16):
+            if p.logprobs_from_generation:
+                old_logprobs = rollout.logprobs
+            else:
+                old_logprobs, _ = response_logprobs(self.actor, seq, attn, resp, temperature)
+            with self.reference_context():
+                ref_model = self.reference if self.reference is not None else self.actor
+                ref_logprobs, _ = response_logprobs(ref_model, seq, attn, resp, temperature)
+            old_values = response_values(self.critic, seq, attn, resp.shape[1])
+            raw_scores = self.reward(rollout, prompts, responses)
+        old_logprobs, ref_logprobs, old_values = (x.float() * mask for x in (old_logprobs, ref_logprobs, old_values))
+        scores = raw_scores
+        if p.score_normalization == "stored":
+            scores = normalize_scores(scores, *self.reward_stats)
+        elif p.score_normalization == "running":
+            self.running_scores.update(raw_scores)
+            scores = normalize_scores(scores, self.running_scores.mean, self.running_scores.std)
+        if p.missing_eos_penalty is not None:
+            scores = penalize_missing_eos(scores, rollout.has_eos, p.missing_eos_penalty)
+
+        rewards, kl_penalty = per_token_rewards(old_logprobs, ref_logprobs, scores, mask, self.kl_ctl.value,
+                                                p.clip_reward_value, p.kl_estimator)
+        advantages, returns = gae_advantages(rewards, old_values, mask, p.gamma, p.lam)
+        if p.whiten_advantages:
+            advantages = whiten(advantages, mask)
+        timings["time/scoring"] = time.perf_counter() - t1
+
+        lengths = mask.sum(1)
+        kl_per_seq = sequence_kl(old_logprobs, ref_logprobs, mask)
+        metrics = {
+            "score/mean": float(raw_scores.mean()), "score/std": float(raw_scores.std()) if len(raw_scores) > 1 else 0.0,
+            "reward/total": float((rewards * mask).sum(1).mean()), "kl/ref": float(kl_per_seq.mean()),
+            "kl/beta": float(self.kl_ctl.value), "response/length": float(lengths.mean()),
+            "response/eos_rate": float(rollout.has_eos.float().mean()),
+            "value/mean": float(masked_mean(old_values, mask)), "return/mean": float(masked_mean(returns, mask)),
+            **timings,
+        }
+        for metric_fn in self.metric_fns:
+            metrics.update(metric_fn(prompts, responses))
+        exp = Experience(seq, attn, resp, mask, old_logprobs, ref_logprobs, old_values, rewards, kl_penalty,
+                         advantages, returns, raw_scores, prompts, responses)
+        return exp, metrics
+
+    # ------------------------------------------------------------------ update
+
+    def _clip_and_step(self, model: PreTrainedModel, optimizer: torch.optim.Optimizer) -> float:
+        norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), self.p.max_grad_norm)
+                if self.p.max_grad_norm else torch.tensor(0.0))
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        return float(norm)
+
+    def update(self, exp: Experience) -> dict[str, float]:
+        """`ppo_epochs` passes of clipped policy and value losses over shuffled mini-batches."""
+        p, temperature = self.p, self.sampling.temperature
+        batch_size = exp.sequences.shape[0]
+        micro_size = p.mini_batch_size // p.grad_accum
+        sums: dict[str, float] = {}
+        n_updates = 0
+
+        def add(key: str, value: float, weight: float) -> None:
+            sums[key] = sums.get(key, 0.0) + value * weight
+
+        for _ in range(p.ppo_epochs):
+            for mini in torch.randperm(batch_size, device=self.device).split(p.mini_batch_size):
+                n_valid = exp.mask[mini].sum().clamp(min=1)
+                for micro in mini.split(micro_size):
+                    weight = float(exp.mask[micro].sum() / n_valid)  # exact token mean over the mini-batch
+                    seq, attn, mask = exp.sequences[micro], exp.attention_mask[micro], exp.mask[micro]
+                    with autocast_context(self.device, p.bf16):
+                        logprobs, logits = response_logprobs(self.actor, seq, attn, exp.response_ids[micro], temperature)
+                        pg_loss, pg_stats = policy_loss(logprobs.float(), exp.old_logprobs[micro],
+                                                        exp.advantages[micro], mask, p.cliprange)
+                    (pg_loss * weight).backward()
+                    with torch.no_grad():
+                        entropy = masked_mean(entropy_from_logits(logits.float(), temperature), mask)
+                    del logits
+                    with autocast_context(self.device, p.bf16):
+                        values = response_values(self.critic, seq, attn, exp.response_ids.shape[1]).float()
+                        vf_loss, vf_stats = value_loss(values, exp.old_values[micro], exp.returns[micro], mask,
+                                                       p.cliprange_value)
+                    (vf_loss * weight).backward()
+                    for key, value in (("loss/policy", pg_loss), ("loss/value", vf_loss),
+                                       ("policy/clipfrac", pg_stats["clipfrac"]),
+                                       ("policy/approx_kl", pg_stats["approx_kl"]),
+                                       ("value/clipfrac", vf_stats["clipfrac"]), ("policy/entropy", entropy)):
+                        add(key, float(value.detach()), weight)
+                add("grad_norm/actor", self._clip_and_step(self.actor, self.actor_opt), 1.0)
+                add("grad_norm/critic", self._clip_and_step(self.critic, self.critic_opt), 1.0)
+                n_updates += 1
+        metrics = {k: v / n_updates for k, v in sums.items()}
+        metrics["value/explained_variance"] = float(explained_variance(exp.old_values, exp.returns, exp.mask))
+        return metrics
+
+    # ------------------------------------------------------------------ samples
+
+    def sample_records(self, exp: Experience, n: int) -> list[dict[str, Any]]:
+        """Per-token view of a few rollouts: the quantities of the user's note, token by token."""
+        records = []
+        for i in range(min(n, exp.sequences.shape[0])):
+            valid = int(exp.mask[i].sum())
+            ids = exp.response_ids[i, :valid].tolist()
+            row = lambda t: [round(float(x), 5) for x in t[i, :valid]]  # noqa: E731
+            records.append({
+                "step": self.step, "prompt": exp.prompts[i], "response": exp.responses[i],
+                "score": float(exp.scores[i]),
+                "tokens": [self.tokenizer.decode([t]) for t in ids],
+                "actor_logprob": row(exp.old_logprobs), "ref_logprob": row(exp.ref_logprobs),
+                "kl_penalty": row(exp.kl_penalty), "value": row(exp.old_values), "reward": row(exp.rewards),
+                "advantage": row(exp.advantages), "return": row(exp.returns),
+            })
+        return records
+
+    # ------------------------------------------------------------------ checkpoints
+
+    def save_checkpoint(self) -> Path:
+        def write(tmp: Path) -> None:
+            save_model(self.actor, self.tokenizer, tmp / "actor")
+            save_model(self.critic, self.tokenizer, tmp / "critic")
+            save_training_state(tmp / "trainer_state.pt", {
+                "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
+                "kl_ctl": self.kl_ctl.state_dict(), "running_scores": self.running_scores.state_dict(),
+                "step": self.step, "rng": rng_state(),
+            })
+
+        return save_checkpoint(self.run.checkpoints_dir, self.step, write, keep=self.p.keep_checkpoints)
+
+    def resume(self, checkpoint: Path) -> None:
+        load_weights(self.actor, checkpoint / "actor")
+        load_weights(self.critic, checkpoint / "critic")
+        state = load_training_state(checkpoint / "trainer_state.pt")
+        self.actor_opt.load_state_dict(state["actor_opt"])
+        self.critic_opt.load_state_dict(state["critic_opt"])
+        self.kl_ctl.load_state_dict(state["kl_ctl"])
+        self.running_scores.load_state_dict(state["running_scores"])
+        self.step = state["step"]
+        set_rng_state(state["rng"])
+
+    # ------------------------------------------------------------------ loop
+
+    def train_step(self) -> dict[str, float]:
+        started = time.perf_counter()
+        exp, metrics = self.make_experience(self.prompt_batch(self.step))
+        t0 = time.perf_counter()
+        metrics.update(self.update(exp))
+        metrics["time/training"] = time.perf_counter() - t0
+        metrics["time/step"] = time.perf_counter() - started
+        metrics["time/tokens_per_second"] = float(exp.mask.sum()) / max(metrics["time/generation"], 1e-9)
+        self.kl_ctl.update(metrics["kl/ref"], self.p.rollout_batch_size)
+        self.step += 1
+        if self.p.n_samples and (self.step % self.p.sample_every == 0 or self.step == 1 or self.step == self.p.steps):
+            self._write_samples(self.sample_records(exp, self.p.n_samples))
+        return metrics
+
+    def _write_samples(self, records: list[dict[str, Any]]) -> None:
+        import json
+
+        with (self.run.dir / "samples.jsonl").open("a", encoding="utf-8") as f:
+            for record in records:
+                f.write(json.dumps(record) + "\n")
+
+    def train(self) -> dict[str, Any]:
+        if self.run.resume_from:
+            self.resume(self.run.resume_from)
+        bar = progress_bar(self.p.steps, desc="ppo", initial=self.step)
+        history: list[dict[str, float]] = []
+        started = time.perf_counter()
+        while self.step < self.p.steps:
+            metrics = self.train_step()
+            history.append(metrics)
+            if self.step % self.p.log_every == 0 or self.step == self.p.steps:
+                self.run.metrics.log(self.step, metrics)
+            bar.update(1)
+            bar.set_postfix(format_postfix(metrics, ["score/mean", "kl/ref", "response/length"]))
+            if self.p.save_every and self.step % self.p.save_every == 0 and self.step < self.p.steps:
+                self.save_checkpoint()
+        bar.close()
+        return {"steps": self.step, "seconds": time.perf_counter() - started, "history": history}
+
+
+# ----------------------------------------------------------------------------- set-up
+
+
+def _same_vocab(a: PreTrainedTokenizerBase, b: PreTrainedTokenizerBase) -> bool:
+    return a.get_vocab() == b.get_vocab()
+
+
+def build_reward_source(cfg: PPOConfig, tokenizer: PreTrainedTokenizerBase,
+                        reward_fn: RewardFn | None) -> tuple[RewardSource, tuple[float, float] | None]:
+    m = cfg.models
+    if reward_fn is not None or m.reward_fn:
+        return RewardSource(fn=reward_fn or load_callable(m.reward_fn)), None
+    reward_tokenizer = tokenizer
+    if (Path(m.reward) / "tokenizer_config.json").exists():
+        reward_tokenizer = load_tokenizer(m.reward, m.trust_remote_code)
+    model = load_scalar_model(m.reward, m.trust_remote_code, m.allow_pickle, pad_token_id=reward_tokenizer.pad_token_id)
+    stats = None
+    if getattr(model.config, "reward_mean", None) is not None:
+        stats = (float(model.config.reward_mean), float(model.config.reward_std))
+    return RewardSource(model=model, tokenizer=reward_tokenizer,
+                        same_tokenizer=_same_vocab(tokenizer, reward_tokenizer)), stats
+
+
+def run_ppo(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = None,
+            metric_fns: Sequence[MetricFn] = ()) -> dict[str, Any]:
+    """Run the PPO stage described by `cfg`.
+
+    `reward_fn(prompts, responses) -> scores` may replace the reward model; each of
+    `metric_fns(prompts, responses) -> {name: value}` adds measurements to every step's metrics.
+    """
+    if not cfg.data.train:
+        raise ValueError("data.train is required: a prompt file (fields 'prompt' or 'messages')")
+    seed_everything(cfg.run.seed)
+    m = cfg.models
+    tokenizer = load_tokenizer(m.actor, m.trust_remote_code)
+    tokenizer.padding_side = "left"
+    prompt_examples = load_prompts(cfg.data.train, tokenizer)
+    if cfg.data.limit:
+        prompt_examples = prompt_examples[: cfg.data.limit]
+    prompts, stats = tokenize_prompts(prompt_examples, tokenizer, cfg.data.max_prompt_length)
+    if not prompts:
+        raise ValueError(f"{cfg.data.train}: no prompts left after loading")
+    reward, reward_stats = build_reward_source(cfg, tokenizer, reward_fn)
+    run = Run(cfg.run.output_dir, cfg, stage="ppo", resume=resume)
+    print(f"[ppo] {len(prompts)} prompts; {stats.summary()}")
+
+    actor = load_causal_lm(m.actor, m.trust_remote_code, m.allow_pickle)
+    if cfg.lora.enabled:
+        actor = apply_lora(actor, cfg.lora)
+        reference = None if (m.reference or m.actor) == m.actor else load_causal_lm(m.reference, m.trust_remote_code, m.allow_pickle)
+    else:
+        reference = load_causal_lm(m.reference or m.actor, m.trust_remote_code, m.allow_pickle)
+    critic_source = m.critic or (m.reward if m.critic_init == "reward" else m.actor)
+    critic = load_scalar_model(critic_source, m.trust_remote_code, m.allow_pickle, pad_token_id=tokenizer.pad_token_id)
+
+    trainer = PPOTrainer(cfg, actor, reference, critic, reward, tokenizer, prompts, run, reward_stats, metric_fns)
+    result = trainer.train()
+    save_model(unwrap_lora(trainer.actor), tokenizer, run.final_dir)
+    save_model(trainer.critic, tokenizer, run.dir / "final_critic")
+    history = result.pop("history")
+    summary = {"stage": "ppo", "final_dir": str(run.final_dir), "n_prompts": len(prompts), **result}
+    if history:
+        k = max(1, len(history) // 5)  # first and last fifth of the run
+        for key in ("score/mean", "kl/ref", "reward/total", "response/length"):
+            summary[f"first/{key}"] = sum(h[key] for h in history[:k]) / k
+            summary[f"last/{key}"] = sum(h[key] for h in history[-k:]) / k
+    run.write_summary(summary)
+    run.close()
+    if history:
+        print(f"[ppo] {result['steps']} steps in {result['seconds']:.1f}s; score {summary['first/score/mean']:.3f} -> "
+              f"{summary['last/score/mean']:.3f}; KL to reference {summary['last/kl/ref']:.3f}; actor in {run.final_dir}")
+    return summary

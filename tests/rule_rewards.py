@@ -1,0 +1,8 @@
+"""Rule rewards used by the PPO tests through a dotted import path (`rule_rewards:apple_fraction`)."""
+
+TARGET = "apple"
+
+
+def apple_fraction(prompts: list[str], responses: list[str]) -> list[float]:
+    """The fraction of words in each response that are 'apple'."""
+    return [sum(w == TARGET for w in r.split()) / max(len(r.split()), 1) for r in responses]

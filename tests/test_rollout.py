@@ -1,0 +1,66 @@
+"""Rollout: sampling log-probs equal a plain forward pass; masks stop at the first EOS."""
+
+import pytest
+import torch
+
+from quartet.models.loading import load_causal_lm
+from quartet.rollout.generate import SamplingConfig, filter_logits, sample_responses
+from quartet.stages.ppo import response_logprobs
+
+
+def _prompts(pad_id):
+    ids = torch.tensor([[pad_id, pad_id, 11, 12, 13], [21, 22, 23, 24, 25], [pad_id, pad_id, pad_id, 31, 32]])
+    return ids, (ids != pad_id).long()
+
+
+@pytest.mark.parametrize("temperature, top_k, top_p", [(1.0, 0, 1.0), (0.7, 20, 0.9)])
+def test_generation_logprobs_equal_forward_logprobs(lm_dir, tokenizer, temperature, top_k, top_p):
+    model = load_causal_lm(lm_dir).eval()
+    ids, mask = _prompts(tokenizer.pad_token_id)
+    torch.manual_seed(0)
+    cfg = SamplingConfig(max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p)
+    rollout = sample_responses(model, ids, mask, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id)
+    with torch.no_grad():
+        forward, _ = response_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.response_ids, temperature)
+    valid = rollout.response_mask.bool()
+    torch.testing.assert_close(rollout.logprobs[valid], forward[valid], atol=1e-5, rtol=0)
+
+
+def test_response_mask_stops_after_first_eos(lm_dir, tokenizer):
+    model = load_causal_lm(lm_dir).eval()
+    eos = tokenizer.eos_token_id
+    bias = torch.zeros(len(tokenizer))
+    bias[eos] = 5.0  # EOS likely enough that rows stop at different steps
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
+    ids, mask = _prompts(tokenizer.pad_token_id)
+    torch.manual_seed(1)
+    rollout = sample_responses(model, ids, mask, SamplingConfig(max_new_tokens=30), eos, tokenizer.pad_token_id)
+    lengths = rollout.response_mask.sum(1)
+    assert rollout.has_eos.all() and len(set(lengths.tolist())) > 1
+    for row, row_mask, has_eos in zip(rollout.response_ids, rollout.response_mask, rollout.has_eos):
+        n = int(row_mask.sum())
+        assert row_mask[:n].all() and not row_mask[n:].any()  # one valid prefix
+        if has_eos:
+            assert row[n - 1] == eos and (row[: n - 1] != eos).all()
+        assert (row[n:] == tokenizer.pad_token_id).all()
+
+
+def test_min_new_tokens_blocks_eos(lm_dir, tokenizer):
+    model = load_causal_lm(lm_dir).eval()
+    ids, mask = _prompts(tokenizer.pad_token_id)
+    eos = tokenizer.eos_token_id
+    bias = torch.zeros(len(tokenizer))
+    bias[eos] = 50.0  # EOS would win every time
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
+    rollout = sample_responses(model, ids, mask, SamplingConfig(max_new_tokens=8, min_new_tokens=3), eos,
+                               tokenizer.pad_token_id)
+    assert rollout.response_mask.sum(1).tolist() == [4, 4, 4]  # three forced tokens, then EOS
+
+
+def test_filter_logits_top_k_and_top_p():
+    logits = torch.log(torch.tensor([[0.5, 0.3, 0.15, 0.05]]))
+    assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.7)).tolist() == [[False, False, True, True]]
+    # the smallest set whose probability reaches top_p (as Hugging Face's TopPLogitsWarper)
+    assert torch.isinf(filter_logits(logits, top_p=0.85)).tolist() == [[False, False, False, True]]
+    assert torch.isinf(filter_logits(logits, top_p=0.99)).tolist() == [[False, False, False, False]]
