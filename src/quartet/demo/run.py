@@ -1,0 +1,240 @@
+"""`quartet demo`: the whole pipeline on the restaurant town, judged by the hidden gold judge.
+
+1. SFT on well-formed but quality-blind answers (a tokenizer and a tiny model from scratch);
+2. preference pairs: two SFT answers per request, labelled by a simulated, noisy diner;
+3. reward model on those pairs (its accuracy against gold labels is measured on held-out pairs);
+4. PPO against the reward model, with the gold judge watching every step;
+5. SFT and PPO actors compared on held-out requests, gold and proxy; report.html.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from quartet.config import PPOConfig, RewardConfig, SFTConfig, build_config
+from quartet.demo import world
+from quartet.models.loading import load_causal_lm, load_scalar_model
+from quartet.models.tokenizer import load_tokenizer
+from quartet.rollout.generate import SamplingConfig, generate_texts
+
+PROMPT_TEMPLATE = "Diner: {request}\nGuide:"
+_PROMPT_RE = re.compile(r"Diner: (.*?)\nGuide:", re.S)
+MIN_NEW_TOKENS = 3
+
+
+@dataclass(frozen=True)
+class DemoSettings:
+    """Sizes of the demo; `QUICK` is for tests and a first look, `FULL` the README's default."""
+
+    n_restaurants: int = 16
+    preset: str = "tiny"
+    n_sft: int = 3000
+    sft_epochs: float = 6.0
+    sft_lr: float = 2e-3
+    n_rm_prompts: int = 1500
+    rm_epochs: float = 2.0
+    n_rm_eval_prompts: int = 300
+    ppo_steps: int = 60
+    rollout_batch_size: int = 32
+    mini_batch_size: int = 16
+    ppo_epochs: int = 2
+    actor_lr: float = 2e-5
+    critic_lr: float = 1e-4
+    beta: float = 0.05
+    n_eval_prompts: int = 300
+    max_new_tokens: int = 24
+
+
+FULL = DemoSettings()
+QUICK = DemoSettings(n_sft=1500, n_rm_prompts=1000, rm_epochs=3.0, n_rm_eval_prompts=200,
+                     ppo_steps=50, n_eval_prompts=200)
+
+
+def render_prompt(request: world.Request) -> str:
+    return PROMPT_TEMPLATE.format(request=request.text)
+
+
+def request_text(prompt: str) -> str:
+    """The diner's words inside a rendered (or decoded) prompt."""
+    match = _PROMPT_RE.search(prompt)
+    return match.group(1) if match else prompt
+
+
+def _write_jsonl(path: Path, rows: list[dict]) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with path.open("w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+    return path
+
+
+def gold_metric(town: world.Town):
+    """A PPO metric function: the hidden gold judge's mean over a step's rollouts."""
+
+    def measure(prompts: list[str], responses: list[str]) -> dict[str, float]:
+        golds = [world.gold_score(world.parse_request(request_text(p), town), r.strip(), town)
+                 for p, r in zip(prompts, responses)]
+        return {"gold/mean": sum(golds) / len(golds)}
+
+    return measure
+
+
+def _sampling(settings: DemoSettings) -> SamplingConfig:
+    # at least a few tokens: an empty answer is not a recommendation (and not a valid preference row)
+    return SamplingConfig(max_new_tokens=settings.max_new_tokens, min_new_tokens=MIN_NEW_TOKENS, temperature=1.0)
+
+
+def _answers(model_dir: Path, prompts: list[str], settings: DemoSettings, seed: int) -> list[str]:
+    tokenizer = load_tokenizer(model_dir)
+    model = load_causal_lm(model_dir).eval()
+    return [r.strip() for r in generate_texts(model, tokenizer, prompts, _sampling(settings), seed=seed)]
+
+
+def _preference_triples(sft_dir: Path, requests: list[world.Request], settings: DemoSettings, seed: int):
+    prompts = [render_prompt(r) for r in requests]
+    first = _answers(sft_dir, prompts, settings, seed)
+    second = _answers(sft_dir, prompts, settings, seed + 1)
+    return list(zip(requests, first, second))
+
+
+def _preference_rows(labelled: list[dict]) -> list[dict]:
+    """The labeller's rows in the prompt/completion layout the models were trained on."""
+    return [{"prompt": PROMPT_TEMPLATE.format(request=row["prompt"]), "chosen": " " + row["chosen"],
+             "rejected": " " + row["rejected"]} for row in labelled]
+
+
+def run_demo(output: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
+             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run the demo end to end into `output`; returns (and writes) summary.json."""
+    from quartet.report import render_report
+    from quartet.stages.ppo import run_ppo
+    from quartet.stages.reward import run_reward, score_texts
+    from quartet.stages.sft import run_sft
+
+    settings = replace(QUICK if quick else FULL, **(overrides or {}))
+    out = Path(output)
+    if (out / "summary.json").exists():
+        raise FileExistsError(f"{out} already holds a finished demo; choose another --output or delete it")
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    torch.manual_seed(seed)
+    town = world.Town.generate(seed, settings.n_restaurants)
+    (out / "town.json").write_text(json.dumps(town.to_dict(), indent=1), encoding="utf-8")
+
+    # 1. SFT: format, not taste
+    t = time.perf_counter()
+    sft_rows = [{"prompt": PROMPT_TEMPLATE.format(request=row["prompt"]), "completion": " " + row["completion"]}
+                for row in world.sft_examples(town, settings.n_sft, world.SEED_SFT + seed)]
+    sft_file = _write_jsonl(out / "data" / "sft.jsonl", sft_rows)
+    sft_cfg = build_config(SFTConfig, {
+        "run": {"output_dir": str(out / "sft"), "seed": seed},
+        "model": {"preset": settings.preset, "vocab_size": 1024},
+        "data": {"train": str(sft_file), "eval_fraction": 0.05, "max_length": 64, "max_prompt_length": 40},
+        "train": {"lr": settings.sft_lr, "epochs": settings.sft_epochs, "batch_size": 32, "eval_every": 100, "log_every": 10,
+                  "warmup_ratio": 0.05},
+    })
+    run_sft(sft_cfg)
+    sft_dir = out / "sft" / "final"
+    seconds["sft"] = time.perf_counter() - t
+
+    # 2. preferences from SFT answers, labelled by a noisy simulated diner
+    t = time.perf_counter()
+    rm_requests = world.prompts(town, settings.n_rm_prompts, world.SEED_RM + seed)
+    labelled = world.label_pairs(_preference_triples(sft_dir, rm_requests, settings, seed), town, seed)
+    pref_file = _write_jsonl(out / "data" / "preferences.jsonl", _preference_rows(labelled))
+    seconds["preferences"] = time.perf_counter() - t
+
+    # 3. reward model, initialised from the SFT model
+    t = time.perf_counter()
+    reward_cfg = build_config(RewardConfig, {
+        "run": {"output_dir": str(out / "reward"), "seed": seed},
+        "model": {"path": str(sft_dir)},
+        "data": {"train": str(pref_file), "eval_fraction": 0.1, "max_length": 64, "max_prompt_length": 40},
+        "train": {"lr": 3e-4, "epochs": settings.rm_epochs, "batch_size": 32, "eval_every": 50, "log_every": 10},
+    })
+    run_reward(reward_cfg)
+    reward_dir = out / "reward" / "final"
+    rm_tokenizer = load_tokenizer(reward_dir)
+    rm_model = load_scalar_model(reward_dir, pad_token_id=rm_tokenizer.pad_token_id)
+    eval_requests = world.prompts(town, settings.n_rm_eval_prompts, world.SEED_EVAL + 17 + seed)
+    agree = total = 0
+    for request, a, b in _preference_triples(sft_dir, eval_requests, settings, seed + 7):
+        gold_a, gold_b = world.gold_score(request, a, town), world.gold_score(request, b, town)
+        if a.strip() == b.strip() or gold_a == gold_b:
+            continue
+        prompt = render_prompt(request)
+        score_a, score_b = score_texts(rm_model, rm_tokenizer, [prompt + " " + a, prompt + " " + b])
+        agree += (score_a > score_b) == (gold_a > gold_b)
+        total += 1
+    rm_accuracy_gold = agree / max(total, 1)
+    seconds["reward"] = time.perf_counter() - t
+
+    # 4. PPO against the reward model; the gold judge watches
+    t = time.perf_counter()
+    ppo_requests = world.prompts(town, 2000, world.SEED_PPO + seed)
+    prompt_file = _write_jsonl(out / "data" / "prompts.jsonl", [{"prompt": render_prompt(r)} for r in ppo_requests])
+    ppo_cfg = build_config(PPOConfig, {
+        "run": {"output_dir": str(out / "ppo"), "seed": seed},
+        "models": {"actor": str(sft_dir), "reward": str(reward_dir)},
+        "data": {"train": str(prompt_file), "max_prompt_length": 40},
+        "generation": {"max_new_tokens": settings.max_new_tokens, "min_new_tokens": MIN_NEW_TOKENS, "temperature": 1.0},
+        "ppo": {"steps": settings.ppo_steps, "rollout_batch_size": settings.rollout_batch_size,
+                "mini_batch_size": settings.mini_batch_size, "ppo_epochs": settings.ppo_epochs,
+                "actor_lr": settings.actor_lr, "critic_lr": settings.critic_lr, "beta": settings.beta,
+                "sample_every": max(1, settings.ppo_steps // 5), "n_samples": 3},
+    })
+    ppo_summary = run_ppo(ppo_cfg, metric_fns=[gold_metric(town)])
+    ppo_dir = out / "ppo" / "final"
+    seconds["ppo"] = time.perf_counter() - t
+
+    # 5. held-out comparison of the SFT and PPO actors
+    t = time.perf_counter()
+    held_out = world.prompts(town, settings.n_eval_prompts, world.SEED_EVAL + seed)
+    prompts = [render_prompt(r) for r in held_out]
+    sft_answers = _answers(sft_dir, prompts, settings, seed + 11)
+    ppo_answers = _answers(ppo_dir, prompts, settings, seed + 11)
+    sft_proxy = score_texts(rm_model, rm_tokenizer, [p + " " + a for p, a in zip(prompts, sft_answers)])
+    ppo_proxy = score_texts(rm_model, rm_tokenizer, [p + " " + a for p, a in zip(prompts, ppo_answers)])
+    sft_gold = [world.gold_score(r, a, town) for r, a in zip(held_out, sft_answers)]
+    ppo_gold = [world.gold_score(r, a, town) for r, a in zip(held_out, ppo_answers)]
+    oracle = [world.oracle_gold(r, town) for r in held_out]
+    comparison = [{"prompt": r.text, "sft_response": sa, "sft_gold": sg, "sft_proxy": sp,
+                   "ppo_response": pa, "ppo_gold": pg, "ppo_proxy": pp}
+                  for r, sa, sg, sp, pa, pg, pp in zip(held_out, sft_answers, sft_gold, sft_proxy,
+                                                       ppo_answers, ppo_gold, ppo_proxy)]
+    _write_jsonl(out / "comparison.jsonl", comparison)
+    seconds["evaluation"] = time.perf_counter() - t
+
+    mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
+    summary = {
+        "gold_sft": mean(sft_gold), "gold_ppo": mean(ppo_gold), "gold_oracle": mean(oracle),
+        "proxy_sft": mean(sft_proxy), "proxy_ppo": mean(ppo_proxy),
+        "rm_accuracy_gold": rm_accuracy_gold, "rm_eval_pairs": total,
+        "kl_final": ppo_summary.get("last/kl/ref"), "ppo_steps": ppo_summary["steps"],
+        "seconds": {**seconds, "total": sum(seconds.values())},
+        "settings": {**asdict(settings), "quick": quick, "seed": seed},
+    }
+    (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n", encoding="utf-8")
+    report = render_report(out)
+    print_summary(summary, report)
+    return summary
+
+
+def print_summary(summary: dict[str, Any], report: Path) -> None:
+    s = summary
+    print("\n== Quartet demo: the restaurant town ==")
+    print(f"gold (hidden judge), held-out requests: SFT {s['gold_sft']:+.3f} -> PPO {s['gold_ppo']:+.3f} "
+          f"(best possible {s['gold_oracle']:+.3f})")
+    print(f"proxy (reward model):                   SFT {s['proxy_sft']:+.3f} -> PPO {s['proxy_ppo']:+.3f}")
+    print(f"reward model accuracy vs gold labels:   {s['rm_accuracy_gold']:.3f} on {s['rm_eval_pairs']} held-out pairs")
+    if s["kl_final"] is not None:
+        print(f"KL(actor || reference) at the end:      {s['kl_final']:.3f} nats per response")
+    print("time: " + ", ".join(f"{k} {v:.0f}s" for k, v in s["seconds"].items()))
+    print(f"report: {report}")
