@@ -72,7 +72,8 @@ def _cmd_demo(args, overrides: list[str]) -> None:
 
     if overrides:
         raise ValueError(f"unexpected arguments: {' '.join(overrides)}")
-    run_demo(args.output, quick=args.quick, seed=args.seed)
+    overrides = {k: v for k, v in (("beta", args.beta), ("ppo_steps", args.ppo_steps)) if v is not None}
+    run_demo(args.output, quick=args.quick, seed=args.seed, overrides=overrides)
 
 
 def _cmd_report(args, overrides: list[str]) -> None:
@@ -119,6 +120,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     demo.add_argument("--output", default="runs/demo", help="run directory (default: runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a smaller run (about 3 minutes on 2 CPU cores)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--beta", type=float, help="KL coefficient of PPO (default 0.05; try 0.001 to watch the "
+                                                 "policy game the reward model)")
+    demo.add_argument("--ppo-steps", type=int, help="PPO steps (default 150, quick 50)")
     handlers["demo"] = _cmd_demo
     report = sub.add_parser("report", help="render report.html for a PPO run or a demo directory")
     report.add_argument("run_dir")

@@ -38,17 +38,17 @@ class DemoSettings:
     n_sft: int = 3000
     sft_epochs: float = 6.0
     sft_lr: float = 2e-3
-    n_rm_prompts: int = 1500
-    rm_epochs: float = 2.0
+    n_rm_prompts: int = 3000
+    rm_epochs: float = 3.0
     n_rm_eval_prompts: int = 300
-    ppo_steps: int = 60
+    ppo_steps: int = 150
     rollout_batch_size: int = 32
     mini_batch_size: int = 16
     ppo_epochs: int = 2
     actor_lr: float = 2e-5
     critic_lr: float = 1e-4
     beta: float = 0.05
-    n_eval_prompts: int = 300
+    n_eval_prompts: int = 500
     max_new_tokens: int = 24
 
 

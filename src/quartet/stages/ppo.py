@@ -139,6 +139,26 @@ def response_values(critic: PreTrainedModel, sequences: torch.Tensor, attention_
     return values[:, prompt_len - 1 : prompt_len - 1 + response_len]
 
 
+def decode_rollout(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> tuple[list[str], list[str]]:
+    """Prompt texts (special tokens kept, padding dropped) and response texts (special tokens dropped).
+
+    A response is decoded together with its prompt and the prompt's text cut off, so tokenizers
+    that drop a leading space when decoding a fragment (SentencePiece) keep the text exact.
+    """
+    prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(rollout.prompt_ids, rollout.prompt_mask)]
+    response_ids = [ids[m.bool()].tolist() for ids, m in zip(rollout.response_ids, rollout.response_mask)]
+    prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=False)
+    plain_prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
+    full = tokenizer.batch_decode([p + r for p, r in zip(prompt_ids, response_ids)], skip_special_tokens=True)
+    responses = []
+    for prompt_text, full_text, ids in zip(plain_prompts, full, response_ids):
+        if full_text.startswith(prompt_text):
+            responses.append(full_text[len(prompt_text):])
+        else:  # a merge across the boundary: fall back to decoding the response alone
+            responses.append(tokenizer.decode(ids, skip_special_tokens=True))
+    return prompts, responses
+
+
 # ----------------------------------------------------------------------------- trainer
 
 
@@ -211,10 +231,7 @@ class PPOTrainer:
         t1 = time.perf_counter()
         seq, attn, resp = rollout.sequences, rollout.attention_mask, rollout.response_ids
         mask = rollout.response_mask.float()
-        prompts = self.tokenizer.batch_decode(
-            [ids[m.bool()] for ids, m in zip(rollout.prompt_ids, rollout.prompt_mask)], skip_special_tokens=False)
-        prompts = [text.replace(self.tokenizer.pad_token or "\0", "") for text in prompts]
-        responses = self.tokenizer.batch_decode([ids[m.bool()] for ids, m in zip(resp, mask)], skip_special_tokens=True)
+        prompts, responses = decode_rollout(self.tokenizer, rollout)
         with autocast_context(self.device, p.bf16):
             if p.logprobs_from_generation:
                 old_logprobs = rollout.logprobs
@@ -249,6 +266,8 @@ class PPOTrainer:
             "reward/total": float((rewards * mask).sum(1).mean()), "kl/ref": float(kl_per_seq.mean()),
             "kl/beta": float(self.kl_ctl.value), "response/length": float(lengths.mean()),
             "response/eos_rate": float(rollout.has_eos.float().mean()),
+            # fluency as the reference model sees it (temperature-scaled, like the KL)
+            "response/ref_perplexity": math.exp(min(-float(masked_mean(ref_logprobs, mask)), 50.0)),
             "value/mean": float(masked_mean(old_values, mask)), "return/mean": float(masked_mean(returns, mask)),
             **timings,
         }
