@@ -20,8 +20,8 @@ from quartet.data import (
     preference_to_sft,
 )
 from quartet.models.tokenizer import train_bpe_tokenizer
+from shared_paths import HH_SAMPLE
 
-HH_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh_rlhf_helpful_sample.jsonl"
 EOS = "<|endoftext|>"
 
 

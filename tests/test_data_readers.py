@@ -8,8 +8,8 @@ import pytest
 from datasets import Dataset, DatasetDict
 
 from quartet.data import DataError, Row, read_rows
+from shared_paths import HH_SAMPLE
 
-HH_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh_rlhf_helpful_sample.jsonl"
 
 RECORDS = [
     {"prompt": "Hi there", "completion": "Hello!"},

@@ -1,6 +1,5 @@
 """Tokenization (prompt masking, EOS, BOS, over-long policy) and collation (padding, preference halves)."""
 
-from pathlib import Path
 
 import pytest
 import torch
@@ -24,8 +23,8 @@ from quartet.data import (
     tokenize_sft,
 )
 from quartet.models.tokenizer import train_bpe_tokenizer
+from shared_paths import HH_SAMPLE
 
-HH_SAMPLE = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "hh_rlhf_helpful_sample.jsonl"
 CORPUS = ["Hello there, how are you? I am fine, thanks.", "What is two plus two? Four.",
           "Human: tell me a story. Assistant: once upon a time."] * 5
 

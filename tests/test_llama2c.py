@@ -12,8 +12,9 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from quartet.models.llama2c import convert_llama2c, read_llama2c_header
+from shared_paths import STORIES260K
 
-DATA = Path("/work/shared/models/stories260K")
+DATA = STORIES260K
 CKPT, TOK = DATA / "stories260K.bin", DATA / "tok512.bin"
 pytestmark = pytest.mark.skipif(not CKPT.is_file() or not TOK.is_file(), reason="stories260K files not available")
 
