@@ -4,17 +4,7 @@ import pytest
 import torch
 
 from quartet.rl import gae_advantages, whiten
-
-LENGTHS = [1, 6, 3, 4]
-T = 6
-
-
-def ragged_mask(lengths=LENGTHS, T=T):
-    return torch.tensor([[1.0 if t < n else 0.0 for t in range(T)] for n in lengths])
-
-
-def with_garbage(x, mask, value=1e6):
-    return torch.where(mask.bool(), x, torch.full_like(x, value))
+from rl_helpers import LENGTHS, T, ragged_mask, with_garbage
 
 
 def reference_gae(rewards, values, lengths, gamma, lam):

@@ -8,17 +8,7 @@ import pytest
 import torch
 
 from quartet.rl import RunningMeanStd, normalize_scores, penalize_missing_eos, per_token_rewards
-
-LENGTHS = [1, 6, 3, 4]
-T = 6
-
-
-def ragged_mask(lengths=LENGTHS, T=T):
-    return torch.tensor([[1.0 if t < n else 0.0 for t in range(T)] for n in lengths])
-
-
-def with_garbage(x, mask, value=1e6):
-    return torch.where(mask.bool(), x, torch.full_like(x, value))
+from rl_helpers import LENGTHS, T, ragged_mask, with_garbage
 
 
 def reference_rewards(logp, ref_logp, scores, lengths, beta, clip, estimator="k1"):

@@ -7,7 +7,7 @@ interface as much as tools: write your own verifier with the same signature.
 from __future__ import annotations
 
 HAPPY_WORDS = frozenset({"happy", "smiled", "smile", "fun", "love", "loved", "laughed", "laugh", "play", "played",
-                         "friends", "friend", "hug", "hugged", "nice", "good", "kind", "fun", "joy", "glad"})
+                         "friends", "friend", "hug", "hugged", "nice", "good", "kind", "joy", "glad"})
 
 
 def _words(text: str) -> list[str]:

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 import torch
 from transformers import PreTrainedModel
 
+from quartet.data.collate import collate_prompts
 from quartet.models.forward import position_ids_from_mask
 from quartet.rl.masks import response_mask
 
@@ -121,11 +122,9 @@ def generate_texts(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: S
     responses: list[str] = []
     for start in range(0, len(prompts), batch_size):
         encoded = [tokenizer(p, add_special_tokens=False)["input_ids"] for p in prompts[start : start + batch_size]]
-        width = max(len(ids) for ids in encoded)
-        prompt_ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(ids)) + ids for ids in encoded], device=device)
-        prompt_mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in encoded], device=device)
-        rollout = sample_responses(model, prompt_ids, prompt_mask, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id,
-                                   generator=generator)
+        batch = collate_prompts(encoded, tokenizer.pad_token_id)  # left-padded
+        rollout = sample_responses(model, batch["input_ids"].to(device), batch["attention_mask"].to(device), cfg,
+                                   tokenizer.eos_token_id, tokenizer.pad_token_id, generator=generator)
         for ids, mask in zip(rollout.response_ids, rollout.response_mask):
             responses.append(tokenizer.decode(ids[mask.bool()], skip_special_tokens=True))
     return responses

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import importlib
+import json
 import math
 import random
 import time
@@ -336,7 +337,10 @@ class PPOTrainer:
         for i in range(min(n, exp.sequences.shape[0])):
             valid = int(exp.mask[i].sum())
             ids = exp.response_ids[i, :valid].tolist()
-            row = lambda t: [round(float(x), 5) for x in t[i, :valid]]  # noqa: E731
+
+            def row(t: torch.Tensor, i: int = i, valid: int = valid) -> list[float]:
+                return [round(float(x), 5) for x in t[i, :valid]]
+
             records.append({
                 "step": self.step, "prompt": exp.prompts[i], "response": exp.responses[i],
                 "score": float(exp.scores[i]),
@@ -389,8 +393,6 @@ class PPOTrainer:
         return metrics
 
     def _write_samples(self, records: list[dict[str, Any]]) -> None:
-        import json
-
         with (self.run.dir / "samples.jsonl").open("a", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")
