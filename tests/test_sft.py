@@ -2,6 +2,7 @@
 
 import json
 
+import pytest
 import torch
 import yaml
 from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -67,3 +68,28 @@ def test_cli_lists_the_stages(capsys):
     out = capsys.readouterr().out
     for stage in ("sft", "reward", "ppo", "pipeline", "demo", "score", "report", "convert"):
         assert stage in out
+
+
+def test_gradient_accumulation_is_exact(tmp_path):
+    """One step on 8 examples equals one step on 2 micro-batches of 4 (same examples, same update)."""
+    whole = run_sft(_config(tmp_path / "whole", max_steps=1, batch_size=8, grad_accum=1, warmup_ratio=0.0))
+    split = run_sft(_config(tmp_path / "split", max_steps=1, batch_size=4, grad_accum=2, warmup_ratio=0.0))
+    assert whole["train/loss"] == pytest.approx(split["train/loss"], rel=1e-5)
+    assert whole["train/grad_norm"] == pytest.approx(split["train/grad_norm"], rel=1e-4)  # same gradient scale
+    wa = AutoModelForCausalLM.from_pretrained(tmp_path / "whole" / "run" / "final").state_dict()
+    wb = AutoModelForCausalLM.from_pretrained(tmp_path / "split" / "run" / "final").state_dict()
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=1e-5, rtol=1e-4)
+
+
+def test_lora_and_gradient_checkpointing_save_a_plain_merged_model(tmp_path):
+    cfg = _config(tmp_path, max_steps=8)
+    cfg.lora.enabled = True
+    cfg.lora.r = 4
+    cfg.model.gradient_checkpointing = True
+    summary = run_sft(cfg)
+    assert summary["eval/loss"] < summary["initial_eval/loss"]
+    final = tmp_path / "run" / "final"
+    assert not (final / "adapter_config.json").exists()  # merged: plain transformers loads it
+    model = AutoModelForCausalLM.from_pretrained(final)
+    assert not any("lora" in name for name, _ in model.named_parameters())

@@ -21,6 +21,7 @@ import importlib
 import json
 import math
 import random
+import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -28,6 +29,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tqdm.auto import tqdm
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quartet.config import PPOConfig
@@ -158,6 +160,20 @@ def decode_rollout(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> tupl
         else:  # a merge across the boundary: fall back to decoding the response alone
             responses.append(tokenizer.decode(ids, skip_special_tokens=True))
     return prompts, responses
+
+
+def _one_line(text: str, width: int) -> str:
+    text = " ".join(text.split())
+    return text if len(text) <= width else "..." + text[-(width - 3):] if width > 3 else text[:width]
+
+
+def format_sample_table(step: int, records: list[dict[str, Any]], width: int = 60) -> str:
+    """A plain-text table of sample rollouts: score, end of the prompt, response."""
+    lines = [f"-- samples at step {step} --", f"{'score':>8}  {'prompt (end)':<{width // 2}}  response"]
+    for r in records:
+        response = " ".join(r["response"].split())
+        lines.append(f"{r['score']:>8.3f}  {_one_line(r['prompt'], width // 2):<{width // 2}}  {response[:width]}")
+    return "\n".join(lines)
 
 
 # ----------------------------------------------------------------------------- trainer
@@ -393,9 +409,11 @@ class PPOTrainer:
         return metrics
 
     def _write_samples(self, records: list[dict[str, Any]]) -> None:
+        """Append the records to samples.jsonl and show them as a small table above the progress bar."""
         with (self.run.dir / "samples.jsonl").open("a", encoding="utf-8") as f:
             for record in records:
                 f.write(json.dumps(record) + "\n")
+        tqdm.write(format_sample_table(self.step, records), file=sys.stderr)
 
     def train(self) -> dict[str, Any]:
         if self.run.resume_from:
