@@ -73,7 +73,7 @@ def _cmd_demo(args, overrides: list[str]) -> None:
     if overrides:
         raise ValueError(f"unexpected arguments: {' '.join(overrides)}")
     overrides = {k: v for k, v in (("beta", args.beta), ("ppo_steps", args.ppo_steps)) if v is not None}
-    run_demo(args.output, quick=args.quick, seed=args.seed, overrides=overrides)
+    run_demo(args.output, quick=args.quick, seed=args.seed, overrides=overrides, resume=args.resume)
 
 
 def _cmd_report(args, overrides: list[str]) -> None:
@@ -120,6 +120,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     demo.add_argument("--output", default="runs/demo", help="run directory (default: runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a smaller run (about 3 minutes on 2 CPU cores)")
     demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--resume", action="store_true", help="continue an interrupted demo: finished stages are "
+                                                             "kept, the interrupted one resumes from its checkpoint")
     demo.add_argument("--beta", type=float, help="KL coefficient of PPO (default 0.05; try 0.001 to watch the "
                                                  "policy game the reward model)")
     demo.add_argument("--ppo-steps", type=int, help="PPO steps (default 150, quick 50)")
@@ -154,11 +156,19 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if rest and not rest[0].startswith("--"):
         parser.error(f"unexpected argument '{rest[0]}'")
+    from quartet.runs.faults import NumericalFault, TrainingInterrupted
+
     try:
         handlers[args.command](args, rest)
+    except TrainingInterrupted as stop:
+        print(str(stop), file=sys.stderr)
+        return 128 + stop.signum
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+    except NumericalFault as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 1
     except _user_errors() as err:
         if os.environ.get("QUARTET_DEBUG"):
             raise

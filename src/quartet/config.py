@@ -86,6 +86,7 @@ class TrainConfig(Section):
     log_every: int = Field(5, gt=0)
     save_every: int | None = Field(None, gt=0, description="Checkpoint every N steps (always at the end).")
     keep_checkpoints: int = Field(2, gt=0)
+    max_nonfinite_steps: int = Field(10, gt=0, description="Stop after this many non-finite steps in a row.")
 
 
 class RunSection(Section):
@@ -201,7 +202,14 @@ class PPOSection(Section):
     log_every: int = Field(1, gt=0)
     save_every: int | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
+    max_nonfinite_steps: int = Field(10, gt=0, description="Stop after this many non-finite steps in a row.")
     bf16: bool = False
+
+
+class PromptDataConfig(DataConfig):
+    """PPO's prompt data: shorter prompts by default, leaving room for the response."""
+
+    max_prompt_length: int = Field(128, gt=0)
 
 
 class PPOConfig(StageConfig):
@@ -210,7 +218,7 @@ class PPOConfig(StageConfig):
     preset: str | None = Field(None, description="Named defaults applied before the file's values (deepspeed-chat).")
     run: RunSection = RunSection(output_dir="runs/ppo")
     models: PPOModelsConfig = PPOModelsConfig()
-    data: DataConfig = DataConfig(max_prompt_length=128)
+    data: PromptDataConfig = PromptDataConfig()
     generation: GenerationConfig = GenerationConfig()
     ppo: PPOSection = PPOSection()
     lora: LoraConfig = LoraConfig()

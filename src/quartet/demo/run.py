@@ -111,8 +111,12 @@ def _preference_rows(labelled: list[dict]) -> list[dict]:
 
 
 def run_demo(output: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
-             overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Run the demo end to end into `output`; returns (and writes) summary.json."""
+             overrides: dict[str, Any] | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run the demo end to end into `output`; returns (and writes) summary.json.
+
+    With `resume`, stages that finished (their final/ exists) are kept and the interrupted one
+    continues from its latest checkpoint; the result is the same as an uninterrupted run.
+    """
     from quartet.report import render_report
     from quartet.stages.ppo import run_ppo
     from quartet.stages.reward import run_reward, score_texts
@@ -122,6 +126,11 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, seed: int = 
     out = Path(output)
     if (out / "summary.json").exists():
         raise FileExistsError(f"{out} already holds a finished demo; choose another --output or delete it")
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise FileExistsError(f"{out} holds an unfinished demo; continue it with --resume, or choose another --output")
+
+    def finished(stage: str) -> bool:  # a stage writes summary.json last, after final/
+        return resume and (out / stage / "summary.json").exists()
     out.mkdir(parents=True, exist_ok=True)
     seconds: dict[str, float] = {}
     torch.manual_seed(seed)
@@ -140,7 +149,8 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, seed: int = 
         "train": {"lr": settings.sft_lr, "epochs": settings.sft_epochs, "batch_size": 32, "eval_every": 100, "log_every": 10,
                   "warmup_ratio": 0.05},
     })
-    run_sft(sft_cfg)
+    if not finished("sft"):
+        run_sft(sft_cfg, resume=resume)
     sft_dir = out / "sft" / "final"
     seconds["sft"] = time.perf_counter() - t
 
@@ -159,7 +169,8 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, seed: int = 
         "data": {"train": str(pref_file), "eval_fraction": 0.1, "max_length": 64, "max_prompt_length": 40},
         "train": {"lr": 3e-4, "epochs": settings.rm_epochs, "batch_size": 32, "eval_every": 50, "log_every": 10},
     })
-    run_reward(reward_cfg)
+    if not finished("reward"):
+        run_reward(reward_cfg, resume=resume)
     reward_dir = out / "reward" / "final"
     rm_tokenizer = load_tokenizer(reward_dir)
     rm_model = load_scalar_model(reward_dir, pad_token_id=rm_tokenizer.pad_token_id)
@@ -190,7 +201,10 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, seed: int = 
                 "actor_lr": settings.actor_lr, "critic_lr": settings.critic_lr, "beta": settings.beta,
                 "sample_every": max(1, settings.ppo_steps // 5), "n_samples": 3},
     })
-    ppo_summary = run_ppo(ppo_cfg, metric_fns=[gold_metric(town)])
+    if finished("ppo"):
+        ppo_summary = json.loads((out / "ppo" / "summary.json").read_text(encoding="utf-8"))
+    else:
+        ppo_summary = run_ppo(ppo_cfg, resume=resume, metric_fns=[gold_metric(town)])
     ppo_dir = out / "ppo" / "final"
     seconds["ppo"] = time.perf_counter() - t
 

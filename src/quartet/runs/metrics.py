@@ -41,6 +41,11 @@ class MetricsLogger:
                     self._writer.add_scalar(key, value, step)
         return record
 
+    def truncate_after(self, step: int) -> None:
+        """Drop records of steps after `step` (logged after the checkpoint a resumed run starts from)."""
+        if self.enabled:
+            truncate_jsonl_after(self.path, step)
+
     def close(self) -> None:
         if self._writer is not None:
             self._writer.flush()
@@ -58,3 +63,14 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
             except json.JSONDecodeError:
                 continue
     return records
+
+
+def truncate_jsonl_after(path: str | Path, step: int) -> None:
+    """Keep only the records of a JSONL log whose `step` is at most `step` (atomically rewritten)."""
+    path = Path(path)
+    if not path.exists():
+        return
+    kept = [r for r in read_metrics(path) if r.get("step", 0) <= step]
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text("".join(json.dumps(r) + "\n" for r in kept), encoding="utf-8")
+    tmp.replace(path)

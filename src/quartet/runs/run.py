@@ -37,21 +37,42 @@ class Run:
     """
 
     def __init__(self, output_dir: str | Path, config: BaseModel, stage: str, resume: bool = False):
+        """Check the output directory and device; nothing is written until `start()`.
+
+        Stages build a Run first (cheap checks), then load data and models, then call `start()`,
+        so a bad input stops the run before it touches a directory that already holds work.
+        """
         self.dir = Path(output_dir)
         self.stage = stage
         self.config = config
-        self.dir.mkdir(parents=True, exist_ok=True)
-        self.resume_from = latest_checkpoint(self.checkpoints_dir) if resume else None
+        self.resume = resume
+        if self.dir.exists() and not self.dir.is_dir():
+            raise NotADirectoryError(f"run.output_dir {self.dir} is a file, not a directory")
         if not resume and self.final_dir.exists():
             raise FileExistsError(
                 f"{self.dir} already holds a finished {stage} run (final/ exists); "
                 "choose another --output, or delete it"
             )
+        if resume and (self.dir / "summary.json").exists():
+            raise FileExistsError(f"{self.dir} holds a {stage} run that already finished; nothing to resume")
+        self.resume_from = latest_checkpoint(self.checkpoints_dir) if resume else None
+        self.device = select_device(getattr(getattr(config, "run", None), "device", "auto"))
+        self._metrics: MetricsLogger | None = None
+
+    def start(self) -> "Run":
+        """Create the directory, write config.yaml and open the metrics log."""
+        self.dir.mkdir(parents=True, exist_ok=True)
         if not self.resume_from:  # a fresh start: drop metrics of an earlier, unfinished attempt
             (self.dir / "metrics.jsonl").unlink(missing_ok=True)
-        dump_config(config, self.dir / "config.yaml")
-        self.device = select_device(getattr(getattr(config, "run", None), "device", "auto"))
-        self.metrics = MetricsLogger(self.dir)
+        dump_config(self.config, self.dir / "config.yaml")
+        self._metrics = MetricsLogger(self.dir)
+        return self
+
+    @property
+    def metrics(self) -> MetricsLogger:
+        if self._metrics is None:
+            raise RuntimeError("Run.start() must be called before logging metrics")
+        return self._metrics
 
     @property
     def checkpoints_dir(self) -> Path:
@@ -67,4 +88,5 @@ class Run:
         return path
 
     def close(self) -> None:
-        self.metrics.close()
+        if self._metrics is not None:
+            self._metrics.close()

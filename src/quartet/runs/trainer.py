@@ -25,7 +25,15 @@ from safetensors.torch import load_file
 from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
 
 from quartet.config import TrainConfig
-from quartet.runs.checkpoint import load_training_state, rng_state, save_checkpoint, save_training_state, set_rng_state
+from quartet.runs.checkpoint import (
+    latest_checkpoint,
+    load_training_state,
+    rng_state,
+    save_checkpoint,
+    save_training_state,
+    set_rng_state,
+)
+from quartet.runs.faults import GracefulStop, NonFiniteGuard, TrainingInterrupted
 from quartet.runs.progress import format_postfix, progress_bar
 from quartet.runs.run import Run
 
@@ -112,6 +120,8 @@ class SupervisedTrainer:
         self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
         self.step = 0
         self.micro_batches_done = 0  # position in the data stream, for resume
+        self.first_eval: dict[str, float] = {}
+        self.nonfinite = NonFiniteGuard(cfg.max_nonfinite_steps, where=run.stage)
 
     # ------------------------------------------------------------------ data stream
 
@@ -156,6 +166,8 @@ class SupervisedTrainer:
                 "scheduler": self.scheduler.state_dict(),
                 "step": self.step,
                 "micro_batches_done": self.micro_batches_done,
+                "first_eval": self.first_eval,
+                "nonfinite": self.nonfinite.state_dict(),
                 "rng": rng_state(),
             })
 
@@ -168,24 +180,32 @@ class SupervisedTrainer:
         self.scheduler.load_state_dict(state["scheduler"])
         self.step = state["step"]
         self.micro_batches_done = state["micro_batches_done"]
+        self.first_eval = state["first_eval"]
+        self.nonfinite.load_state_dict(state["nonfinite"])
         set_rng_state(state["rng"])
+        self.run.metrics.truncate_after(self.step)  # lines logged after this checkpoint are redone
 
     # ------------------------------------------------------------------ training
 
     def train(self) -> dict[str, float]:
         """Train to `total_steps`; returns the first and last eval metrics and timing."""
+        with GracefulStop() as stop:
+            return self._train(stop)
+
+    def _train(self, stop: GracefulStop) -> dict[str, float]:
         if self.run.resume_from:
             self.resume(self.run.resume_from)
         cfg, model = self.cfg, self.model
         model.to(self.device)
         model.train()
-        first_eval = self.evaluate() if self.step == 0 else {}
-        if first_eval:
-            self.run.metrics.log(0, first_eval)
+        if self.step == 0:
+            self.first_eval = self.evaluate()
+            if self.first_eval:
+                self.run.metrics.log(0, self.first_eval)
         stream = self._micro_batches()
         bar = progress_bar(self.total_steps, desc=self.run.stage, initial=self.step)
         started = time.perf_counter()
-        last_eval: dict[str, float] = first_eval
+        last_eval: dict[str, float] = self.first_eval
         window: dict[str, float] = {}
         while self.step < self.total_steps:
             loss_sum, units, sums = 0.0, 0, {}
@@ -202,16 +222,19 @@ class SupervisedTrainer:
             for p in model.parameters():  # exact mean over every unit in the window
                 if p.grad is not None:
                     p.grad.div_(max(units, 1))
-            grad_norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm)
-                         if cfg.max_grad_norm else torch.tensor(0.0))
-            self.optimizer.step()
-            self.scheduler.step()
+            grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.max_grad_norm or float("inf"))
+            finite = NonFiniteGuard.finite(loss_sum, grad_norm)
+            if finite:
+                self.optimizer.step()
+            self.scheduler.step()  # the schedule and the data stream move on either way
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
+            self.nonfinite.record(finite, self.step, latest_checkpoint(self.run.checkpoints_dir))
             means = self.finalize_metrics({self.loss_name: loss_sum / max(units, 1),
                                            **{k: v / max(units, 1) for k, v in sums.items()}})
             window = {**{f"train/{k}": v for k, v in means.items()},
-                      "train/lr": self.scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm)}
+                      "train/lr": self.scheduler.get_last_lr()[0], "train/grad_norm": float(grad_norm),
+                      "train/skipped_nonfinite": self.nonfinite.total}
             evaluated = self.step % cfg.eval_every == 0 or self.step == self.total_steps
             if evaluated:
                 last_eval = self.evaluate()
@@ -221,9 +244,13 @@ class SupervisedTrainer:
             bar.update(1)
             bar.set_postfix(format_postfix({k.split("/")[-1]: v for k, v in window.items() if k.startswith("train/")},
                                            list(self.postfix_keys)))
-            if (cfg.save_every and self.step % cfg.save_every == 0) and self.step < self.total_steps:
-                self.save_checkpoint()
+            if self.step < self.total_steps:
+                if stop.requested:
+                    bar.close()
+                    raise TrainingInterrupted(stop.signum, self.step, self.save_checkpoint())
+                if cfg.save_every and self.step % cfg.save_every == 0 and finite:
+                    self.save_checkpoint()
         bar.close()
         return {"steps": self.step, "seconds": time.perf_counter() - started,
-                **{f"initial_{k}": v for k, v in first_eval.items()}, **last_eval,
+                **{f"initial_{k}": v for k, v in self.first_eval.items()}, **last_eval,
                 **{k: v for k, v in window.items() if k.startswith("train/")}}

@@ -90,3 +90,15 @@ def split_held_out(items: list[T], fraction: float, seed: int) -> tuple[list[T],
     n_held = max(1, int(round(fraction * len(items))))
     held = set(order[:n_held])
     return [x for i, x in enumerate(items) if i not in held], [x for i, x in enumerate(items) if i in held]
+
+
+def check_context_length(model: PreTrainedModel, longest: int, what: str, setting: str) -> None:
+    """Refuse, before training starts, sequences longer than the model's position table.
+
+    `longest` is the longest sequence the stage will actually build (after truncation), so a
+    generous `max_length` with short data is fine.
+    """
+    limit = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    if limit is not None and longest > limit:
+        raise ValueError(f"{what} reach {longest} tokens but the model's context is {limit} tokens "
+                         f"(max_position_embeddings); set {setting} so they fit")

@@ -82,9 +82,9 @@ def run_pipeline(config_path: str | Path, override_args: list[str] | None = None
     sft_cfg, reward_cfg, ppo_cfg = build_pipeline_configs(read_yaml(config_path), override_args)
     summaries = {}
     for name, stage_cfg, runner in (("sft", sft_cfg, run_sft), ("reward", reward_cfg, run_reward), ("ppo", ppo_cfg, run_ppo)):
-        final = Path(stage_cfg.run.output_dir) / "final"
-        if resume and final.exists():
-            print(f"[pipeline] {name}: already finished in {final.parent}, skipping")
+        stage_dir = Path(stage_cfg.run.output_dir)
+        if resume and (stage_dir / "summary.json").exists():  # written last, after final/
+            print(f"[pipeline] {name}: already finished in {stage_dir}, skipping")
             continue
         summaries[name] = runner(stage_cfg, resume=resume)
     return summaries

@@ -55,11 +55,20 @@ from quartet.rl import (
     whiten,
 )
 from quartet.rollout.generate import Rollout, SamplingConfig, sample_responses
-from quartet.runs.checkpoint import load_training_state, rng_state, save_checkpoint, save_training_state, set_rng_state
+from quartet.runs.checkpoint import (
+    latest_checkpoint,
+    load_training_state,
+    rng_state,
+    save_checkpoint,
+    save_training_state,
+    set_rng_state,
+)
+from quartet.runs.faults import GracefulStop, NonFiniteGuard, TrainingInterrupted
+from quartet.runs.metrics import truncate_jsonl_after
 from quartet.runs.progress import format_postfix, progress_bar
 from quartet.runs.run import Run, seed_everything
 from quartet.runs.trainer import autocast_context, load_weights, make_optimizer
-from quartet.stages.common import apply_lora, unwrap_lora
+from quartet.stages.common import apply_lora, check_context_length, unwrap_lora
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
 # Extra per-step measurements of the rollouts, e.g. the demo's hidden gold judge.
@@ -197,6 +206,7 @@ class PPOTrainer:
         self.running_scores = RunningMeanStd()
         self.reward_stats = reward_stats
         self.metric_fns = list(metric_fns)
+        self.nonfinite = NonFiniteGuard(self.p.max_nonfinite_steps, where="ppo")
         if self.p.score_normalization == "stored" and reward_stats is None:
             raise ValueError("ppo.score_normalization is 'stored' but the reward model has no stored "
                              "reward_mean/reward_std (train it with `quartet reward`, or use 'running')")
@@ -297,11 +307,12 @@ class PPOTrainer:
     # ------------------------------------------------------------------ update
 
     def _clip_and_step(self, model: PreTrainedModel, optimizer: torch.optim.Optimizer) -> float:
-        norm = (torch.nn.utils.clip_grad_norm_(model.parameters(), self.p.max_grad_norm)
-                if self.p.max_grad_norm else torch.tensor(0.0))
-        optimizer.step()
+        """Clip, then step only when the gradient is finite; returns the norm before clipping."""
+        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), self.p.max_grad_norm or float("inf")))
+        if math.isfinite(norm):
+            optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-        return float(norm)
+        return norm
 
     def update(self, exp: Experience) -> dict[str, float]:
         """`ppo_epochs` passes of clipped policy and value losses over shuffled mini-batches."""
@@ -345,6 +356,10 @@ class PPOTrainer:
         metrics["value/explained_variance"] = float(explained_variance(exp.old_values, exp.returns, exp.mask))
         return metrics
 
+    @staticmethod
+    def experience_is_finite(exp: Experience) -> bool:
+        return all(bool(torch.isfinite(x).all()) for x in (exp.scores, exp.rewards, exp.advantages, exp.returns))
+
     # ------------------------------------------------------------------ samples
 
     def sample_records(self, exp: Experience, n: int) -> list[dict[str, Any]]:
@@ -376,7 +391,7 @@ class PPOTrainer:
             save_training_state(tmp / "trainer_state.pt", {
                 "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
                 "kl_ctl": self.kl_ctl.state_dict(), "running_scores": self.running_scores.state_dict(),
-                "step": self.step, "rng": rng_state(),
+                "nonfinite": self.nonfinite.state_dict(), "step": self.step, "rng": rng_state(),
             })
 
         return save_checkpoint(self.run.checkpoints_dir, self.step, write, keep=self.p.keep_checkpoints)
@@ -389,8 +404,11 @@ class PPOTrainer:
         self.critic_opt.load_state_dict(state["critic_opt"])
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.running_scores.load_state_dict(state["running_scores"])
+        self.nonfinite.load_state_dict(state["nonfinite"])
         self.step = state["step"]
         set_rng_state(state["rng"])
+        for log in ("metrics.jsonl", "samples.jsonl"):  # lines written after this checkpoint are redone
+            truncate_jsonl_after(self.run.dir / log, self.step)
 
     # ------------------------------------------------------------------ loop
 
@@ -398,7 +416,13 @@ class PPOTrainer:
         started = time.perf_counter()
         exp, metrics = self.make_experience(self.prompt_batch(self.step))
         t0 = time.perf_counter()
-        metrics.update(self.update(exp))
+        finite = self.experience_is_finite(exp)
+        if finite:  # a NaN score or reward would poison every update of the step
+            metrics.update(self.update(exp))
+            finite = NonFiniteGuard.finite(*(metrics[k] for k in ("loss/policy", "loss/value", "grad_norm/actor",
+                                                                   "grad_norm/critic")))
+        self.nonfinite.record(finite, self.step + 1, latest_checkpoint(self.run.checkpoints_dir))
+        metrics["skipped_nonfinite"] = self.nonfinite.total
         metrics["time/training"] = time.perf_counter() - t0
         metrics["time/step"] = time.perf_counter() - started
         metrics["time/tokens_per_second"] = float(exp.mask.sum()) / max(metrics["time/generation"], 1e-9)
@@ -416,6 +440,10 @@ class PPOTrainer:
         tqdm.write(format_sample_table(self.step, records), file=sys.stderr)
 
     def train(self) -> dict[str, Any]:
+        with GracefulStop() as stop:
+            return self._train(stop)
+
+    def _train(self, stop: GracefulStop) -> dict[str, Any]:
         if self.run.resume_from:
             self.resume(self.run.resume_from)
         bar = progress_bar(self.p.steps, desc="ppo", initial=self.step)
@@ -428,8 +456,12 @@ class PPOTrainer:
                 self.run.metrics.log(self.step, metrics)
             bar.update(1)
             bar.set_postfix(format_postfix(metrics, ["score/mean", "kl/ref", "response/length"]))
-            if self.p.save_every and self.step % self.p.save_every == 0 and self.step < self.p.steps:
-                self.save_checkpoint()
+            if self.step < self.p.steps:
+                if stop.requested:
+                    bar.close()
+                    raise TrainingInterrupted(stop.signum, self.step, self.save_checkpoint())
+                if self.p.save_every and self.step % self.p.save_every == 0 and self.nonfinite.in_a_row == 0:
+                    self.save_checkpoint()
         bar.close()
         return {"steps": self.step, "seconds": time.perf_counter() - started, "history": history}
 
@@ -467,6 +499,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = N
     if not cfg.data.train:
         raise ValueError("data.train is required: a prompt file (fields 'prompt' or 'messages')")
     seed_everything(cfg.run.seed)
+    run = Run(cfg.run.output_dir, cfg, stage="ppo", resume=resume)
     m = cfg.models
     tokenizer = load_tokenizer(m.actor, m.trust_remote_code)
     tokenizer.padding_side = "left"
@@ -477,7 +510,6 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = N
     if not prompts:
         raise ValueError(f"{cfg.data.train}: no prompts left after loading")
     reward, reward_stats = build_reward_source(cfg, tokenizer, reward_fn)
-    run = Run(cfg.run.output_dir, cfg, stage="ppo", resume=resume)
     print(f"[ppo] {len(prompts)} prompts; {stats.summary()}")
 
     actor = load_causal_lm(m.actor, m.trust_remote_code, m.allow_pickle)
@@ -489,6 +521,9 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = N
     critic_source = m.critic or (m.reward if m.critic_init == "reward" else m.actor)
     critic = load_scalar_model(critic_source, m.trust_remote_code, m.allow_pickle, pad_token_id=tokenizer.pad_token_id)
 
+    check_context_length(actor, max(map(len, prompts)) + cfg.generation.max_new_tokens,
+                         "prompt + generated tokens", "data.max_prompt_length and generation.max_new_tokens")
+    run.start()  # inputs are valid: only now is the output directory touched
     trainer = PPOTrainer(cfg, actor, reference, critic, reward, tokenizer, prompts, run, reward_stats, metric_fns)
     result = trainer.train()
     save_model(unwrap_lora(trainer.actor), tokenizer, run.final_dir)

@@ -23,7 +23,7 @@ from quartet.models.presets import build_preset_model
 from quartet.rl.losses import pairwise_loss
 from quartet.runs.run import Run, seed_everything
 from quartet.runs.trainer import LossSum, SupervisedTrainer, move_to
-from quartet.stages.common import apply_lora, resolve_tokenizer, split_held_out, unwrap_lora
+from quartet.stages.common import apply_lora, check_context_length, resolve_tokenizer, split_held_out, unwrap_lora
 
 
 def make_reward_loss(use_margin: bool, center_coef: float):
@@ -108,6 +108,8 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict[str, Any]:
           f"{stats.summary()}")
 
     model = apply_lora(resolve_scalar_model(cfg, tokenizer), cfg.lora, task_type="SEQ_CLS")
+    longest = max((len(x[k]) for x in train_data + eval_data for k in ("chosen_ids", "rejected_ids")), default=0)
+    check_context_length(model, longest, "chosen/rejected sequences", "data.max_length")
     pad_id = tokenizer.pad_token_id
 
     def collate(batch):
@@ -116,6 +118,7 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict[str, Any]:
     def save(directory: Path) -> None:
         save_model(model, tokenizer, directory)
 
+    run.start()  # inputs are valid: only now is the output directory touched
     trainer = SupervisedTrainer(
         model, train_data, eval_data, collate=collate,
         loss_fn=make_reward_loss(cfg.loss.use_margin, cfg.loss.center_coef), cfg=cfg.train, run=run,

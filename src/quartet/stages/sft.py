@@ -20,7 +20,7 @@ from quartet.models.forward import causal_lm_logits
 from quartet.models.loading import save_model
 from quartet.runs.run import Run, seed_everything
 from quartet.runs.trainer import LossSum, SupervisedTrainer
-from quartet.stages.common import apply_lora, resolve_causal_lm, resolve_tokenizer, split_held_out, unwrap_lora
+from quartet.stages.common import apply_lora, check_context_length, resolve_causal_lm, resolve_tokenizer, split_held_out, unwrap_lora
 
 
 def sft_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> LossSum:
@@ -55,11 +55,14 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     print(f"[sft] {len(train_data)} training / {len(eval_data)} held-out examples; {train_stats.summary()}")
 
     model = apply_lora(resolve_causal_lm(cfg.model, tokenizer, cfg.run.seed), cfg.lora)
+    longest = max((len(x["input_ids"]) for x in train_data + eval_data), default=0)
+    check_context_length(model, longest, "examples", "data.max_length")
     pad_id = tokenizer.pad_token_id
 
     def save(directory: Path) -> None:
         save_model(model, tokenizer, directory)
 
+    run.start()  # inputs are valid: only now is the output directory touched
     trainer = SupervisedTrainer(
         model, train_data, eval_data, collate=lambda b: collate_sft(b, pad_id), loss_fn=sft_loss,
         cfg=cfg.train, run=run, seed=cfg.run.seed, save_model=save, postfix_keys=("loss", "lr"),
