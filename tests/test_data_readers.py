@@ -10,7 +10,6 @@ from datasets import Dataset, DatasetDict
 from quartet.data import DataError, Row, read_rows
 from shared_paths import HH_SAMPLE
 
-
 RECORDS = [
     {"prompt": "Hi there", "completion": "Hello!"},
     {"prompt": "2+2?", "completion": "4"},

@@ -6,9 +6,26 @@ import random
 import pytest
 
 from quartet.demo.world import (
-    CUISINES, GOLD_UNPARSEABLE, NAMES, SEED_EVAL, SEED_SFT, Request, Town, best_response,
-    fit_score, format_response, gold_score, label_pairs, mean_gold, oracle_gold, parse_request,
-    parse_response, prefers_first, prompts, sft_examples, sigmoid,
+    CUISINES,
+    GOLD_UNPARSEABLE,
+    NAMES,
+    SEED_EVAL,
+    SEED_SFT,
+    Request,
+    Town,
+    best_response,
+    fit_score,
+    format_response,
+    gold_score,
+    label_pairs,
+    mean_gold,
+    oracle_gold,
+    parse_request,
+    parse_response,
+    prefers_first,
+    prompts,
+    sft_examples,
+    sigmoid,
 )
 
 SEEDS = [0, 1, 2, 7, 123]

@@ -8,7 +8,6 @@ import torch
 from quartet.rl import kl_estimate, sequence_kl
 from rl_helpers import LENGTHS, T, ragged_mask, with_garbage
 
-
 FORMULAS = {
     "k1": lambda lp, ref: lp - ref,
     "k2": lambda lp, ref: 0.5 * (lp - ref) ** 2,

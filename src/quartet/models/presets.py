@@ -3,7 +3,15 @@
 from __future__ import annotations
 
 import torch
-from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, GPT2Config, LlamaConfig, PretrainedConfig, PreTrainedModel, PreTrainedTokenizerBase
+from transformers import (
+    AutoModelForCausalLM,
+    AutoModelForSequenceClassification,
+    GPT2Config,
+    LlamaConfig,
+    PretrainedConfig,
+    PreTrainedModel,
+    PreTrainedTokenizerBase,
+)
 
 # name -> (architecture, sizes). Parameter counts are for a 2048-token vocabulary.
 PRESETS: dict[str, tuple[str, dict]] = {
