@@ -145,7 +145,7 @@ def _user_errors() -> tuple[type[BaseException], ...]:
     from quartet.data import DataError
     from quartet.models.loading import ModelLoadError
 
-    return ConfigError, DataError, ModelLoadError, FileExistsError, FileNotFoundError, ValueError
+    return ConfigError, DataError, ModelLoadError, FileExistsError, FileNotFoundError, NotADirectoryError, ValueError
 
 
 def main(argv: list[str] | None = None) -> int:

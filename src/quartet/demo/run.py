@@ -147,7 +147,7 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, seed: int = 
         "model": {"preset": settings.preset, "vocab_size": 1024},
         "data": {"train": str(sft_file), "eval_fraction": 0.05, "max_length": 64, "max_prompt_length": 40},
         "train": {"lr": settings.sft_lr, "epochs": settings.sft_epochs, "batch_size": 32, "eval_every": 100, "log_every": 10,
-                  "warmup_ratio": 0.05},
+                  "warmup_ratio": 0.05, "save_every": 100},
     })
     if not finished("sft"):
         run_sft(sft_cfg, resume=resume)
@@ -167,7 +167,8 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, seed: int = 
         "run": {"output_dir": str(out / "reward"), "seed": seed},
         "model": {"path": str(sft_dir)},
         "data": {"train": str(pref_file), "eval_fraction": 0.1, "max_length": 64, "max_prompt_length": 40},
-        "train": {"lr": 3e-4, "epochs": settings.rm_epochs, "batch_size": 32, "eval_every": 50, "log_every": 10},
+        "train": {"lr": 3e-4, "epochs": settings.rm_epochs, "batch_size": 32, "eval_every": 50, "log_every": 10,
+                  "save_every": 50},
     })
     if not finished("reward"):
         run_reward(reward_cfg, resume=resume)
@@ -199,7 +200,7 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, seed: int = 
         "ppo": {"steps": settings.ppo_steps, "rollout_batch_size": settings.rollout_batch_size,
                 "mini_batch_size": settings.mini_batch_size, "ppo_epochs": settings.ppo_epochs,
                 "actor_lr": settings.actor_lr, "critic_lr": settings.critic_lr, "beta": settings.beta,
-                "sample_every": max(1, settings.ppo_steps // 5), "n_samples": 3},
+                "sample_every": max(1, settings.ppo_steps // 5), "n_samples": 3, "save_every": 10},
     })
     if finished("ppo"):
         ppo_summary = json.loads((out / "ppo" / "summary.json").read_text(encoding="utf-8"))

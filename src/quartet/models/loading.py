@@ -12,7 +12,6 @@ from transformers import (
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
-
 from transformers.utils import logging as hf_logging
 
 # Quartet draws its own progress bars; transformers' per-shard bars on tiny models are noise.
@@ -49,6 +48,18 @@ def _check_weights(path: Path, allow_pickle: bool) -> bool:
     return False
 
 
+def check_model_dir(path: str | Path, what: str, allow_pickle: bool = False) -> Path:
+    """Cheap up-front check that `path` is a local model directory with usable weights."""
+    try:
+        path = require_local_dir(path)
+        _check_weights(path, allow_pickle)
+    except ModelLoadError as err:
+        raise ModelLoadError(f"{what}: {err}") from None
+    if not (path / "config.json").is_file():
+        raise ModelLoadError(f"{what}: {path} has no config.json (not a Hugging Face model directory)")
+    return path
+
+
 def load_causal_lm(path: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False,
                    dtype: torch.dtype = torch.float32) -> PreTrainedModel:
     """Load a causal LM from a local directory."""
@@ -60,15 +71,22 @@ def load_causal_lm(path: str | Path, trust_remote_code: bool = False, allow_pick
 
 
 def load_scalar_model(path: str | Path, trust_remote_code: bool = False, allow_pickle: bool = False,
-                      dtype: torch.dtype = torch.float32, pad_token_id: int | None = None) -> PreTrainedModel:
+                      dtype: torch.dtype = torch.float32, pad_token_id: int | None = None,
+                      require_trained_head: bool = False) -> PreTrainedModel:
     """Load a one-output sequence-classification model (reward model or critic).
 
     From a reward/critic checkpoint the trained `score` head is loaded; from a causal LM
-    checkpoint the transformer is reused and a fresh linear head is initialised.
+    checkpoint the transformer is reused and a fresh linear head is initialised, which suits a
+    critic but not a reward model: `require_trained_head` refuses it.
     """
     path = require_local_dir(path)
     use_safetensors = _check_weights(path, allow_pickle)
     config = AutoConfig.from_pretrained(str(path), trust_remote_code=trust_remote_code)
+    if require_trained_head and not _is_sequence_classifier(config):
+        raise ModelLoadError(
+            f"{path}: not a reward model (architectures {config.architectures}, no trained score head); "
+            "train one with `quartet reward`, or give a ...ForSequenceClassification model with num_labels=1"
+        )
     if getattr(config, "num_labels", 1) != 1 and _is_sequence_classifier(config):
         raise ModelLoadError(
             f"{path}: this sequence-classification model has {config.num_labels} outputs; "

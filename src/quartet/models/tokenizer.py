@@ -71,10 +71,18 @@ def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> PreTrainedTokeni
     return tokenizer
 
 
+# Any one of these marks a directory a Hugging Face tokenizer can be loaded from.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "spiece.model")
+
+
 def load_tokenizer(path: str | Path, trust_remote_code: bool = False) -> PreTrainedTokenizerBase:
     """Load a tokenizer from a local directory, with a pad token and a chat template guaranteed."""
-    from quartet.models.loading import require_local_dir  # local import: loading imports this module
+    # a local import: loading imports this module
+    from quartet.models.loading import ModelLoadError, require_local_dir
 
-    require_local_dir(path, what="tokenizer")
+    directory = require_local_dir(path, what="tokenizer")
+    if not any((directory / name).exists() for name in TOKENIZER_FILES):
+        raise ModelLoadError(f"{directory}: no tokenizer files ({', '.join(TOKENIZER_FILES[:2])}, ...); save the tokenizer "
+                             "beside the model (tokenizer.save_pretrained) or point model.tokenizer_path at one")
     tokenizer = AutoTokenizer.from_pretrained(str(path), trust_remote_code=trust_remote_code)
     return ensure_chat_template(ensure_pad_token(tokenizer))

@@ -12,7 +12,8 @@ import torch
 from pydantic import BaseModel
 
 from quartet.config import dump_config
-from quartet.runs.checkpoint import latest_checkpoint
+from quartet.models.loading import save_model
+from quartet.runs.checkpoint import latest_checkpoint, write_atomically
 from quartet.runs.metrics import MetricsLogger
 
 
@@ -82,9 +83,15 @@ class Run:
     def final_dir(self) -> Path:
         return self.dir / "final"
 
+    def save_final(self, model: Any, tokenizer: Any, name: str = "final") -> Path:
+        """Write a Hugging Face model directory atomically: a crash leaves no half-written final/."""
+        return write_atomically(self.dir / name, lambda tmp: save_model(model, tokenizer, tmp))
+
     def write_summary(self, summary: dict[str, Any]) -> Path:
-        path = self.dir / "summary.json"
-        path.write_text(json.dumps(summary, indent=2, default=float) + "\n", encoding="utf-8")
+        path = self.dir / "summary.json"  # written last: its presence means the stage finished
+        tmp = path.with_name("summary.json.tmp")
+        tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n", encoding="utf-8")
+        tmp.replace(path)
         return path
 
     def close(self) -> None:

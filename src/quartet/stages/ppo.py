@@ -35,7 +35,13 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from quartet.config import PPOConfig
 from quartet.data import collate_prompts, load_prompts, tokenize_prompts
 from quartet.models.forward import causal_lm_logits, sequence_scores, token_values
-from quartet.models.loading import load_causal_lm, load_scalar_model, save_model
+from quartet.models.loading import (
+    ModelLoadError,
+    check_model_dir,
+    load_causal_lm,
+    load_scalar_model,
+    save_model,
+)
 from quartet.models.tokenizer import load_tokenizer
 from quartet.rl import (
     AdaptiveKLController,
@@ -188,6 +194,10 @@ def format_sample_table(step: int, records: list[dict[str, Any]], width: int = 6
 # ----------------------------------------------------------------------------- trainer
 
 
+# Per-step metrics whose first and last fifth of the run go into summary.json.
+SUMMARY_KEYS = ("score/mean", "kl/ref", "reward/total", "response/length")
+
+
 class PPOTrainer:
     """Holds the four models and runs PPO steps. `train()` runs the configured number of steps."""
 
@@ -207,6 +217,7 @@ class PPOTrainer:
         self.reward_stats = reward_stats
         self.metric_fns = list(metric_fns)
         self.nonfinite = NonFiniteGuard(self.p.max_nonfinite_steps, where="ppo")
+        self.history: list[dict[str, float]] = []  # every step's SUMMARY_KEYS, kept across resumes
         if self.p.score_normalization == "stored" and reward_stats is None:
             raise ValueError("ppo.score_normalization is 'stored' but the reward model has no stored "
                              "reward_mean/reward_std (train it with `quartet reward`, or use 'running')")
@@ -391,7 +402,7 @@ class PPOTrainer:
             save_training_state(tmp / "trainer_state.pt", {
                 "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
                 "kl_ctl": self.kl_ctl.state_dict(), "running_scores": self.running_scores.state_dict(),
-                "nonfinite": self.nonfinite.state_dict(), "step": self.step, "rng": rng_state(),
+                "nonfinite": self.nonfinite.state_dict(), "history": self.history, "step": self.step, "rng": rng_state(),
             })
 
         return save_checkpoint(self.run.checkpoints_dir, self.step, write, keep=self.p.keep_checkpoints)
@@ -405,6 +416,7 @@ class PPOTrainer:
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.running_scores.load_state_dict(state["running_scores"])
         self.nonfinite.load_state_dict(state["nonfinite"])
+        self.history = list(state["history"])
         self.step = state["step"]
         set_rng_state(state["rng"])
         for log in ("metrics.jsonl", "samples.jsonl"):  # lines written after this checkpoint are redone
@@ -447,11 +459,10 @@ class PPOTrainer:
         if self.run.resume_from:
             self.resume(self.run.resume_from)
         bar = progress_bar(self.p.steps, desc="ppo", initial=self.step)
-        history: list[dict[str, float]] = []
         started = time.perf_counter()
         while self.step < self.p.steps:
             metrics = self.train_step()
-            history.append(metrics)
+            self.history.append({k: float(metrics[k]) for k in SUMMARY_KEYS})
             if self.step % self.p.log_every == 0 or self.step == self.p.steps:
                 self.run.metrics.log(self.step, metrics)
             bar.update(1)
@@ -463,7 +474,7 @@ class PPOTrainer:
                 if self.p.save_every and self.step % self.p.save_every == 0 and self.nonfinite.in_a_row == 0:
                     self.save_checkpoint()
         bar.close()
-        return {"steps": self.step, "seconds": time.perf_counter() - started, "history": history}
+        return {"steps": self.step, "seconds": time.perf_counter() - started, "history": list(self.history)}
 
 
 # ----------------------------------------------------------------------------- set-up
@@ -481,7 +492,11 @@ def build_reward_source(cfg: PPOConfig, tokenizer: PreTrainedTokenizerBase,
     reward_tokenizer = tokenizer
     if (Path(m.reward) / "tokenizer_config.json").exists():
         reward_tokenizer = load_tokenizer(m.reward, m.trust_remote_code)
-    model = load_scalar_model(m.reward, m.trust_remote_code, m.allow_pickle, pad_token_id=reward_tokenizer.pad_token_id)
+    try:
+        model = load_scalar_model(m.reward, m.trust_remote_code, m.allow_pickle,
+                                  pad_token_id=reward_tokenizer.pad_token_id, require_trained_head=True)
+    except ModelLoadError as err:
+        raise ModelLoadError(f"models.reward: {err}") from None
     stats = None
     if getattr(model.config, "reward_mean", None) is not None:
         stats = (float(model.config.reward_mean), float(model.config.reward_std))
@@ -501,6 +516,10 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = N
     seed_everything(cfg.run.seed)
     run = Run(cfg.run.output_dir, cfg, stage="ppo", resume=resume)
     m = cfg.models
+    for role, path in (("models.actor", m.actor), ("models.reference", m.reference), ("models.critic", m.critic),
+                       ("models.reward", None if (reward_fn or m.reward_fn) else m.reward)):
+        if path:
+            check_model_dir(path, role, m.allow_pickle)
     tokenizer = load_tokenizer(m.actor, m.trust_remote_code)
     tokenizer.padding_side = "left"
     prompt_examples = load_prompts(cfg.data.train, tokenizer)
@@ -526,13 +545,13 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = N
     run.start()  # inputs are valid: only now is the output directory touched
     trainer = PPOTrainer(cfg, actor, reference, critic, reward, tokenizer, prompts, run, reward_stats, metric_fns)
     result = trainer.train()
-    save_model(unwrap_lora(trainer.actor), tokenizer, run.final_dir)
-    save_model(trainer.critic, tokenizer, run.dir / "final_critic")
+    run.save_final(trainer.critic, tokenizer, name="final_critic")
+    run.save_final(unwrap_lora(trainer.actor), tokenizer)
     history = result.pop("history")
     summary = {"stage": "ppo", "final_dir": str(run.final_dir), "n_prompts": len(prompts), **result}
     if history:
         k = max(1, len(history) // 5)  # first and last fifth of the run
-        for key in ("score/mean", "kl/ref", "reward/total", "response/length"):
+        for key in SUMMARY_KEYS:
             summary[f"first/{key}"] = sum(h[key] for h in history[:k]) / k
             summary[f"last/{key}"] = sum(h[key] for h in history[-k:]) / k
     run.write_summary(summary)

@@ -16,14 +16,24 @@ import torch
 from transformers import PreTrainedModel
 
 from quartet.config import RewardConfig
-from quartet.data import collate_preferences, load_preference_examples, tokenize_preferences
+from quartet.data import (
+    collate_preferences,
+    load_preference_examples,
+    tokenize_preferences,
+)
 from quartet.models.forward import sequence_scores
-from quartet.models.loading import load_scalar_model, save_model
+from quartet.models.loading import check_model_dir, load_scalar_model, save_model
 from quartet.models.presets import build_preset_model
 from quartet.rl.losses import pairwise_loss
 from quartet.runs.run import Run, seed_everything
 from quartet.runs.trainer import LossSum, SupervisedTrainer, move_to
-from quartet.stages.common import apply_lora, check_context_length, resolve_tokenizer, split_held_out, unwrap_lora
+from quartet.stages.common import (
+    apply_lora,
+    check_context_length,
+    resolve_tokenizer,
+    split_held_out,
+    unwrap_lora,
+)
 
 
 def make_reward_loss(use_margin: bool, center_coef: float):
@@ -93,6 +103,8 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict[str, Any]:
         raise ValueError("data.train is required: a preference file with prompt/chosen/rejected")
     seed_everything(cfg.run.seed)
     run = Run(cfg.run.output_dir, cfg, stage="reward", resume=resume)
+    if cfg.model.path:
+        check_model_dir(cfg.model.path, "model.path", cfg.model.allow_pickle)
     tokenizer = resolve_tokenizer(cfg.model, [p for p in (cfg.data.train, cfg.data.eval) if p])
     train_examples, skipped = load_preference_examples(cfg.data.train, tokenizer)
     if cfg.data.limit:
@@ -129,7 +141,7 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict[str, Any]:
     mean, std = score_statistics(final_model, train_data, collate, cfg.train.batch_size, run.device)
     final_model.config.reward_mean = mean
     final_model.config.reward_std = std
-    save_model(final_model, tokenizer, run.final_dir)
+    run.save_final(final_model, tokenizer)
     summary = {"stage": "reward", "final_dir": str(run.final_dir), "n_train": len(train_data),
                "n_eval": len(eval_data), "skipped": skipped, "truncation": vars(stats),
                "reward_mean": mean, "reward_std": std, **result}
@@ -176,7 +188,7 @@ def score_file(model_dir: str | Path, input_path: str | Path, output_path: str |
     from quartet.models.tokenizer import load_tokenizer
 
     tokenizer = load_tokenizer(model_dir)
-    model = load_scalar_model(model_dir, pad_token_id=tokenizer.pad_token_id)
+    model = load_scalar_model(model_dir, pad_token_id=tokenizer.pad_token_id, require_trained_head=True)
     rows = read_rows(input_path)
     texts = []
     for row in rows:

@@ -17,10 +17,17 @@ from transformers import PreTrainedModel
 from quartet.config import SFTConfig
 from quartet.data import collate_sft, load_sft_examples, tokenize_sft
 from quartet.models.forward import causal_lm_logits
-from quartet.models.loading import save_model
+from quartet.models.loading import check_model_dir, save_model
 from quartet.runs.run import Run, seed_everything
 from quartet.runs.trainer import LossSum, SupervisedTrainer
-from quartet.stages.common import apply_lora, check_context_length, resolve_causal_lm, resolve_tokenizer, split_held_out, unwrap_lora
+from quartet.stages.common import (
+    apply_lora,
+    check_context_length,
+    resolve_causal_lm,
+    resolve_tokenizer,
+    split_held_out,
+    unwrap_lora,
+)
 
 
 def sft_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> LossSum:
@@ -39,6 +46,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
         raise ValueError("data.train is required: a local JSONL/JSON/Parquet/CSV file or save_to_disk directory")
     seed_everything(cfg.run.seed)
     run = Run(cfg.run.output_dir, cfg, stage="sft", resume=resume)
+    if cfg.model.path:
+        check_model_dir(cfg.model.path, "model.path", cfg.model.allow_pickle)
     corpus = [p for p in (cfg.data.train, cfg.data.eval) if p]
     tokenizer = resolve_tokenizer(cfg.model, corpus)
     train_examples = load_sft_examples(cfg.data.train, tokenizer, completion_field=cfg.data.completion_field)
@@ -68,7 +77,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
         cfg=cfg.train, run=run, seed=cfg.run.seed, save_model=save, postfix_keys=("loss", "lr"),
     )
     result = trainer.train()
-    save_model(unwrap_lora(model), tokenizer, run.final_dir)
+    run.save_final(unwrap_lora(model), tokenizer)
     summary = {
         "stage": "sft",
         "final_dir": str(run.final_dir),

@@ -1,0 +1,5 @@
+"""`python -m quartet ...` is the `quartet` command."""
+
+from quartet.cli import main
+
+raise SystemExit(main())

@@ -1,0 +1,218 @@
+"""Kill real training processes and resume them: the result equals an uninterrupted run, bit for bit.
+
+Each stage runs three times as a separate `python -m quartet` process: straight through; killed
+with SIGKILL (or stopped with SIGTERM) at a random step; resumed with `--resume`. Final weights,
+metrics (all but wall-clock timings) and summaries must be identical. The random step is printed,
+and QUARTET_KILL_STEP=N replays one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from quartet.models.loading import save_model
+from quartet.models.presets import build_preset_model
+from quartet.runs.checkpoint import list_checkpoints
+from quartet.runs.metrics import read_metrics
+
+TIMEOUT = 300
+
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "QUARTET_PROGRESS": "0", "OMP_NUM_THREADS": "1"}
+
+
+def _quartet(*args: str) -> list[str]:
+    return [sys.executable, "-m", "quartet", *args]
+
+
+def _run(cmd: list[str], cwd: Path, log: str) -> subprocess.CompletedProcess:
+    with open(cwd / log, "w") as out:
+        return subprocess.run(cmd, cwd=cwd, env=_env(), stdout=out, stderr=subprocess.STDOUT, timeout=TIMEOUT)
+
+
+def _last_logged_step(metrics: Path) -> int:
+    records = read_metrics(metrics) if metrics.exists() else []
+    return records[-1]["step"] if records else -1
+
+
+def _interrupt(cmd: list[str], cwd: Path, watch: Path, last_step: int, sig: int, log: str) -> int:
+    """Start `cmd`, wait until `watch` logs a random step, then send `sig`; returns the step."""
+    rng = random.Random()
+    step = int(os.environ.get("QUARTET_KILL_STEP", rng.randint(1, last_step * 3 // 4)))
+    delay = rng.uniform(0.0, 0.03)  # land anywhere in the following step, checkpoint writes included
+    print(f"{signal.Signals(sig).name} after step {step} (+{delay * 1000:.0f} ms)")
+    with open(cwd / log, "w") as out:
+        proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=out, stderr=subprocess.STDOUT)
+        try:
+            deadline = time.monotonic() + TIMEOUT
+            while _last_logged_step(watch) < step:
+                assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step {step}: " + (cwd / log).read_text()[-2000:]
+                assert time.monotonic() < deadline, "timed out waiting for the run"
+                time.sleep(0.002)
+            time.sleep(delay)
+            proc.send_signal(sig)
+            proc.wait(timeout=TIMEOUT)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+    return step
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    state: dict[str, torch.Tensor] = {}
+    for file in sorted(path.glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    assert state, f"no weights in {path}"
+    return state
+
+
+def _without_timings(record: dict) -> dict:
+    return {k: v for k, v in record.items() if not k.startswith("time/") and k not in ("seconds", "time")}
+
+
+def assert_same_run(straight: Path, resumed: Path, model_dirs: tuple[str, ...] = ("final",)) -> None:
+    for name in model_dirs:
+        a, b = _weights(straight / name), _weights(resumed / name)
+        assert a.keys() == b.keys()
+        different = [k for k in a if not torch.equal(a[k], b[k])]
+        assert not different, f"{name}: {len(different)} tensors differ, e.g. {different[:3]}"
+    a, b = read_metrics(straight / "metrics.jsonl"), read_metrics(resumed / "metrics.jsonl")
+    assert [r["step"] for r in a] == [r["step"] for r in b]
+    for ra, rb in zip(a, b):
+        assert _without_timings(ra) == _without_timings(rb), f"metrics differ at step {ra['step']}"
+    sa = json.loads((straight / "summary.json").read_text())
+    sb = json.loads((resumed / "summary.json").read_text())
+    assert _without_timings(sa) == _without_timings({**sb, "final_dir": sa["final_dir"]})
+
+
+# --------------------------------------------------------------------------- stage set-ups
+
+SFT_STEPS = 200
+REWARD_STEPS = 150
+PPO_STEPS = 40
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory) -> Path:
+    """Data files, stage configs and a tiny actor + reward model, shared by the stage runs."""
+    root = tmp_path_factory.mktemp("kill")
+    sft = [{"prompt": f"Q: what comes after {i}?\nA:", "completion": f" {i + 1}."} for i in range(80)]
+    prefs = [{"prompt": f"Q: is {i} a number?\nA:", "chosen": " yes.", "rejected": f" no, {i} is a fish."}
+             for i in range(80)]
+    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in sft))
+    (root / "prefs.jsonl").write_text("".join(json.dumps(r) + "\n" for r in prefs))
+    (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in sft))
+    (root / "sft.yaml").write_text(
+        "model: {preset: nano, vocab_size: 300}\n"
+        "data: {train: sft.jsonl, eval_fraction: 0.1, max_length: 32}\n"
+        f"train: {{lr: 0.003, max_steps: {SFT_STEPS}, batch_size: 8, eval_every: 25, log_every: 1, save_every: 1}}\n")
+    (root / "reward.yaml").write_text(
+        "model: {preset: nano, vocab_size: 300}\n"
+        "data: {train: prefs.jsonl, eval_fraction: 0.1, max_length: 32}\n"
+        f"train: {{lr: 0.001, max_steps: {REWARD_STEPS}, batch_size: 8, eval_every: 25, log_every: 1, save_every: 1,"
+        " keep_checkpoints: 1}\n")
+    from quartet.models.tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer([r["prompt"] + r["completion"] for r in sft], vocab_size=300)
+    save_model(build_preset_model("nano", tokenizer, seed=0), tokenizer, root / "actor")
+    save_model(build_preset_model("nano", tokenizer, seed=1, scalar=True), tokenizer, root / "rm")
+    (root / "ppo.yaml").write_text(
+        "models: {actor: actor, reward: rm, critic_init: actor}\n"
+        "data: {train: prompts.jsonl}\n"
+        "generation: {max_new_tokens: 8}\n"
+        f"ppo: {{steps: {PPO_STEPS}, rollout_batch_size: 8, mini_batch_size: 4, ppo_epochs: 2, beta: 0.1,"
+        " log_every: 1, save_every: 1, adaptive_kl: true, sample_every: 5, n_samples: 2}\n")
+    return root
+
+
+@pytest.fixture(scope="module")
+def straight(work) -> dict[str, Path]:
+    """Each stage run once, uninterrupted."""
+    for stage in ("sft", "reward", "ppo"):
+        done = _run(_quartet(stage, "--config", f"{stage}.yaml", "--output", f"{stage}-straight"), work, f"{stage}.log")
+        assert done.returncode == 0, (work / f"{stage}.log").read_text()[-3000:]
+    return {stage: work / f"{stage}-straight" for stage in ("sft", "reward", "ppo")}
+
+
+@pytest.mark.parametrize("stage,last_step,models", [
+    ("sft", SFT_STEPS, ("final",)),
+    ("reward", REWARD_STEPS, ("final",)),
+    ("ppo", PPO_STEPS, ("final", "final_critic")),
+])
+def test_sigkill_at_a_random_step_then_resume_is_bit_identical(work, straight, stage, last_step, models):
+    out = work / f"{stage}-killed"
+    cmd = _quartet(stage, "--config", f"{stage}.yaml", "--output", out.name)
+    _interrupt(cmd, work, out / "metrics.jsonl", last_step, signal.SIGKILL, f"{stage}-killed.log")
+    assert not (out / "summary.json").exists()
+    resumed = _run([*cmd, "--resume"], work, f"{stage}-resumed.log")
+    assert resumed.returncode == 0, (work / f"{stage}-resumed.log").read_text()[-3000:]
+    assert not list((out / "checkpoints").glob(".tmp-*")), "a half-written checkpoint was left behind"
+    assert_same_run(straight[stage], out, models)
+    if stage == "ppo":  # the sample log is cut back to the checkpoint too
+        a = (straight[stage] / "samples.jsonl").read_text().splitlines()
+        b = (out / "samples.jsonl").read_text().splitlines()
+        assert [json.loads(x)["step"] for x in a] == [json.loads(x)["step"] for x in b]
+
+
+def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(work, straight):
+    out = work / "sft-term"
+    cmd = _quartet("sft", "--config", "sft.yaml", "--output", out.name, "--train.save_every", "50")
+    _interrupt(cmd, work, out / "metrics.jsonl", SFT_STEPS, signal.SIGTERM, "sft-term.log")
+    log = (work / "sft-term.log").read_text()
+    stopped = _last_logged_step(out / "metrics.jsonl")
+    assert "SIGTERM received: stopped after step" in log and "--resume" in log
+    checkpoints = [step for step, _ in list_checkpoints(out / "checkpoints")]
+    assert checkpoints[-1] == stopped  # saved where it stopped, not at the last save_every
+    resumed = _run([*cmd, "--resume"], work, "sft-term-resumed.log")
+    assert resumed.returncode == 0
+    assert_same_run(straight["sft"], out)
+
+
+def test_sigterm_exit_status_is_128_plus_the_signal(work):
+    out = work / "sft-term-rc"
+    cmd = _quartet("sft", "--config", "sft.yaml", "--output", out.name)
+    with open(work / "rc.log", "w") as log:
+        proc = subprocess.Popen(cmd, cwd=work, env=_env(), stdout=log, stderr=subprocess.STDOUT)
+        deadline = time.monotonic() + TIMEOUT
+        while _last_logged_step(out / "metrics.jsonl") < 1 and time.monotonic() < deadline:
+            time.sleep(0.002)
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=TIMEOUT) == 128 + signal.SIGTERM
+
+
+def test_demo_killed_in_any_stage_resumes_to_the_same_result(tmp_path):
+    """The demo (tiny sizes) killed while a random stage trains; `--resume` keeps finished stages."""
+    tiny = {"n_sft": 200, "sft_epochs": 1.0, "n_rm_prompts": 60, "rm_epochs": 1.0, "n_rm_eval_prompts": 20,
+            "ppo_steps": 3, "rollout_batch_size": 8, "mini_batch_size": 4, "n_eval_prompts": 16, "preset": "nano"}
+    script = ("import json, sys; from quartet.demo.run import run_demo; "
+              "run_demo(sys.argv[1], seed=2, overrides=json.loads(sys.argv[2]), resume=sys.argv[3] == '1')")
+
+    def demo(out: str, resume: bool) -> list[str]:
+        return [sys.executable, "-c", script, out, json.dumps(tiny), "1" if resume else "0"]
+
+    assert _run(demo("straight", False), tmp_path, "straight.log").returncode == 0
+    stage = random.choice(["sft", "reward", "ppo"])
+    print(f"killing the demo during {stage}")
+    _interrupt(demo("killed", False), tmp_path, tmp_path / "killed" / stage / "metrics.jsonl", 4, signal.SIGKILL,
+               "killed.log")
+    assert not (tmp_path / "killed" / "summary.json").exists()
+    refused = _run(demo("killed", False), tmp_path, "refused.log")
+    assert refused.returncode != 0 and "--resume" in (tmp_path / "refused.log").read_text()
+    assert _run(demo("killed", True), tmp_path, "resumed.log").returncode == 0, (tmp_path / "resumed.log").read_text()
+    a = json.loads((tmp_path / "straight" / "summary.json").read_text())
+    b = json.loads((tmp_path / "killed" / "summary.json").read_text())
+    assert _without_timings(a) == _without_timings(b)
+    for name in ("sft", "reward", "ppo"):
+        assert_same_run(tmp_path / "straight" / name, tmp_path / "killed" / name)
