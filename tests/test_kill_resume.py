@@ -47,11 +47,13 @@ def _last_logged_step(metrics: Path) -> int:
     return records[-1]["step"] if records else -1
 
 
-def _interrupt(cmd: list[str], cwd: Path, watch: Path, last_step: int, sig: int, log: str) -> int:
-    """Start `cmd`, wait until `watch` logs a random step, then send `sig`; returns the step."""
+def _interrupt(cmd: list[str], cwd: Path, watch: Path, last_step: int, sig: int, log: str,
+               step: int | None = None, max_delay: float = 0.03) -> int:
+    """Start `cmd`, wait until `watch` logs `step` (default: a random one), then send `sig`; returns the step."""
     rng = random.Random()
-    step = int(os.environ.get("QUARTET_KILL_STEP", rng.randint(1, last_step * 3 // 4)))
-    delay = rng.uniform(0.0, 0.03)  # land anywhere in the following step, checkpoint writes included
+    if step is None:
+        step = int(os.environ.get("QUARTET_KILL_STEP", rng.randint(1, last_step * 3 // 4)))
+    delay = rng.uniform(0.0, max_delay)  # land anywhere in the following step, checkpoint writes included
     print(f"{signal.Signals(sig).name} after step {step} (+{delay * 1000:.0f} ms)")
     with open(cwd / log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=out, stderr=subprocess.STDOUT)
@@ -205,8 +207,9 @@ def test_demo_killed_in_any_stage_resumes_to_the_same_result(tmp_path):
     assert _run(demo("straight", False), tmp_path, "straight.log").returncode == 0
     stage = random.choice(["sft", "reward", "ppo"])
     print(f"killing the demo during {stage}")
-    _interrupt(demo("killed", False), tmp_path, tmp_path / "killed" / stage / "metrics.jsonl", 4, signal.SIGKILL,
-               "killed.log")
+    # the tiny stages log few steps: kill soon after the stage's first record, at a random moment
+    _interrupt(demo("killed", False), tmp_path, tmp_path / "killed" / stage / "metrics.jsonl", 1, signal.SIGKILL,
+               "killed.log", step=0, max_delay=0.5)
     assert not (tmp_path / "killed" / "summary.json").exists()
     refused = _run(demo("killed", False), tmp_path, "refused.log")
     assert refused.returncode != 0 and "--resume" in (tmp_path / "refused.log").read_text()
