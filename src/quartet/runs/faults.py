@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -76,8 +77,11 @@ class NonFiniteGuard:
     def finite(*values: float | torch.Tensor) -> bool:
         return all(math.isfinite(float(v)) for v in values)
 
-    def record(self, ok: bool, step: int, last_checkpoint: Path | None) -> None:
-        """Note whether `step` was finite; warn on a skip and stop after too many in a row."""
+    def record(self, ok: bool, step: int, last_checkpoint: Callable[[], Path | None]) -> None:
+        """Note whether `step` was finite; warn on a skip and stop after too many in a row.
+
+        `last_checkpoint` is only called when the run stops, to name the checkpoint left intact.
+        """
         if ok:
             self.in_a_row = 0
             return
@@ -86,7 +90,8 @@ class NonFiniteGuard:
         print(f"warning: {self.where} step {step}: non-finite loss or gradient; update skipped "
               f"({self.in_a_row} in a row, {self.total} in all)", file=sys.stderr)
         if self.in_a_row >= self.limit:
-            kept = f"the last good checkpoint is {last_checkpoint}" if last_checkpoint else "no checkpoint was written"
+            checkpoint = last_checkpoint()
+            kept = f"the last good checkpoint is {checkpoint}" if checkpoint else "no checkpoint was written"
             raise NumericalFault(
                 f"{self.where}: {self.in_a_row} non-finite steps in a row (limit {self.limit}); stopped at step {step}; "
                 f"{kept}. Lower the learning rate, check the data, or try without bf16.")

@@ -243,7 +243,7 @@ class SupervisedTrainer:
             self.scheduler.step()  # the schedule and the data stream move on either way
             self.optimizer.zero_grad(set_to_none=True)
             self.step += 1
-            self.nonfinite.record(finite, self.step, latest_checkpoint(self.run.checkpoints_dir))
+            self.nonfinite.record(finite, self.step, lambda: latest_checkpoint(self.run.checkpoints_dir))
             means = self.finalize_metrics({self.loss_name: loss_sum / max(units, 1),
                                            **{k: v / max(units, 1) for k, v in sums.items()}})
             window = {**{f"train/{k}": v for k, v in means.items()},

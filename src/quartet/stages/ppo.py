@@ -433,7 +433,7 @@ class PPOTrainer:
             metrics.update(self.update(exp))
             finite = NonFiniteGuard.finite(*(metrics[k] for k in ("loss/policy", "loss/value", "grad_norm/actor",
                                                                    "grad_norm/critic")))
-        self.nonfinite.record(finite, self.step + 1, latest_checkpoint(self.run.checkpoints_dir))
+        self.nonfinite.record(finite, self.step + 1, lambda: latest_checkpoint(self.run.checkpoints_dir))
         metrics["skipped_nonfinite"] = self.nonfinite.total
         metrics["time/training"] = time.perf_counter() - t0
         metrics["time/step"] = time.perf_counter() - started
