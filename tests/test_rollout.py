@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from quartet.models.loading import load_causal_lm
-from quartet.rollout.generate import SamplingConfig, filter_logits, sample_responses
+from quartet.rollout.generate import SamplingConfig, filter_logits, sample_categorical, sample_responses
 from quartet.stages.ppo import response_logprobs
 
 
@@ -64,3 +64,41 @@ def test_filter_logits_top_k_and_top_p():
     # the smallest set whose probability reaches top_p (as Hugging Face's TopPLogitsWarper)
     assert torch.isinf(filter_logits(logits, top_p=0.85)).tolist() == [[False, False, False, True]]
     assert torch.isinf(filter_logits(logits, top_p=0.99)).tolist() == [[False, False, False, False]]
+
+
+def test_sample_categorical_inverts_the_cumulative_distribution():
+    probs = torch.tensor([[0.2, 0.3, 0.5]] * 5)
+    # cumulative 0.2, 0.5, 1.0: a uniform u picks the first token whose cumulative exceeds u
+    uniforms = torch.tensor([0.0, 0.1999, 0.2, 0.4999, 0.9999])
+    assert sample_categorical(probs, uniforms).tolist() == [0, 0, 1, 1, 2]
+    zero_first = torch.tensor([[0.0, 0.0, 1.0], [0.0, 1.0, 0.0]])
+    assert sample_categorical(zero_first, torch.tensor([0.0, 0.0])).tolist() == [2, 1]  # never a zero-probability token
+    unnormalised = torch.tensor([[2.0, 6.0]])  # only proportions matter
+    assert sample_categorical(unnormalised, torch.tensor([0.24])).tolist() == [0]
+    assert sample_categorical(unnormalised, torch.tensor([0.26])).tolist() == [1]
+
+
+def test_sample_categorical_frequencies_match_probabilities():
+    probs = torch.tensor([0.1, 0.0, 0.6, 0.3])
+    uniforms = torch.rand(200_000, generator=torch.Generator().manual_seed(0))
+    tokens = sample_categorical(probs.expand(len(uniforms), 4), uniforms)
+    frequencies = torch.bincount(tokens, minlength=4).float() / len(uniforms)
+    torch.testing.assert_close(frequencies, probs, atol=5e-3, rtol=0)
+
+
+def test_split_batch_samples_what_the_whole_batch_samples(lm_dir, tokenizer):
+    """Ranks that each sample their rows of a global batch reproduce the one-process rollout."""
+    model = load_causal_lm(lm_dir).eval()
+    ids, mask = _prompts(tokenizer.pad_token_id)
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0.9, top_k=30)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    whole = sample_responses(model, ids, mask, cfg, eos, pad, generator=torch.Generator().manual_seed(3))
+    for start, end in ((0, 1), (1, 3)):
+        rows = slice(start, end)
+        width = int(mask[rows].sum(1).max())  # each share is padded to its own longest prompt
+        part = sample_responses(model, ids[rows, -width:], mask[rows, -width:], cfg, eos, pad,
+                                generator=torch.Generator().manual_seed(3), row_offset=start, total_rows=3)
+        n = part.response_ids.shape[1]
+        assert torch.equal(part.response_ids, whole.response_ids[rows, :n])
+        assert not whole.response_mask[rows, n:].any()  # the whole batch ran on only for other rows
+        torch.testing.assert_close(part.logprobs, whole.logprobs[rows, :n], atol=1e-5, rtol=0)

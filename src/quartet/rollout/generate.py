@@ -61,11 +61,28 @@ def filter_logits(logits: torch.Tensor, top_k: int = 0, top_p: float = 1.0) -> t
     return logits
 
 
+def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Tensor:
+    """One token per row by inverting the cumulative distribution at `uniforms` (each in [0, 1)).
+
+    Exact categorical sampling that consumes one random number per row, so a row's draw does
+    not depend on which other rows share its batch. Zero-probability tokens are never chosen.
+    """
+    cumulative = probs.cumsum(-1)  # [batch, vocab]
+    target = uniforms[:, None].to(cumulative.dtype) * cumulative[:, -1:]
+    return torch.searchsorted(cumulative, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
+
+
 @torch.no_grad()
 def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                      cfg: SamplingConfig, eos_token_id: int, pad_token_id: int,
-                     generator: torch.Generator | None = None) -> Rollout:
-    """Sample one response per left-padded prompt, stopping each row at its first EOS."""
+                     generator: torch.Generator | None = None, row_offset: int = 0,
+                     total_rows: int | None = None) -> Rollout:
+    """Sample one response per left-padded prompt, stopping each row at its first EOS.
+
+    Each new token draws one uniform number per row of a global batch of `total_rows`
+    (default: this batch); this batch holds rows `row_offset ...`. Ranks that split a batch
+    therefore sample exactly what one process would have sampled for the same rows.
+    """
     if cfg.temperature <= 0 and not cfg.greedy:
         raise ValueError("generation.temperature must be > 0 for sampling (use greedy for argmax decoding)")
     was_training = model.training
@@ -79,6 +96,7 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
     next_logits = out.logits[:, -1].float()  # [batch, vocab]
     next_position = positions[:, -1:] + 1  # [batch, 1]
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    total_rows = total_rows or batch
     temperature = 1.0 if cfg.greedy else cfg.temperature
     tokens, logprobs = [], []
     for t in range(cfg.max_new_tokens):
@@ -91,7 +109,8 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
             token = scaled.argmax(-1)
         else:
             probs = filter_logits(scaled, cfg.top_k, cfg.top_p).softmax(-1)
-            token = torch.multinomial(probs, 1, generator=generator).squeeze(1)
+            uniforms = torch.rand(total_rows, generator=generator, device=device)[row_offset : row_offset + batch]
+            token = sample_categorical(probs, uniforms)
         token = torch.where(finished, torch.full_like(token, pad_token_id), token)
         tokens.append(token)
         logprobs.append(logp_all.gather(1, token[:, None]).squeeze(1))

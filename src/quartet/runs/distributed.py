@@ -1,0 +1,162 @@
+"""Several processes, one run: a thin layer over Hugging Face Accelerate (torch.distributed).
+
+Every stage runs the same code on one process or many. Launched by `torchrun` or `accelerate
+launch`, each process is a rank; Accelerate picks the backend (gloo on CPU, NCCL on GPU) and
+wraps trained models for DDP, FSDP or DeepSpeed. Quartet's rules on top of it:
+
+- batch sizes in configs are global: a step sees the same examples on any number of ranks,
+  and each rank takes its share of every micro-batch;
+- metrics are reduced over ranks before they are logged, so they describe the global batch;
+- only the main rank writes to the run directory (config, metrics, samples, checkpoints,
+  final models); checkpoints hold full, unsharded state and so resume on any number of ranks.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+import torch
+from accelerate import Accelerator
+from accelerate.state import AcceleratorState
+from accelerate.utils import DistributedType
+
+
+def make_accelerator(device: str = "auto") -> Accelerator:
+    """The Accelerator for `run.device` ('auto', 'cpu', 'cuda' or 'cuda:N').
+
+    The process layout comes from the launcher (torchrun / accelerate launch environment); a
+    plain `python` start is one process. Mixed precision stays Quartet's own `bf16` switch.
+    """
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("run.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
+    cpu = device == "cpu"
+    if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_cpu", cpu) != cpu:
+        # one process running stages on different devices (tests, notebooks): start afresh
+        AcceleratorState._reset_state(reset_partial_state=False)
+    accelerator = Accelerator(cpu=cpu)
+    if device.startswith("cuda:") and accelerator.num_processes == 1:
+        torch.cuda.set_device(torch.device(device))
+        accelerator.state.device = torch.device(device)
+    return accelerator
+
+
+class Ranks:
+    """Who this process is among the ranks of a run, and the collectives the stages need."""
+
+    def __init__(self, accelerator: Accelerator):
+        self.accelerator = accelerator
+        self.rank = accelerator.process_index
+        self.world = accelerator.num_processes
+        self.is_main = accelerator.is_main_process
+        self.device = accelerator.device
+
+    @property
+    def distributed(self) -> bool:
+        return self.world > 1
+
+    @property
+    def shards_parameters(self) -> bool:
+        """FSDP or DeepSpeed: a rank may hold only part of a trained model's parameters."""
+        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+
+    # ------------------------------------------------------------------ splitting work
+
+    def share(self, items: Sequence, what: str = "batch") -> tuple[int, int]:
+        """(start, end) of this rank's contiguous share of `items`; shares differ by at most one."""
+        n = len(items)
+        base, extra = divmod(n, self.world)
+        start = self.rank * base + min(self.rank, extra)
+        return start, start + base + (1 if self.rank < extra else 0)
+
+    def check_divisible(self, value: int, name: str) -> None:
+        if value % self.world:
+            raise ValueError(f"{name} = {value} must be divisible by the number of processes ({self.world})")
+
+    # ------------------------------------------------------------------ collectives
+
+    def sum_floats(self, values: Sequence[float]) -> list[float]:
+        """Element-wise sum of the same-length list of numbers over all ranks (float64)."""
+        if not self.distributed:
+            return [float(v) for v in values]
+        tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
+        return [float(v) for v in self.accelerator.reduce(tensor, reduction="sum")]
+
+    def any(self, flag: bool) -> bool:
+        """True on every rank when it is true on at least one (e.g. a stop signal)."""
+        if not self.distributed:
+            return flag
+        return self.sum_floats([1.0 if flag else 0.0])[0] > 0
+
+    def gather_rows(self, tensor: torch.Tensor, pad_value: float = 0, pad_first: bool = False) -> torch.Tensor:
+        """Concatenate every rank's rows in rank order; dim 1 is padded to the longest first."""
+        if not self.distributed:
+            return tensor
+        if tensor.dim() > 1:
+            tensor = self.accelerator.pad_across_processes(tensor, dim=1, pad_index=pad_value, pad_first=pad_first)
+        return self.accelerator.gather(tensor.contiguous())
+
+    def gather_objects(self, items: list) -> list:
+        """Concatenate every rank's list of picklable objects (strings) in rank order."""
+        if not self.distributed:
+            return list(items)
+        from accelerate.utils import gather_object
+
+        return gather_object(items)
+
+    def barrier(self) -> None:
+        self.accelerator.wait_for_everyone()
+
+    # ------------------------------------------------------------------ models
+
+    def prepare(self, *objects):
+        """Wrap trained models and their optimizers for the launched backend (DDP / FSDP / DeepSpeed)."""
+        return self.accelerator.prepare(*objects)
+
+    def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
+        return self.accelerator.unwrap_model(model)
+
+    def no_sync(self, model: torch.nn.Module, skip: bool):
+        """Skip the gradient all-reduce on all but the last micro-batch of an accumulation window."""
+        return self.accelerator.no_sync(model) if skip and self.distributed else contextlib.nullcontext()
+
+    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
+        """Global gradient norm before clipping (after the all-reduce, so the same on every rank)."""
+        return self.accelerator.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+
+    @contextlib.contextmanager
+    def full_parameters(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """The plain model with all its parameters present, for generation and scoring outside autograd.
+
+        With DDP or one process this is just the unwrapped model. With FSDP the shards are
+        gathered for the duration; with DeepSpeed ZeRO-3 the partitioned parameters likewise.
+        """
+        dtype = self.accelerator.distributed_type
+        if dtype == DistributedType.FSDP:
+            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+            if isinstance(model, FSDP):
+                with FSDP.summon_full_params(model, writeback=False, recurse=True):
+                    yield model.module
+                return
+        elif dtype == DistributedType.DEEPSPEED:
+            import deepspeed
+
+            inner = self.unwrap(model)
+            if getattr(self.accelerator.state.deepspeed_plugin, "zero_stage", 0) == 3:
+                with deepspeed.zero.GatheredParameters(list(inner.parameters())):
+                    yield inner
+                return
+            yield inner
+            return
+        yield self.unwrap(model)
+
+    def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
+        """The full (unsharded) state dict on the main rank; None where it is not needed.
+
+        A collective under FSDP/DeepSpeed: every rank must call it.
+        """
+        if not self.shards_parameters:
+            return self.unwrap(model).state_dict() if self.is_main else None
+        state = self.accelerator.get_state_dict(model)
+        return state if self.is_main else None
