@@ -79,18 +79,24 @@ def test_score_command_writes_scores(trained, tmp_path):
 
 
 
-def test_stage_loss_is_the_pairwise_loss_over_the_concatenated_batch(monkeypatch):
+def test_stage_loss_is_the_pairwise_loss_over_the_concatenated_batch():
     scores = torch.tensor([2.0, 0.5, 1.0, 1.5])  # chosen = [2.0, 0.5], rejected = [1.0, 1.5]
-    monkeypatch.setattr("quartet.stages.reward.sequence_scores", lambda model, ids, mask: scores)
+    values = torch.zeros(4, 3)
+    values[:, 2] = scores  # read at the last real token (no padding here)
+    values[:, :2] = 9.0  # earlier positions must not be read
+
+    def values_model(ids, mask):
+        return values
+
     batch = {"input_ids": torch.zeros(4, 3, dtype=torch.long), "attention_mask": torch.ones(4, 3),
              "margin": torch.tensor([0.5, 0.0])}
-    out = make_reward_loss(use_margin=True, center_coef=0.1)(None, batch)
+    out = make_reward_loss(use_margin=True, center_coef=0.1)(values_model, batch)
     import math
     expected = (-math.log(1 / (1 + math.exp(-(2.0 - 1.0 - 0.5)))) - math.log(1 / (1 + math.exp(-(0.5 - 1.5))))
                 + 0.1 * ((2.0 + 1.0) ** 2 + (0.5 + 1.5) ** 2))
     assert float(out.loss_sum) == pytest.approx(expected, rel=1e-6)
     assert out.n_units == 2 and out.metric_sums["accuracy"] == 1.0
-    no_margin = make_reward_loss(use_margin=False, center_coef=0.0)(None, batch)
+    no_margin = make_reward_loss(use_margin=False, center_coef=0.0)(values_model, batch)
     assert float(no_margin.loss_sum) == pytest.approx(2 * float(pairwise_loss(scores[:2], scores[2:])), rel=1e-6)
     stats = reward_std_from_moments({"reward_mean": 1.0, "reward_sq": 1.25})
     assert stats["reward_std"] == pytest.approx(0.5) and "reward_sq" not in stats

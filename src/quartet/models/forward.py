@@ -44,11 +44,29 @@ def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
     return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
 
 
+def scores_at_last_token(values: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Per-token values [batch, seq] read at each row's last non-padding token: [batch]."""
+    return values.gather(1, last_token_index(attention_mask)[:, None]).squeeze(1)
+
+
 def sequence_scores(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """The score of each whole sequence, read at its last non-padding token: [batch]."""
-    values = token_values(model, input_ids, attention_mask)
-    index = last_token_index(attention_mask)
-    return values.gather(1, index[:, None]).squeeze(1)
+    return scores_at_last_token(token_values(model, input_ids, attention_mask), attention_mask)
+
+
+class TokenValueModel(torch.nn.Module):
+    """A one-output sequence classifier whose forward returns per-token values [batch, seq].
+
+    Trained scalar models (reward model, critic) run through this module so that the
+    distributed wrappers (DDP, FSDP, DeepSpeed) see, and synchronise, the whole forward.
+    """
+
+    def __init__(self, model: PreTrainedModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        return token_values(self.model, input_ids, attention_mask)
 
 
 def causal_lm_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,

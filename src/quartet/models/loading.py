@@ -105,11 +105,15 @@ def _is_sequence_classifier(config) -> bool:
     return any(arch.endswith("ForSequenceClassification") for arch in (config.architectures or []))
 
 
-def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, output_dir: str | Path) -> Path:
-    """Write `model` (safetensors) and `tokenizer` as a directory that plain transformers loads."""
+def save_model(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase | None, output_dir: str | Path,
+               state_dict: dict[str, torch.Tensor] | None = None) -> Path:
+    """Write `model` (safetensors) and `tokenizer` as a directory that plain transformers loads.
+
+    `state_dict` replaces the model's own weights (the gathered copy of a sharded model).
+    """
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    model.save_pretrained(str(output_dir), safe_serialization=True)
+    model.save_pretrained(str(output_dir), safe_serialization=True, state_dict=state_dict)
     if tokenizer is not None:
         tokenizer.save_pretrained(str(output_dir))
     return output_dir

@@ -30,7 +30,8 @@ def make_accelerator(device: str = "auto") -> Accelerator:
     """
     if device.startswith("cuda") and not torch.cuda.is_available():
         raise ValueError("run.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    cpu = device == "cpu"
+    # Accelerate sets up multi-process CPU runs (gloo) only when asked for the CPU explicitly
+    cpu = device == "cpu" or (device == "auto" and not torch.cuda.is_available())
     if AcceleratorState._shared_state and AcceleratorState._shared_state.get("_cpu", cpu) != cpu:
         # one process running stages on different devices (tests, notebooks): start afresh
         AcceleratorState._reset_state(reset_partial_state=False)
@@ -39,6 +40,13 @@ def make_accelerator(device: str = "auto") -> Accelerator:
         torch.cuda.set_device(torch.device(device))
         accelerator.state.device = torch.device(device)
     return accelerator
+
+
+def strip_prefix(state_dict: dict[str, torch.Tensor] | None, prefix: str) -> dict[str, torch.Tensor] | None:
+    """Keys of a wrapper's state dict without the wrapper's attribute prefix (e.g. 'model.')."""
+    if state_dict is None:
+        return None
+    return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
 
 
 class Ranks:
@@ -103,6 +111,11 @@ class Ranks:
         from accelerate.utils import gather_object
 
         return gather_object(items)
+
+    def print(self, *args, **kwargs) -> None:
+        """print() on the main rank only."""
+        if self.is_main:
+            print(*args, **kwargs)
 
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()

@@ -9,9 +9,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 
-def progress_bar(total: int, desc: str, initial: int = 0) -> tqdm:
+def progress_bar(total: int, desc: str, initial: int = 0, disable: bool = False) -> tqdm:
     """A tqdm bar on stderr; QUARTET_PROGRESS=0 turns bars off (logs stay)."""
-    disable = os.environ.get("QUARTET_PROGRESS", "1") == "0"
+    disable = disable or os.environ.get("QUARTET_PROGRESS", "1") == "0"
     return tqdm(total=total, desc=desc, initial=initial, file=sys.stderr, dynamic_ncols=True,
                 mininterval=0.5, disable=disable, leave=True)
 

@@ -14,6 +14,7 @@ from pydantic import BaseModel
 from quartet.config import dump_config
 from quartet.models.loading import save_model
 from quartet.runs.checkpoint import latest_checkpoint, write_atomically
+from quartet.runs.distributed import Ranks, make_accelerator
 from quartet.runs.metrics import MetricsLogger
 
 
@@ -23,18 +24,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def select_device(name: str = "auto") -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("run.device is 'cuda' but no CUDA device is available; use 'auto' or 'cpu'")
-    return torch.device(name)
-
-
 class Run:
     """The output directory of a stage run.
 
     Layout: config.yaml, metrics.jsonl, tensorboard/, checkpoints/step-N/, final/, summary.json.
+    Under a multi-process launch every rank holds a Run; only the main rank writes (`ranks`).
     """
 
     def __init__(self, output_dir: str | Path, config: BaseModel, stage: str, resume: bool = False):
@@ -57,16 +51,20 @@ class Run:
         if resume and (self.dir / "summary.json").exists():
             raise FileExistsError(f"{self.dir} holds a {stage} run that already finished; nothing to resume")
         self.resume_from = latest_checkpoint(self.checkpoints_dir) if resume else None
-        self.device = select_device(getattr(getattr(config, "run", None), "device", "auto"))
+        self.ranks = Ranks(make_accelerator(getattr(getattr(config, "run", None), "device", "auto")))
+        self.device = self.ranks.device
         self._metrics: MetricsLogger | None = None
 
     def start(self) -> "Run":
-        """Create the directory, write config.yaml and open the metrics log."""
-        self.dir.mkdir(parents=True, exist_ok=True)
-        if not self.resume_from:  # a fresh start: drop metrics of an earlier, unfinished attempt
-            (self.dir / "metrics.jsonl").unlink(missing_ok=True)
-        dump_config(self.config, self.dir / "config.yaml")
-        self._metrics = MetricsLogger(self.dir)
+        """Create the directory, write config.yaml and open the metrics log (main rank only)."""
+        if self.ranks.is_main:
+            self.dir.mkdir(parents=True, exist_ok=True)
+            if not self.resume_from:  # a fresh start: drop logs of an earlier, unfinished attempt
+                for log in ("metrics.jsonl", "samples.jsonl"):
+                    (self.dir / log).unlink(missing_ok=True)
+            dump_config(self.config, self.dir / "config.yaml")
+        self._metrics = MetricsLogger(self.dir, enabled=self.ranks.is_main)
+        self.ranks.barrier()  # the directory exists for every rank from here on
         return self
 
     @property
@@ -83,15 +81,25 @@ class Run:
     def final_dir(self) -> Path:
         return self.dir / "final"
 
-    def save_final(self, model: Any, tokenizer: Any, name: str = "final") -> Path:
-        """Write a Hugging Face model directory atomically: a crash leaves no half-written final/."""
-        return write_atomically(self.dir / name, lambda tmp: save_model(model, tokenizer, tmp))
+    def save_final(self, model: Any, tokenizer: Any, name: str = "final",
+                   state_dict: dict[str, Any] | None = None) -> Path:
+        """Write a Hugging Face model directory atomically: a crash leaves no half-written final/.
+
+        Called on every rank; the main rank writes (`state_dict`: the full weights when the
+        trained copy is sharded), the others wait until it is there.
+        """
+        path = self.dir / name
+        if self.ranks.is_main:
+            write_atomically(path, lambda tmp: save_model(model, tokenizer, tmp, state_dict=state_dict))
+        self.ranks.barrier()
+        return path
 
     def write_summary(self, summary: dict[str, Any]) -> Path:
         path = self.dir / "summary.json"  # written last: its presence means the stage finished
-        tmp = path.with_name("summary.json.tmp")
-        tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n", encoding="utf-8")
-        tmp.replace(path)
+        if self.ranks.is_main:
+            tmp = path.with_name("summary.json.tmp")
+            tmp.write_text(json.dumps(summary, indent=2, default=float) + "\n", encoding="utf-8")
+            tmp.replace(path)
         return path
 
     def close(self) -> None:

@@ -21,6 +21,7 @@ import importlib
 import json
 import math
 import random
+import signal
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -34,7 +35,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quartet.config import PPOConfig
 from quartet.data import collate_prompts, load_prompts, tokenize_prompts
-from quartet.models.forward import causal_lm_logits, sequence_scores, token_values
+from quartet.models.forward import TokenValueModel, causal_lm_logits, sequence_scores
 from quartet.models.loading import (
     ModelLoadError,
     check_model_dir,
@@ -69,11 +70,12 @@ from quartet.runs.checkpoint import (
     save_training_state,
     set_rng_state,
 )
+from quartet.runs.distributed import strip_prefix
 from quartet.runs.faults import GracefulStop, NonFiniteGuard, TrainingInterrupted
 from quartet.runs.metrics import truncate_jsonl_after
 from quartet.runs.progress import format_postfix, progress_bar
 from quartet.runs.run import Run, seed_everything
-from quartet.runs.trainer import autocast_context, load_weights, make_optimizer
+from quartet.runs.trainer import autocast_context, load_optimizer_state, load_weights, make_optimizer
 from quartet.stages.common import apply_lora, check_context_length, unwrap_lora
 
 RewardFn = Callable[[list[str], list[str]], Sequence[float]]
@@ -149,11 +151,14 @@ def response_logprobs(model: PreTrainedModel, sequences: torch.Tensor, attention
     return token_logprobs(logits, response_ids, temperature), logits  # [batch, response_len], [b, r, vocab]
 
 
-def response_values(critic: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
+def response_values(critic_values: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
                     response_len: int) -> torch.Tensor:
-    """V(S_t) for each response token t: the critic's value at the token before it."""
+    """V(S_t) for each response token t: the critic's value at the token before it.
+
+    `critic_values` maps (input_ids, attention_mask) to per-token values (a TokenValueModel).
+    """
     prompt_len = sequences.shape[1] - response_len
-    values = token_values(critic, sequences, attention_mask)  # [batch, seq]
+    values = critic_values(sequences, attention_mask)  # [batch, seq]
     return values[:, prompt_len - 1 : prompt_len - 1 + response_len]
 
 
@@ -208,9 +213,16 @@ class PPOTrainer:
         self.cfg, self.p = cfg, cfg.ppo
         self.actor, self.reference, self.critic, self.reward = actor, reference, critic, reward
         self.tokenizer, self.prompts, self.run, self.device = tokenizer, prompts, run, run.device
+        self.ranks = run.ranks
+        self.ranks.check_divisible(self.p.rollout_batch_size, "ppo.rollout_batch_size")
+        self.ranks.check_divisible(self.p.mini_batch_size // self.p.grad_accum, "ppo.mini_batch_size / ppo.grad_accum")
         self.sampling = SamplingConfig(**cfg.generation.model_dump())
+        self.critic_values = TokenValueModel(critic)  # the critic as trained: per-token values
         self.actor_opt = make_optimizer(actor.parameters(), self.p.actor_lr, self.p.weight_decay)
         self.critic_opt = make_optimizer(critic.parameters(), self.p.critic_lr, self.p.weight_decay)
+        # the trained models as wrapped for the launched backend (DDP/FSDP/DeepSpeed), set in train()
+        self.actor_train: torch.nn.Module = actor
+        self.critic_train: torch.nn.Module = self.critic_values
         self.kl_ctl = (AdaptiveKLController(self.p.beta, self.p.kl_target, self.p.kl_horizon)
                        if self.p.adaptive_kl else FixedKLController(self.p.beta))
         self.running_scores = RunningMeanStd()
@@ -254,33 +266,61 @@ class PPOTrainer:
             return self.actor.disable_adapter()
         return contextlib.nullcontext()
 
+    def step_generator(self, purpose: int) -> torch.Generator:
+        """Random numbers of one step, the same on every rank and after a resume."""
+        return torch.Generator(device=self.device).manual_seed(
+            self.cfg.run.seed * 1_000_003 + self.step * 7_919 + purpose)
+
     @torch.no_grad()
     def make_experience(self, prompt_ids: list[list[int]]) -> tuple[Experience, dict[str, float]]:
-        p, temperature = self.p, self.sampling.temperature
+        """Roll out and score this rank's share of the step's prompts; return the global batch.
+
+        Generation and the three scoring passes run on each rank's share. Their outputs are then
+        gathered, so rewards, advantages, whitening and metrics are computed over the whole
+        batch, identically on every rank.
+        """
+        p, temperature, ranks = self.p, self.sampling.temperature, self.ranks
         timings = {}
         t0 = time.perf_counter()
-        batch = collate_prompts([{"input_ids": ids} for ids in prompt_ids], self.pad_id)
+        start, end = ranks.share(prompt_ids)
+        batch = collate_prompts([{"input_ids": ids} for ids in prompt_ids[start:end]], self.pad_id)
         prompt_tensor = batch["input_ids"].to(self.device)
         prompt_mask = batch["attention_mask"].to(self.device)
-        with autocast_context(self.device, p.bf16):
-            rollout = sample_responses(self.actor, prompt_tensor, prompt_mask, self.sampling, self.eos_id, self.pad_id)
+        with ranks.full_parameters(self.actor_train) as actor, autocast_context(self.device, p.bf16):
+            rollout = sample_responses(actor, prompt_tensor, prompt_mask, self.sampling, self.eos_id, self.pad_id,
+                                       generator=self.step_generator(0), row_offset=start, total_rows=len(prompt_ids))
         timings["time/generation"] = time.perf_counter() - t0
 
         t1 = time.perf_counter()
         seq, attn, resp = rollout.sequences, rollout.attention_mask, rollout.response_ids
-        mask = rollout.response_mask.float()
         prompts, responses = decode_rollout(self.tokenizer, rollout)
         with autocast_context(self.device, p.bf16):
-            if p.logprobs_from_generation:
-                old_logprobs = rollout.logprobs
-            else:
-                old_logprobs, _ = response_logprobs(self.actor, seq, attn, resp, temperature)
+            with ranks.full_parameters(self.actor_train) as actor:
+                if p.logprobs_from_generation:
+                    old_logprobs = rollout.logprobs
+                else:
+                    old_logprobs, _ = response_logprobs(actor, seq, attn, resp, temperature)
             with self.reference_context():
                 ref_model = self.reference if self.reference is not None else self.actor
                 ref_logprobs, _ = response_logprobs(ref_model, seq, attn, resp, temperature)
-            old_values = response_values(self.critic, seq, attn, resp.shape[1])
+            with ranks.full_parameters(self.critic_train) as critic_values:
+                old_values = response_values(critic_values, seq, attn, resp.shape[1])
             raw_scores = self.reward(rollout, prompts, responses)
-        old_logprobs, ref_logprobs, old_values = (x.float() * mask for x in (old_logprobs, ref_logprobs, old_values))
+
+        # the global batch, rank by rank in prompt order (each rank's tensors padded to the longest)
+        prompt_ids_all = ranks.gather_rows(rollout.prompt_ids, self.pad_id, pad_first=True)
+        prompt_mask_all = ranks.gather_rows(rollout.prompt_mask, 0, pad_first=True)
+        resp = ranks.gather_rows(resp, self.pad_id)
+        mask = ranks.gather_rows(rollout.response_mask.float(), 0)
+        old_logprobs, ref_logprobs, old_values = (ranks.gather_rows(x.float(), 0)
+                                                  for x in (old_logprobs, ref_logprobs, old_values))
+        raw_scores = ranks.gather_rows(raw_scores.float())
+        has_eos = ranks.gather_rows(rollout.has_eos.long()).bool()
+        prompts, responses = ranks.gather_objects(prompts), ranks.gather_objects(responses)
+        seq = torch.cat([prompt_ids_all, resp], dim=1)
+        attn = torch.cat([prompt_mask_all, mask.to(prompt_mask_all.dtype)], dim=1)
+
+        old_logprobs, ref_logprobs, old_values = (x * mask for x in (old_logprobs, ref_logprobs, old_values))
         scores = raw_scores
         if p.score_normalization == "stored":
             scores = normalize_scores(scores, *self.reward_stats)
@@ -288,7 +328,7 @@ class PPOTrainer:
             self.running_scores.update(raw_scores)
             scores = normalize_scores(scores, self.running_scores.mean, self.running_scores.std)
         if p.missing_eos_penalty is not None:
-            scores = penalize_missing_eos(scores, rollout.has_eos, p.missing_eos_penalty)
+            scores = penalize_missing_eos(scores, has_eos, p.missing_eos_penalty)
 
         rewards, kl_penalty = per_token_rewards(old_logprobs, ref_logprobs, scores, mask, self.kl_ctl.value,
                                                 p.clip_reward_value, p.kl_estimator)
@@ -303,7 +343,7 @@ class PPOTrainer:
             "score/mean": float(raw_scores.mean()), "score/std": float(raw_scores.std()) if len(raw_scores) > 1 else 0.0,
             "reward/total": float((rewards * mask).sum(1).mean()), "kl/ref": float(kl_per_seq.mean()),
             "kl/beta": float(self.kl_ctl.value), "response/length": float(lengths.mean()),
-            "response/eos_rate": float(rollout.has_eos.float().mean()),
+            "response/eos_rate": float(has_eos.float().mean()),
             # fluency as the reference model sees it (temperature-scaled, like the KL)
             "response/ref_perplexity": math.exp(min(-float(masked_mean(ref_logprobs, mask)), 50.0)),
             "value/mean": float(masked_mean(old_values, mask)), "return/mean": float(masked_mean(returns, mask)),
@@ -317,53 +357,71 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ update
 
-    def _clip_and_step(self, model: PreTrainedModel, optimizer: torch.optim.Optimizer) -> float:
-        """Clip, then step only when the gradient is finite; returns the norm before clipping."""
-        norm = float(torch.nn.utils.clip_grad_norm_(model.parameters(), self.p.max_grad_norm or float("inf")))
+    def _clip_and_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
+        """Clip, then step only when the gradient is finite; returns the global norm before clipping."""
+        norm = float(self.ranks.clip_grad_norm(model, self.p.max_grad_norm))
         if math.isfinite(norm):
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         return norm
 
     def update(self, exp: Experience) -> dict[str, float]:
-        """`ppo_epochs` passes of clipped policy and value losses over shuffled mini-batches."""
-        p, temperature = self.p, self.sampling.temperature
+        """`ppo_epochs` passes of clipped policy and value losses over shuffled mini-batches.
+
+        Every rank holds the whole batch and draws the same mini-batches; each computes the
+        losses of its share of every mini-batch, and the gradient all-reduce (DDP averages)
+        completes the exact token mean over the mini-batch.
+        """
+        p, temperature, ranks = self.p, self.sampling.temperature, self.ranks
         batch_size = exp.sequences.shape[0]
-        micro_size = p.mini_batch_size // p.grad_accum
+        micro_size = p.mini_batch_size // p.grad_accum // ranks.world
         sums: dict[str, float] = {}
+        grad_norms = {"grad_norm/actor": 0.0, "grad_norm/critic": 0.0}
         n_updates = 0
+        shuffle = self.step_generator(1)
 
         def add(key: str, value: float, weight: float) -> None:
             sums[key] = sums.get(key, 0.0) + value * weight
 
         for _ in range(p.ppo_epochs):
-            for mini in torch.randperm(batch_size, device=self.device).split(p.mini_batch_size):
+            order = torch.randperm(batch_size, generator=shuffle, device=self.device)
+            for mini in order.split(p.mini_batch_size):
                 n_valid = exp.mask[mini].sum().clamp(min=1)
-                for micro in mini.split(micro_size):
-                    weight = float(exp.mask[micro].sum() / n_valid)  # exact token mean over the mini-batch
+                start, end = ranks.share(mini)
+                micros = mini[start:end].split(micro_size)
+                for i, micro in enumerate(micros):
+                    # exact token mean over the mini-batch; times the world size that DDP divides by
+                    weight = float(exp.mask[micro].sum() / n_valid)
                     seq, attn, mask = exp.sequences[micro], exp.attention_mask[micro], exp.mask[micro]
-                    with autocast_context(self.device, p.bf16):
-                        logprobs, logits = response_logprobs(self.actor, seq, attn, exp.response_ids[micro], temperature)
-                        pg_loss, pg_stats = policy_loss(logprobs.float(), exp.old_logprobs[micro],
-                                                        exp.advantages[micro], mask, p.cliprange)
-                    (pg_loss * weight).backward()
+                    last = i == len(micros) - 1
+                    with ranks.no_sync(self.actor_train, skip=not last):
+                        with autocast_context(self.device, p.bf16):
+                            logprobs, logits = response_logprobs(self.actor_train, seq, attn, exp.response_ids[micro],
+                                                                 temperature)
+                            pg_loss, pg_stats = policy_loss(logprobs.float(), exp.old_logprobs[micro],
+                                                            exp.advantages[micro], mask, p.cliprange)
+                        ranks.accelerator.backward(pg_loss * (weight * ranks.world))
                     with torch.no_grad():
                         entropy = masked_mean(entropy_from_logits(logits.float(), temperature), mask)
                     del logits
-                    with autocast_context(self.device, p.bf16):
-                        values = response_values(self.critic, seq, attn, exp.response_ids.shape[1]).float()
-                        vf_loss, vf_stats = value_loss(values, exp.old_values[micro], exp.returns[micro], mask,
-                                                       p.cliprange_value)
-                    (vf_loss * weight).backward()
+                    with ranks.no_sync(self.critic_train, skip=not last):
+                        with autocast_context(self.device, p.bf16):
+                            values = response_values(self.critic_train, seq, attn, exp.response_ids.shape[1]).float()
+                            vf_loss, vf_stats = value_loss(values, exp.old_values[micro], exp.returns[micro], mask,
+                                                           p.cliprange_value)
+                        ranks.accelerator.backward(vf_loss * (weight * ranks.world))
                     for key, value in (("loss/policy", pg_loss), ("loss/value", vf_loss),
                                        ("policy/clipfrac", pg_stats["clipfrac"]),
                                        ("policy/approx_kl", pg_stats["approx_kl"]),
                                        ("value/clipfrac", vf_stats["clipfrac"]), ("policy/entropy", entropy)):
                         add(key, float(value.detach()), weight)
-                add("grad_norm/actor", self._clip_and_step(self.actor, self.actor_opt), 1.0)
-                add("grad_norm/critic", self._clip_and_step(self.critic, self.critic_opt), 1.0)
+                grad_norms["grad_norm/actor"] += self._clip_and_step(self.actor_train, self.actor_opt)
+                grad_norms["grad_norm/critic"] += self._clip_and_step(self.critic_train, self.critic_opt)
                 n_updates += 1
-        metrics = {k: v / n_updates for k, v in sums.items()}
+        keys = sorted(sums)
+        totals = ranks.sum_floats([sums[k] for k in keys])  # each rank's share of the token means
+        metrics = {k: v / n_updates for k, v in zip(keys, totals)}
+        metrics.update({k: v / n_updates for k, v in grad_norms.items()})  # already global
         metrics["value/explained_variance"] = float(explained_variance(exp.old_values, exp.returns, exp.mask))
         return metrics
 
@@ -395,32 +453,55 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ checkpoints
 
+    def _full_state_dicts(self) -> tuple[dict | None, dict | None]:
+        """Gathered actor and critic weights when training shards them (a collective), else None."""
+        if not self.ranks.shards_parameters:
+            return None, None
+        return (self.ranks.full_state_dict(self.actor_train),
+                strip_prefix(self.ranks.full_state_dict(self.critic_train), "model."))
+
     def save_checkpoint(self) -> Path:
+        """Full models and training state, written by the main rank; every rank calls this."""
+        actor_state, critic_state = self._full_state_dicts()
+        sharded = self.ranks.shards_parameters
+
         def write(tmp: Path) -> None:
-            save_model(self.actor, self.tokenizer, tmp / "actor")
-            save_model(self.critic, self.tokenizer, tmp / "critic")
+            save_model(self.actor, self.tokenizer, tmp / "actor", state_dict=actor_state)
+            save_model(self.critic, self.tokenizer, tmp / "critic", state_dict=critic_state)
             save_training_state(tmp / "trainer_state.pt", {
-                "actor_opt": self.actor_opt.state_dict(), "critic_opt": self.critic_opt.state_dict(),
+                # a sharded optimizer's state lives on every rank; it is not gathered
+                "actor_opt": None if sharded else self.actor_opt.state_dict(),
+                "critic_opt": None if sharded else self.critic_opt.state_dict(),
                 "kl_ctl": self.kl_ctl.state_dict(), "running_scores": self.running_scores.state_dict(),
                 "nonfinite": self.nonfinite.state_dict(), "history": self.history, "step": self.step, "rng": rng_state(),
             })
 
-        return save_checkpoint(self.run.checkpoints_dir, self.step, write, keep=self.p.keep_checkpoints)
+        path = self.run.checkpoints_dir / f"step-{self.step}"
+        if self.ranks.is_main:
+            path = save_checkpoint(self.run.checkpoints_dir, self.step, write, keep=self.p.keep_checkpoints)
+        self.ranks.barrier()
+        return path
 
     def resume(self, checkpoint: Path) -> None:
         load_weights(self.actor, checkpoint / "actor")
         load_weights(self.critic, checkpoint / "critic")
         state = load_training_state(checkpoint / "trainer_state.pt")
-        self.actor_opt.load_state_dict(state["actor_opt"])
-        self.critic_opt.load_state_dict(state["critic_opt"])
+        load_optimizer_state(self.actor_opt, state["actor_opt"], checkpoint)
+        load_optimizer_state(self.critic_opt, state["critic_opt"], checkpoint)
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.running_scores.load_state_dict(state["running_scores"])
         self.nonfinite.load_state_dict(state["nonfinite"])
         self.history = list(state["history"])
         self.step = state["step"]
         set_rng_state(state["rng"])
-        for log in ("metrics.jsonl", "samples.jsonl"):  # lines written after this checkpoint are redone
-            truncate_jsonl_after(self.run.dir / log, self.step)
+        if self.ranks.is_main:
+            for log in ("metrics.jsonl", "samples.jsonl"):  # lines written after this checkpoint are redone
+                truncate_jsonl_after(self.run.dir / log, self.step)
+
+    def final_models(self) -> tuple[tuple[PreTrainedModel, dict | None], tuple[PreTrainedModel, dict | None]]:
+        """(actor, its gathered weights or None), (critic, likewise): what `final/` and `final_critic/` hold."""
+        actor_state, critic_state = self._full_state_dicts()
+        return (unwrap_lora(self.actor), actor_state), (self.critic, critic_state)
 
     # ------------------------------------------------------------------ loop
 
@@ -440,7 +521,8 @@ class PPOTrainer:
         metrics["time/tokens_per_second"] = float(exp.mask.sum()) / max(metrics["time/generation"], 1e-9)
         self.kl_ctl.update(metrics["kl/ref"], self.p.rollout_batch_size)
         self.step += 1
-        if self.p.n_samples and (self.step % self.p.sample_every == 0 or self.step == 1 or self.step == self.p.steps):
+        due = self.step % self.p.sample_every == 0 or self.step == 1 or self.step == self.p.steps
+        if self.p.n_samples and due and self.ranks.is_main:
             self._write_samples(self.sample_records(exp, self.p.n_samples))
         return metrics
 
@@ -458,7 +540,10 @@ class PPOTrainer:
     def _train(self, stop: GracefulStop) -> dict[str, Any]:
         if self.run.resume_from:
             self.resume(self.run.resume_from)
-        bar = progress_bar(self.p.steps, desc="ppo", initial=self.step)
+        # wrapped after loading, so every rank starts from the same weights and optimizer state
+        self.actor_train, self.actor_opt, self.critic_train, self.critic_opt = self.ranks.prepare(
+            self.actor, self.actor_opt, self.critic_values, self.critic_opt)
+        bar = progress_bar(self.p.steps, desc="ppo", initial=self.step, disable=not self.ranks.is_main)
         started = time.perf_counter()
         while self.step < self.p.steps:
             metrics = self.train_step()
@@ -468,9 +553,9 @@ class PPOTrainer:
             bar.update(1)
             bar.set_postfix(format_postfix(metrics, ["score/mean", "kl/ref", "response/length"]))
             if self.step < self.p.steps:
-                if stop.requested:
+                if self.ranks.any(stop.requested):  # every rank stops after the same step
                     bar.close()
-                    raise TrainingInterrupted(stop.signum, self.step, self.save_checkpoint())
+                    raise TrainingInterrupted(stop.signum or signal.SIGTERM, self.step, self.save_checkpoint())
                 if self.p.save_every and self.step % self.p.save_every == 0 and self.nonfinite.in_a_row == 0:
                     self.save_checkpoint()
         bar.close()
@@ -529,7 +614,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = N
     if not prompts:
         raise ValueError(f"{cfg.data.train}: no prompts left after loading")
     reward, reward_stats = build_reward_source(cfg, tokenizer, reward_fn)
-    print(f"[ppo] {len(prompts)} prompts; {stats.summary()}")
+    run.ranks.print(f"[ppo] {len(prompts)} prompts; {stats.summary()}")
 
     actor = load_causal_lm(m.actor, m.trust_remote_code, m.allow_pickle)
     if cfg.lora.enabled:
@@ -545,8 +630,9 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = N
     run.start()  # inputs are valid: only now is the output directory touched
     trainer = PPOTrainer(cfg, actor, reference, critic, reward, tokenizer, prompts, run, reward_stats, metric_fns)
     result = trainer.train()
-    run.save_final(trainer.critic, tokenizer, name="final_critic")
-    run.save_final(unwrap_lora(trainer.actor), tokenizer)
+    (actor, actor_state), (critic, critic_state) = trainer.final_models()
+    run.save_final(critic, tokenizer, name="final_critic", state_dict=critic_state)
+    run.save_final(actor, tokenizer, state_dict=actor_state)
     history = result.pop("history")
     summary = {"stage": "ppo", "final_dir": str(run.final_dir), "n_prompts": len(prompts), **result}
     if history:
@@ -557,6 +643,6 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = N
     run.write_summary(summary)
     run.close()
     if history:
-        print(f"[ppo] {result['steps']} steps in {result['seconds']:.1f}s; score {summary['first/score/mean']:.3f} -> "
+        run.ranks.print(f"[ppo] {result['steps']} steps in {result['seconds']:.1f}s; score {summary['first/score/mean']:.3f} -> "
               f"{summary['last/score/mean']:.3f}; KL to reference {summary['last/kl/ref']:.3f}; actor in {run.final_dir}")
     return summary

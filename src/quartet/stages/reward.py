@@ -21,10 +21,11 @@ from quartet.data import (
     load_preference_examples,
     tokenize_preferences,
 )
-from quartet.models.forward import sequence_scores
+from quartet.models.forward import TokenValueModel, scores_at_last_token, sequence_scores
 from quartet.models.loading import check_model_dir, load_scalar_model, save_model
 from quartet.models.presets import build_preset_model
 from quartet.rl.losses import pairwise_loss
+from quartet.runs.distributed import strip_prefix
 from quartet.runs.run import Run, seed_everything
 from quartet.runs.trainer import LossSum, SupervisedTrainer, move_to
 from quartet.stages.common import (
@@ -39,8 +40,10 @@ from quartet.stages.common import (
 def make_reward_loss(use_margin: bool, center_coef: float):
     """The reward stage's loss function over one concatenated (chosen; rejected) batch."""
 
-    def reward_loss(model: PreTrainedModel, batch: dict[str, Any]) -> LossSum:
-        scores = sequence_scores(model, batch["input_ids"], batch["attention_mask"])  # [2 * pairs]
+    def reward_loss(values_model: torch.nn.Module, batch: dict[str, Any]) -> LossSum:
+        """`values_model` maps (input_ids, attention_mask) to per-token values (a TokenValueModel)."""
+        values = values_model(batch["input_ids"], batch["attention_mask"])
+        scores = scores_at_last_token(values, batch["attention_mask"])  # [2 * pairs]
         n_pairs = scores.shape[0] // 2
         chosen, rejected = scores[:n_pairs], scores[n_pairs:]
         margin = batch.get("margin") if use_margin else None
@@ -55,6 +58,11 @@ def make_reward_loss(use_margin: bool, center_coef: float):
         return LossSum(loss * n_pairs, n_pairs, sums)
 
     return reward_loss
+
+
+def count_pairs(batch: dict[str, Any]) -> int:
+    """Pairs in a concatenated (chosen; rejected) batch."""
+    return batch["input_ids"].shape[0] // 2
 
 
 def reward_std_from_moments(metrics: dict[str, float]) -> dict[str, float]:
@@ -116,7 +124,7 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict[str, Any]:
     train_data, stats = tokenize_preferences(train_examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
     eval_data, _ = tokenize_preferences(eval_examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
     skipped_text = ", ".join(f"{n} {why}" for why, n in skipped.items() if n) or "none"
-    print(f"[reward] {len(train_data)} training / {len(eval_data)} held-out pairs; skipped: {skipped_text}; "
+    run.ranks.print(f"[reward] {len(train_data)} training / {len(eval_data)} held-out pairs; skipped: {skipped_text}; "
           f"{stats.summary()}")
 
     model = apply_lora(resolve_scalar_model(cfg, tokenizer), cfg.lora, task_type="SEQ_CLS")
@@ -127,28 +135,34 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict[str, Any]:
     def collate(batch):
         return collate_preferences(batch, pad_id)
 
-    def save(directory: Path) -> None:
-        save_model(model, tokenizer, directory)
+    def save(directory: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+        save_model(model, tokenizer, directory, state_dict=strip_prefix(state_dict, "model."))
 
     run.start()  # inputs are valid: only now is the output directory touched
     trainer = SupervisedTrainer(
-        model, train_data, eval_data, collate=collate,
-        loss_fn=make_reward_loss(cfg.loss.use_margin, cfg.loss.center_coef), cfg=cfg.train, run=run,
+        model, train_data, eval_data, collate=collate, module=TokenValueModel(model),
+        loss_fn=make_reward_loss(cfg.loss.use_margin, cfg.loss.center_coef), count_units=count_pairs,
+        cfg=cfg.train, run=run,
         seed=cfg.run.seed, save_model=save, postfix_keys=("loss", "accuracy"), finalize_metrics=reward_std_from_moments,
     )
     result = trainer.train()
+    full_state = strip_prefix(trainer.full_state_dict(), "model.")
     final_model = unwrap_lora(model)
-    mean, std = score_statistics(final_model, train_data, collate, cfg.train.batch_size, run.device)
+    if full_state is not None:  # sharded training: the main rank scores with the gathered weights
+        final_model.load_state_dict(full_state, strict=False)
+    mean, std = float("nan"), float("nan")  # only the main rank writes them
+    if run.ranks.is_main:
+        mean, std = score_statistics(final_model, train_data, collate, cfg.train.batch_size, run.device)
     final_model.config.reward_mean = mean
     final_model.config.reward_std = std
-    run.save_final(final_model, tokenizer)
+    run.save_final(final_model, tokenizer, state_dict=full_state)
     summary = {"stage": "reward", "final_dir": str(run.final_dir), "n_train": len(train_data),
                "n_eval": len(eval_data), "skipped": skipped, "truncation": vars(stats),
                "reward_mean": mean, "reward_std": std, **result}
     run.write_summary(summary)
     run.close()
     acc = summary.get("eval/accuracy")
-    print(f"[reward] {summary['steps']} steps in {summary['seconds']:.1f}s"
+    run.ranks.print(f"[reward] {summary['steps']} steps in {summary['seconds']:.1f}s"
           + (f"; held-out accuracy {summary.get('initial_eval/accuracy', float('nan')):.3f} -> {acc:.3f}" if acc is not None else "")
           + f"; score mean {mean:.3f} std {std:.3f}; model in {run.final_dir}")
     return summary

@@ -37,7 +37,12 @@ def sft_loss(model: PreTrainedModel, batch: dict[str, torch.Tensor]) -> LossSum:
     shifted_labels = batch["labels"][:, 1:]
     loss_sum = F.cross_entropy(shifted_logits.reshape(-1, shifted_logits.shape[-1]), shifted_labels.reshape(-1),
                                ignore_index=-100, reduction="sum")
-    return LossSum(loss_sum, int((shifted_labels != -100).sum()))
+    return LossSum(loss_sum, count_label_tokens(batch))
+
+
+def count_label_tokens(batch: dict[str, torch.Tensor]) -> int:
+    """Tokens the SFT loss is summed over: labels after the shift that are not -100."""
+    return int((batch["labels"][:, 1:] != -100).sum())
 
 
 def run_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
@@ -61,23 +66,23 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
                                            mask_prompt=cfg.train.mask_prompt)
     eval_data, _ = tokenize_sft(eval_examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length,
                                 mask_prompt=cfg.train.mask_prompt)
-    print(f"[sft] {len(train_data)} training / {len(eval_data)} held-out examples; {train_stats.summary()}")
+    run.ranks.print(f"[sft] {len(train_data)} training / {len(eval_data)} held-out examples; {train_stats.summary()}")
 
     model = apply_lora(resolve_causal_lm(cfg.model, tokenizer, cfg.run.seed), cfg.lora)
     longest = max((len(x["input_ids"]) for x in train_data + eval_data), default=0)
     check_context_length(model, longest, "examples", "data.max_length")
     pad_id = tokenizer.pad_token_id
 
-    def save(directory: Path) -> None:
-        save_model(model, tokenizer, directory)
+    def save(directory: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
+        save_model(model, tokenizer, directory, state_dict=state_dict)
 
     run.start()  # inputs are valid: only now is the output directory touched
     trainer = SupervisedTrainer(
         model, train_data, eval_data, collate=lambda b: collate_sft(b, pad_id), loss_fn=sft_loss,
-        cfg=cfg.train, run=run, seed=cfg.run.seed, save_model=save, postfix_keys=("loss", "lr"),
+        count_units=count_label_tokens, cfg=cfg.train, run=run, seed=cfg.run.seed, save_model=save, postfix_keys=("loss", "lr"),
     )
     result = trainer.train()
-    run.save_final(unwrap_lora(model), tokenizer)
+    run.save_final(unwrap_lora(model), tokenizer, state_dict=trainer.full_state_dict())
     summary = {
         "stage": "sft",
         "final_dir": str(run.final_dir),
@@ -91,7 +96,8 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
             summary[key.replace("loss", "perplexity")] = math.exp(min(summary[key], 50.0))
     run.write_summary(summary)
     run.close()
-    _print_summary(summary)
+    if run.ranks.is_main:
+        _print_summary(summary)
     return summary
 
 
