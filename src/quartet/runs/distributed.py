@@ -122,20 +122,53 @@ class Ranks:
 
     # ------------------------------------------------------------------ models
 
-    def prepare(self, *objects):
-        """Wrap trained models and their optimizers for the launched backend (DDP / FSDP / DeepSpeed)."""
-        return self.accelerator.prepare(*objects)
+    def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None):
+        """Wrap a trained model and its optimizer for the launched backend (DDP / FSDP / DeepSpeed).
+
+        Quartet does its own micro-batching and loss scaling, so a DeepSpeed config's "auto"
+        batch fields are set to one micro-batch per step and no accumulation of its own;
+        micro_batch() marks the accumulation boundaries instead.
+        """
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            config = self.accelerator.state.deepspeed_plugin.deepspeed_config
+            for key, value in (("train_micro_batch_size_per_gpu", 1), ("gradient_accumulation_steps", 1),
+                               ("gradient_clipping", max_grad_norm or 0.0)):
+                if config.get(key, "auto") == "auto":
+                    config[key] = value
+            config["train_batch_size"] = config["train_micro_batch_size_per_gpu"] * self.world
+        return self.accelerator.prepare(model, optimizer)
 
     def unwrap(self, model: torch.nn.Module) -> torch.nn.Module:
         return self.accelerator.unwrap_model(model)
 
-    def no_sync(self, model: torch.nn.Module, skip: bool):
-        """Skip the gradient all-reduce on all but the last micro-batch of an accumulation window."""
-        return self.accelerator.no_sync(model) if skip and self.distributed else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def micro_batch(self, model: torch.nn.Module, last: bool) -> Iterator[None]:
+        """One micro-batch of an accumulation window: gradients are synchronised on the last only."""
+        if not self.distributed:
+            yield
+        elif self.accelerator.distributed_type == DistributedType.DEEPSPEED:
+            # DeepSpeed reduces and steps at the boundary Accelerate tells it about
+            self.accelerator.gradient_state._set_sync_gradients(last)
+            try:
+                yield
+            finally:
+                self.accelerator.gradient_state._set_sync_gradients(True)
+        elif last:
+            yield
+        else:
+            with self.accelerator.no_sync(model):
+                yield
 
-    def clip_grad_norm(self, model: torch.nn.Module, max_norm: float | None) -> torch.Tensor:
-        """Global gradient norm before clipping (after the all-reduce, so the same on every rank)."""
-        return self.accelerator.clip_grad_norm_(model.parameters(), max_norm or float("inf"))
+    def backward(self, loss: torch.Tensor) -> None:
+        self.accelerator.backward(loss)
+
+    def clip_grad_norm(self, parameters, max_norm: float | None) -> float:
+        """Global gradient norm before clipping (after the all-reduce, so the same on every rank).
+
+        Under DeepSpeed the engine clips (its `gradient_clipping`) and reports one norm for the model.
+        """
+        norm = self.accelerator.clip_grad_norm_(list(parameters), max_norm or float("inf"))
+        return float("nan") if norm is None else float(norm)
 
     @contextlib.contextmanager
     def full_parameters(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
@@ -148,9 +181,16 @@ class Ranks:
         if dtype == DistributedType.FSDP:
             from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-            if isinstance(model, FSDP):
+            if isinstance(model, FSDP):  # FSDP1
                 with FSDP.summon_full_params(model, writeback=False, recurse=True):
                     yield model.module
+                return
+            if hasattr(model, "unshard"):  # FSDP2: keep the whole model gathered while generating
+                model.unshard()
+                try:
+                    yield model
+                finally:
+                    model.reshard()
                 return
         elif dtype == DistributedType.DEEPSPEED:
             import deepspeed

@@ -63,7 +63,12 @@ def autocast_context(device: torch.device, bf16: bool):
 
 
 def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
-    params = [p for p in params if p.requires_grad]
+    """AdamW over the trainable parameters; `params` may be parameter groups (dicts with their own lr)."""
+    params = list(params)
+    if params and isinstance(params[0], dict):
+        params = [{**group, "params": [p for p in group["params"] if p.requires_grad]} for group in params]
+    else:
+        params = [p for p in params if p.requires_grad]
     try:
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError):  # fused needs support for the parameters' device/dtype
@@ -300,16 +305,16 @@ class SupervisedTrainer:
             totals = [0.0] * (1 + len(names))  # loss sum, metric sums
             for i, ((batch, real), units) in enumerate(zip(shares, local_units)):
                 batch = move_to(batch, self.device)
-                with ranks.no_sync(model, skip=i < cfg.grad_accum - 1):
+                with ranks.micro_batch(model, last=i == cfg.grad_accum - 1):
                     with autocast_context(self.device, cfg.bf16):
                         out = self.loss_fn(model, batch)
-                    ranks.accelerator.backward(out.loss_sum * (scale if real else 0.0))
+                    ranks.backward(out.loss_sum * (scale if real else 0.0))
                 if real:
                     totals[0] += float(out.loss_sum.detach())
                     for j, k in enumerate(names):
                         totals[1 + j] += float(out.metric_sums.get(k, 0.0))
             totals = ranks.sum_floats(totals)
-            grad_norm = ranks.clip_grad_norm(model, cfg.max_grad_norm)
+            grad_norm = ranks.clip_grad_norm(model.parameters(), cfg.max_grad_norm)
             finite = NonFiniteGuard.finite(totals[0], grad_norm)
             if finite:
                 self.optimizer.step()

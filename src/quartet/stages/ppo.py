@@ -70,7 +70,6 @@ from quartet.runs.checkpoint import (
     save_training_state,
     set_rng_state,
 )
-from quartet.runs.distributed import strip_prefix
 from quartet.runs.faults import GracefulStop, NonFiniteGuard, TrainingInterrupted
 from quartet.runs.metrics import truncate_jsonl_after
 from quartet.runs.progress import format_postfix, progress_bar
@@ -162,6 +161,26 @@ def response_values(critic_values: torch.nn.Module, sequences: torch.Tensor, att
     return values[:, prompt_len - 1 : prompt_len - 1 + response_len]
 
 
+class ActorCritic(torch.nn.Module):
+    """Actor and critic trained as one module: one distributed wrapper, one optimizer, one backward.
+
+    DeepSpeed drives one model per engine (TRL's PPO pairs policy and value the same way);
+    the two keep separate learning rates (optimizer parameter groups) and gradient clipping.
+    """
+
+    def __init__(self, actor: PreTrainedModel, critic: PreTrainedModel):
+        super().__init__()
+        self.actor = actor
+        self.critic = TokenValueModel(critic)
+
+    def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
+                temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Response log-probs [b, r], their logits [b, r, vocab] and values V(S_t) [b, r]."""
+        logprobs, logits = response_logprobs(self.actor, sequences, attention_mask, response_ids, temperature)
+        values = response_values(self.critic, sequences, attention_mask, response_ids.shape[1])
+        return logprobs, logits, values
+
+
 def decode_rollout(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> tuple[list[str], list[str]]:
     """Prompt texts (special tokens kept, padding dropped) and response texts (special tokens dropped).
 
@@ -217,12 +236,12 @@ class PPOTrainer:
         self.ranks.check_divisible(self.p.rollout_batch_size, "ppo.rollout_batch_size")
         self.ranks.check_divisible(self.p.mini_batch_size // self.p.grad_accum, "ppo.mini_batch_size / ppo.grad_accum")
         self.sampling = SamplingConfig(**cfg.generation.model_dump())
-        self.critic_values = TokenValueModel(critic)  # the critic as trained: per-token values
-        self.actor_opt = make_optimizer(actor.parameters(), self.p.actor_lr, self.p.weight_decay)
-        self.critic_opt = make_optimizer(critic.parameters(), self.p.critic_lr, self.p.weight_decay)
-        # the trained models as wrapped for the launched backend (DDP/FSDP/DeepSpeed), set in train()
-        self.actor_train: torch.nn.Module = actor
-        self.critic_train: torch.nn.Module = self.critic_values
+        self.actor_critic = ActorCritic(actor, critic)
+        self.optimizer = make_optimizer([{"params": actor.parameters(), "lr": self.p.actor_lr},
+                                         {"params": critic.parameters(), "lr": self.p.critic_lr}],
+                                        self.p.actor_lr, self.p.weight_decay)
+        # the pair as wrapped for the launched backend (DDP/FSDP/DeepSpeed), set in train()
+        self.trained: torch.nn.Module = self.actor_critic
         self.kl_ctl = (AdaptiveKLController(self.p.beta, self.p.kl_target, self.p.kl_horizon)
                        if self.p.adaptive_kl else FixedKLController(self.p.beta))
         self.running_scores = RunningMeanStd()
@@ -286,8 +305,8 @@ class PPOTrainer:
         batch = collate_prompts([{"input_ids": ids} for ids in prompt_ids[start:end]], self.pad_id)
         prompt_tensor = batch["input_ids"].to(self.device)
         prompt_mask = batch["attention_mask"].to(self.device)
-        with ranks.full_parameters(self.actor_train) as actor, autocast_context(self.device, p.bf16):
-            rollout = sample_responses(actor, prompt_tensor, prompt_mask, self.sampling, self.eos_id, self.pad_id,
+        with ranks.full_parameters(self.trained) as pair, autocast_context(self.device, p.bf16):
+            rollout = sample_responses(pair.actor, prompt_tensor, prompt_mask, self.sampling, self.eos_id, self.pad_id,
                                        generator=self.step_generator(0), row_offset=start, total_rows=len(prompt_ids))
         timings["time/generation"] = time.perf_counter() - t0
 
@@ -295,16 +314,15 @@ class PPOTrainer:
         seq, attn, resp = rollout.sequences, rollout.attention_mask, rollout.response_ids
         prompts, responses = decode_rollout(self.tokenizer, rollout)
         with autocast_context(self.device, p.bf16):
-            with ranks.full_parameters(self.actor_train) as actor:
+            with ranks.full_parameters(self.trained) as pair:
                 if p.logprobs_from_generation:
                     old_logprobs = rollout.logprobs
                 else:
-                    old_logprobs, _ = response_logprobs(actor, seq, attn, resp, temperature)
+                    old_logprobs, _ = response_logprobs(pair.actor, seq, attn, resp, temperature)
+                old_values = response_values(pair.critic, seq, attn, resp.shape[1])
             with self.reference_context():
                 ref_model = self.reference if self.reference is not None else self.actor
                 ref_logprobs, _ = response_logprobs(ref_model, seq, attn, resp, temperature)
-            with ranks.full_parameters(self.critic_train) as critic_values:
-                old_values = response_values(critic_values, seq, attn, resp.shape[1])
             raw_scores = self.reward(rollout, prompts, responses)
 
         # the global batch, rank by rank in prompt order (each rank's tensors padded to the longest)
@@ -357,13 +375,17 @@ class PPOTrainer:
 
     # ------------------------------------------------------------------ update
 
-    def _clip_and_step(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> float:
-        """Clip, then step only when the gradient is finite; returns the global norm before clipping."""
-        norm = float(self.ranks.clip_grad_norm(model, self.p.max_grad_norm))
-        if math.isfinite(norm):
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        return norm
+    def _clip_and_step(self) -> tuple[float, float]:
+        """Clip actor and critic gradients separately, then step when both are finite.
+
+        Returns the global norms before clipping.
+        """
+        actor_norm = self.ranks.clip_grad_norm(self.actor.parameters(), self.p.max_grad_norm)
+        critic_norm = self.ranks.clip_grad_norm(self.critic.parameters(), self.p.max_grad_norm)
+        if math.isfinite(actor_norm) and math.isfinite(critic_norm):
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        return actor_norm, critic_norm
 
     def update(self, exp: Experience) -> dict[str, float]:
         """`ppo_epochs` passes of clipped policy and value losses over shuffled mini-batches.
@@ -393,30 +415,26 @@ class PPOTrainer:
                     # exact token mean over the mini-batch; times the world size that DDP divides by
                     weight = float(exp.mask[micro].sum() / n_valid)
                     seq, attn, mask = exp.sequences[micro], exp.attention_mask[micro], exp.mask[micro]
-                    last = i == len(micros) - 1
-                    with ranks.no_sync(self.actor_train, skip=not last):
+                    with ranks.micro_batch(self.trained, last=i == len(micros) - 1):
                         with autocast_context(self.device, p.bf16):
-                            logprobs, logits = response_logprobs(self.actor_train, seq, attn, exp.response_ids[micro],
-                                                                 temperature)
+                            logprobs, logits, values = self.trained(seq, attn, exp.response_ids[micro], temperature)
                             pg_loss, pg_stats = policy_loss(logprobs.float(), exp.old_logprobs[micro],
                                                             exp.advantages[micro], mask, p.cliprange)
-                        ranks.accelerator.backward(pg_loss * (weight * ranks.world))
+                            vf_loss, vf_stats = value_loss(values.float(), exp.old_values[micro], exp.returns[micro],
+                                                           mask, p.cliprange_value)
+                        # actor and critic share no parameters: one backward gives both gradients
+                        ranks.backward((pg_loss + vf_loss) * (weight * ranks.world))
                     with torch.no_grad():
                         entropy = masked_mean(entropy_from_logits(logits.float(), temperature), mask)
                     del logits
-                    with ranks.no_sync(self.critic_train, skip=not last):
-                        with autocast_context(self.device, p.bf16):
-                            values = response_values(self.critic_train, seq, attn, exp.response_ids.shape[1]).float()
-                            vf_loss, vf_stats = value_loss(values, exp.old_values[micro], exp.returns[micro], mask,
-                                                           p.cliprange_value)
-                        ranks.accelerator.backward(vf_loss * (weight * ranks.world))
                     for key, value in (("loss/policy", pg_loss), ("loss/value", vf_loss),
                                        ("policy/clipfrac", pg_stats["clipfrac"]),
                                        ("policy/approx_kl", pg_stats["approx_kl"]),
                                        ("value/clipfrac", vf_stats["clipfrac"]), ("policy/entropy", entropy)):
                         add(key, float(value.detach()), weight)
-                grad_norms["grad_norm/actor"] += self._clip_and_step(self.actor_train, self.actor_opt)
-                grad_norms["grad_norm/critic"] += self._clip_and_step(self.critic_train, self.critic_opt)
+                actor_norm, critic_norm = self._clip_and_step()
+                grad_norms["grad_norm/actor"] += actor_norm
+                grad_norms["grad_norm/critic"] += critic_norm
                 n_updates += 1
         keys = sorted(sums)
         totals = ranks.sum_floats([sums[k] for k in keys])  # each rank's share of the token means
@@ -457,8 +475,11 @@ class PPOTrainer:
         """Gathered actor and critic weights when training shards them (a collective), else None."""
         if not self.ranks.shards_parameters:
             return None, None
-        return (self.ranks.full_state_dict(self.actor_train),
-                strip_prefix(self.ranks.full_state_dict(self.critic_train), "model."))
+        state = self.ranks.full_state_dict(self.trained)  # a collective: every rank calls it
+        if state is None:
+            return None, None
+        return ({k[len("actor."):]: v for k, v in state.items() if k.startswith("actor.")},
+                {k[len("critic.model."):]: v for k, v in state.items() if k.startswith("critic.model.")})
 
     def save_checkpoint(self) -> Path:
         """Full models and training state, written by the main rank; every rank calls this."""
@@ -470,8 +491,7 @@ class PPOTrainer:
             save_model(self.critic, self.tokenizer, tmp / "critic", state_dict=critic_state)
             save_training_state(tmp / "trainer_state.pt", {
                 # a sharded optimizer's state lives on every rank; it is not gathered
-                "actor_opt": None if sharded else self.actor_opt.state_dict(),
-                "critic_opt": None if sharded else self.critic_opt.state_dict(),
+                "optimizer": None if sharded else self.optimizer.state_dict(),
                 "kl_ctl": self.kl_ctl.state_dict(), "running_scores": self.running_scores.state_dict(),
                 "nonfinite": self.nonfinite.state_dict(), "history": self.history, "step": self.step, "rng": rng_state(),
             })
@@ -486,8 +506,7 @@ class PPOTrainer:
         load_weights(self.actor, checkpoint / "actor")
         load_weights(self.critic, checkpoint / "critic")
         state = load_training_state(checkpoint / "trainer_state.pt")
-        load_optimizer_state(self.actor_opt, state["actor_opt"], checkpoint)
-        load_optimizer_state(self.critic_opt, state["critic_opt"], checkpoint)
+        load_optimizer_state(self.optimizer, state["optimizer"], checkpoint)
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.running_scores.load_state_dict(state["running_scores"])
         self.nonfinite.load_state_dict(state["nonfinite"])
@@ -541,8 +560,7 @@ class PPOTrainer:
         if self.run.resume_from:
             self.resume(self.run.resume_from)
         # wrapped after loading, so every rank starts from the same weights and optimizer state
-        self.actor_train, self.actor_opt, self.critic_train, self.critic_opt = self.ranks.prepare(
-            self.actor, self.actor_opt, self.critic_values, self.critic_opt)
+        self.trained, self.optimizer = self.ranks.prepare(self.actor_critic, self.optimizer)
         bar = progress_bar(self.p.steps, desc="ppo", initial=self.step, disable=not self.ranks.is_main)
         started = time.perf_counter()
         while self.step < self.p.steps:
