@@ -174,3 +174,34 @@ def test_ppo_on_two_processes_matches_one_and_resumes_on_one(work):
     assert _comparable(one).keys() == _comparable(two).keys()
     assert two["first/score/mean"] == pytest.approx(one["first/score/mean"], rel=METRIC_RTOL)
     resume_on_one_process(work, "ppo", work / "ppo-2proc", 2, ("final", "final_critic"))
+
+
+
+def test_batch_that_does_not_split_over_the_processes_stops_before_writing(work):
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "quartet", "ppo",
+           "--config", "ppo.yaml", "--output", "ppo-odd", "--ppo.rollout_batch_size", "3", "--ppo.mini_batch_size", "3"]
+    done = subprocess.run(cmd, cwd=work, env=_env(), capture_output=True, text=True, timeout=TIMEOUT)
+    assert done.returncode != 0
+    assert "error: ppo.rollout_batch_size = 3 must be divisible by the number of processes (2)" in done.stderr
+    assert not (work / "ppo-odd").exists()  # stopped before the output directory was created
+
+
+ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
+
+
+@pytest.mark.parametrize("name, kind", [
+    ("multi_cpu", "MULTI_CPU"), ("ddp_gpu", "MULTI_GPU"), ("multinode_ddp", "MULTI_GPU"), ("fsdp", "FSDP"),
+    ("zero2", "DEEPSPEED"), ("zero3", "DEEPSPEED"),
+])
+def test_example_accelerate_configs_load_with_accelerate(name, kind):
+    """Accelerate's own loader reads each example (it refuses unknown keys) as the backend it names."""
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    path = ACCELERATE_CONFIGS / f"{name}.yaml"
+    config = load_config_from_file(str(path))
+    assert config.distributed_type.name == kind
+    assert "accelerate launch" in path.read_text() or "torchrun" in path.read_text()  # documented with its command
+    if kind == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == int(name[-1])
+    if name == "multinode_ddp":
+        assert config.num_machines == 2

@@ -114,7 +114,7 @@ def test_ppo_step_with_a_nan_score_is_skipped_and_counted(lm_dir, tmp_path, caps
     assert sorted(ckpts) == [1, 3]  # no checkpoint of the skipped step
 
     def adam_steps(step):
-        state = torch.load(ckpts[step] / "trainer_state.pt", weights_only=True)["actor_opt"]["state"]
+        state = torch.load(ckpts[step] / "trainer_state.pt", weights_only=True)["optimizer"]["state"]  # actor and critic
         return {float(s["step"]) for s in state.values()}
 
     (after_one,) = adam_steps(1)

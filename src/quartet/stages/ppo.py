@@ -70,6 +70,7 @@ from quartet.runs.checkpoint import (
     save_training_state,
     set_rng_state,
 )
+from quartet.runs.distributed import Ranks
 from quartet.runs.faults import GracefulStop, NonFiniteGuard, TrainingInterrupted
 from quartet.runs.metrics import truncate_jsonl_after
 from quartet.runs.progress import format_postfix, progress_bar
@@ -233,8 +234,7 @@ class PPOTrainer:
         self.actor, self.reference, self.critic, self.reward = actor, reference, critic, reward
         self.tokenizer, self.prompts, self.run, self.device = tokenizer, prompts, run, run.device
         self.ranks = run.ranks
-        self.ranks.check_divisible(self.p.rollout_batch_size, "ppo.rollout_batch_size")
-        self.ranks.check_divisible(self.p.mini_batch_size // self.p.grad_accum, "ppo.mini_batch_size / ppo.grad_accum")
+        check_batches_split(cfg, self.ranks)
         self.sampling = SamplingConfig(**cfg.generation.model_dump())
         self.actor_critic = ActorCritic(actor, critic)
         self.optimizer = make_optimizer([{"params": actor.parameters(), "lr": self.p.actor_lr},
@@ -607,6 +607,12 @@ def build_reward_source(cfg: PPOConfig, tokenizer: PreTrainedTokenizerBase,
                         same_tokenizer=_same_vocab(tokenizer, reward_tokenizer)), stats
 
 
+def check_batches_split(cfg: PPOConfig, ranks: Ranks) -> None:
+    """Every rank must get an equal share of the rollouts and of each mini-batch's micro-batches."""
+    ranks.check_divisible(cfg.ppo.rollout_batch_size, "ppo.rollout_batch_size")
+    ranks.check_divisible(cfg.ppo.mini_batch_size // cfg.ppo.grad_accum, "ppo.mini_batch_size / ppo.grad_accum")
+
+
 def run_ppo(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = None,
             metric_fns: Sequence[MetricFn] = ()) -> dict[str, Any]:
     """Run the PPO stage described by `cfg`.
@@ -618,6 +624,7 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = N
         raise ValueError("data.train is required: a prompt file (fields 'prompt' or 'messages')")
     seed_everything(cfg.run.seed)
     run = Run(cfg.run.output_dir, cfg, stage="ppo", resume=resume)
+    check_batches_split(cfg, run.ranks)
     m = cfg.models
     for role, path in (("models.actor", m.actor), ("models.reference", m.reference), ("models.critic", m.critic),
                        ("models.reward", None if (reward_fn or m.reward_fn) else m.reward)):

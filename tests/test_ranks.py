@@ -1,0 +1,45 @@
+"""How work is split over ranks, checked without launching processes."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+
+from quartet.runs.distributed import Ranks, strip_prefix
+
+
+def ranks(rank: int, world: int) -> Ranks:
+    fake = SimpleNamespace(process_index=rank, num_processes=world, is_main_process=rank == 0,
+                           device=torch.device("cpu"), distributed_type=None)
+    return Ranks(fake)
+
+
+@pytest.mark.parametrize("n, world", [(8, 2), (7, 2), (1, 2), (10, 3), (2, 4), (0, 3)])
+def test_shares_are_contiguous_cover_every_item_once_and_differ_by_at_most_one(n, world):
+    items = list(range(n))
+    shares = [ranks(r, world).share(items) for r in range(world)]
+    covered = [i for start, end in shares for i in items[start:end]]
+    assert covered == items  # in rank order, nothing twice, nothing left out
+    sizes = [end - start for start, end in shares]
+    assert max(sizes) - min(sizes) <= 1 and sizes == sorted(sizes, reverse=True)
+
+
+def test_one_process_sums_and_gathers_without_collectives():
+    one = ranks(0, 1)
+    assert not one.distributed
+    assert one.sum_floats([1, 2.5]) == [1.0, 2.5]
+    assert one.any(True) and not one.any(False)
+    x = torch.arange(6).view(2, 3)
+    assert one.gather_rows(x) is x and one.gather_objects(["a"]) == ["a"]
+
+
+def test_indivisible_batch_names_the_setting_and_the_process_count():
+    with pytest.raises(ValueError, match=r"ppo.rollout_batch_size = 10 must be divisible by the number of processes \(4\)"):
+        ranks(0, 4).check_divisible(10, "ppo.rollout_batch_size")
+    ranks(0, 4).check_divisible(12, "ppo.rollout_batch_size")
+
+
+def test_strip_prefix_removes_the_wrapper_attribute_only():
+    state = {"model.a": 1, "model.b.model.c": 2, "other": 3}
+    assert strip_prefix(state, "model.") == {"a": 1, "b.model.c": 2, "other": 3}
+    assert strip_prefix(None, "model.") is None
