@@ -186,6 +186,15 @@ def test_batch_that_does_not_split_over_the_processes_stops_before_writing(work)
     assert not (work / "ppo-odd").exists()  # stopped before the output directory was created
 
 
+
+def test_demo_refuses_to_run_on_several_processes(tmp_path):
+    cmd = [sys.executable, "-m", "quartet", "demo", "--output", "demo"]
+    done = subprocess.run(cmd, cwd=tmp_path, env={**_env(), "WORLD_SIZE": "2"}, capture_output=True, text=True,
+                          timeout=TIMEOUT)
+    assert done.returncode == 2 and "error: quartet demo runs on one process" in done.stderr
+    assert not (tmp_path / "demo").exists()
+
+
 ACCELERATE_CONFIGS = Path(__file__).resolve().parents[1] / "configs" / "accelerate"
 
 

@@ -10,6 +10,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import time
 from dataclasses import asdict, dataclass, replace
@@ -122,6 +123,9 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, seed: int = 
     from quartet.stages.reward import run_reward, score_texts
     from quartet.stages.sft import run_sft
 
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("quartet demo runs on one process (it writes its own data and report); "
+                         "launch quartet sft | reward | ppo | pipeline under torchrun instead")
     settings = replace(QUICK if quick else FULL, **(overrides or {}))
     out = Path(output)
     if (out / "summary.json").exists():
