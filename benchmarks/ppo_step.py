@@ -36,6 +36,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--n-head", type=int, default=4)
     p.add_argument("--vocab", type=int, default=4096)
     p.add_argument("--n-ctx", type=int, default=256)
+    p.add_argument("--activation", default="gelu_pytorch_tanh",
+                   help="GPT2Config.activation_function, as in the anchors: gelu_pytorch_tanh is one fused kernel, "
+                        "the same math as stock GPT-2's gelu_new (five kernels)")
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--mini-batch", type=int, default=8)
@@ -72,7 +75,7 @@ def build_models(a: argparse.Namespace, root: Path) -> tuple[Path, Path, list[st
     tokenizer = word_tokenizer(a.vocab)
     config = GPT2Config(vocab_size=a.vocab, n_positions=a.n_ctx, n_embd=a.n_embd, n_layer=a.n_layer, n_head=a.n_head,
                         pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                        bos_token_id=tokenizer.eos_token_id)
+                        bos_token_id=tokenizer.eos_token_id, activation_function=a.activation)
     import torch
 
     torch.manual_seed(a.seed)
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
         "bench": "quartet_ppo",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "config": {k: getattr(a, k) for k in ("n_layer", "n_embd", "n_head", "vocab", "n_ctx", "prompt_len", "batch",
+        "config": {k: getattr(a, k) for k in ("n_layer", "n_embd", "n_head", "vocab", "n_ctx", "activation", "prompt_len", "batch",
                                               "mini_batch", "ppo_epochs", "new_tokens", "steps", "warmup", "seed")},
         "sec_per_step_median": step,
         "sec_per_step_all": [round(r["time/step"], 4) for r in records],

@@ -43,3 +43,21 @@ def test_strip_prefix_removes_the_wrapper_attribute_only():
     state = {"model.a": 1, "model.b.model.c": 2, "other": 3}
     assert strip_prefix(state, "model.") == {"a": 1, "b.model.c": 2, "other": 3}
     assert strip_prefix(None, "model.") is None
+
+
+@pytest.mark.parametrize("max_norm", [None, 0.5, 3.0, 1e9])
+def test_clip_grad_norm_equals_torch_bit_for_bit(max_norm):
+    from quartet.runs.distributed import clip_grad_norm
+
+    torch.manual_seed(0)
+    ours = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
+    for a, b in zip(ours, theirs):
+        a.grad = torch.randn_like(a)
+        b.grad = a.grad.clone()
+    expected = torch.nn.utils.clip_grad_norm_(theirs, max_norm if max_norm is not None else float("inf"))
+    assert clip_grad_norm(ours, max_norm) == float(expected)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a.grad, b.grad)
+    if max_norm == 0.5:  # the norm was above the limit: clipped to it
+        assert float(torch.nn.utils.get_total_norm([p.grad for p in ours])) == pytest.approx(0.5, rel=1e-5)

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quartet.rl import entropy_from_logits, token_logprobs
+from quartet.rl import entropy_from_logits, token_logprobs, token_logprobs_and_entropy
 
 B, T, V = 3, 5, 11
 
@@ -85,3 +85,18 @@ def test_bad_temperature(batch):
         token_logprobs(logits, tokens, 0.0)
     with pytest.raises(ValueError, match="temperature"):
         entropy_from_logits(logits, -1.0)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_logprobs_and_entropy_in_one_pass_equal_the_separate_functions(batch, temperature, dtype):
+    logits, tokens = batch
+    logits = logits.to(dtype).requires_grad_()
+    logprobs, entropy = token_logprobs_and_entropy(logits, tokens, temperature)
+    expected = token_logprobs(logits, tokens, temperature)
+    assert torch.equal(logprobs, expected)  # the same operations: identical, gradient included
+    torch.testing.assert_close(entropy, entropy_from_logits(logits.detach(), temperature), atol=1e-5, rtol=1e-5)
+    assert not entropy.requires_grad
+    (g1,) = torch.autograd.grad(logprobs.sum(), logits)
+    (g2,) = torch.autograd.grad(expected.sum(), logits)
+    assert torch.equal(g1, g2)

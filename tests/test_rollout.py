@@ -21,7 +21,7 @@ def test_generation_logprobs_equal_forward_logprobs(lm_dir, tokenizer, temperatu
     cfg = SamplingConfig(max_new_tokens=12, temperature=temperature, top_k=top_k, top_p=top_p)
     rollout = sample_responses(model, ids, mask, cfg, tokenizer.eos_token_id, tokenizer.pad_token_id)
     with torch.no_grad():
-        forward, _ = response_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.response_ids, temperature)
+        forward = response_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.response_ids, temperature)
     valid = rollout.response_mask.bool()
     torch.testing.assert_close(rollout.logprobs[valid], forward[valid], atol=1e-5, rtol=0)
 

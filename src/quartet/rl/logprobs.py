@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["token_logprobs", "entropy_from_logits"]
+__all__ = ["token_logprobs", "entropy_from_logits", "token_logprobs_and_entropy"]
 
 _FULL_PRECISION = (torch.float32, torch.float64)
 
@@ -61,3 +61,25 @@ def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch
     log_partition = torch.logsumexp(z, dim=-1)  # [B, T]
     probs = torch.softmax(z, dim=-1)  # [B, T, V]
     return log_partition - (probs * z).sum(dim=-1)  # [B, T]
+
+
+def token_logprobs_and_entropy(logits: torch.Tensor, tokens: torch.Tensor,
+                               temperature: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """``token_logprobs`` (differentiable) and ``entropy_from_logits`` (no gradient) in one pass.
+
+    Both need ``z = logits / temperature`` and ``logsumexp(z)``; computing them once saves a
+    ``[B, T, V]`` scaling and a log-sum-exp per PPO micro-batch. The log-probs are exactly
+    ``token_logprobs``'s; the entropy equals ``entropy_from_logits`` up to rounding.
+    """
+    if logits.dtype not in _FULL_PRECISION:
+        with torch.no_grad():
+            entropy = entropy_from_logits(logits, temperature)
+        return token_logprobs(logits, tokens, temperature), entropy
+    _check_temperature(temperature)
+    z = _scaled(logits, temperature)  # [B, T, V]
+    log_partition = torch.logsumexp(z, dim=-1)  # [B, T]
+    logprobs = z.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1) - log_partition
+    with torch.no_grad():
+        lse = log_partition.detach()
+        entropy = lse - (torch.exp(z.detach() - lse.unsqueeze(-1)) * z.detach()).sum(dim=-1)
+    return logprobs, entropy

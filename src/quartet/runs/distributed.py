@@ -49,6 +49,19 @@ def strip_prefix(state_dict: dict[str, torch.Tensor] | None, prefix: str) -> dic
     return {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state_dict.items()}
 
 
+def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None) -> float:
+    """torch.nn.utils.clip_grad_norm_, bit for bit, minus the pass over every gradient when it would multiply by 1.
+
+    Returns the total 2-norm before clipping (NaN/inf when a gradient is not finite).
+    """
+    if not parameters:
+        return 0.0
+    norm = torch.nn.utils.get_total_norm([p.grad for p in parameters], 2.0)
+    if max_norm is not None and bool(max_norm / (norm + 1e-6) < 1.0):  # torch's clip coefficient, before clamping
+        torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
+    return float(norm)
+
+
 class Ranks:
     """Who this process is among the ranks of a run, and the collectives the stages need."""
 
@@ -167,8 +180,11 @@ class Ranks:
 
         Under DeepSpeed the engine clips (its `gradient_clipping`) and reports one norm for the model.
         """
-        norm = self.accelerator.clip_grad_norm_(list(parameters), max_norm or float("inf"))
-        return float("nan") if norm is None else float(norm)
+        parameters = [p for p in parameters if p.grad is not None]
+        if self.shards_parameters:
+            norm = self.accelerator.clip_grad_norm_(parameters, max_norm or float("inf"))
+            return float("nan") if norm is None else float(norm)
+        return clip_grad_norm(parameters, max_norm)
 
     @contextlib.contextmanager
     def full_parameters(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:

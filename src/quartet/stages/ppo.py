@@ -48,7 +48,6 @@ from quartet.rl import (
     AdaptiveKLController,
     FixedKLController,
     RunningMeanStd,
-    entropy_from_logits,
     explained_variance,
     gae_advantages,
     masked_mean,
@@ -58,6 +57,7 @@ from quartet.rl import (
     policy_loss,
     sequence_kl,
     token_logprobs,
+    token_logprobs_and_entropy,
     value_loss,
     whiten,
 )
@@ -144,11 +144,16 @@ class Experience:
 
 
 def response_logprobs(model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
-                      response_ids: torch.Tensor, temperature: float) -> tuple[torch.Tensor, torch.Tensor]:
-    """Log-probs of the response tokens and the logits that gave them (LM head on response positions only)."""
+                      response_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probs of the response tokens [batch, response_len] (LM head on response positions only)."""
+    return token_logprobs(_response_logits(model, sequences, attention_mask, response_ids), response_ids, temperature)
+
+
+def _response_logits(model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                     response_ids: torch.Tensor) -> torch.Tensor:
+    """Logits that predicted each response token: [batch, response_len, vocab]."""
     response_len = response_ids.shape[1]
-    logits = causal_lm_logits(model, sequences, attention_mask, logits_to_keep=response_len + 1)[:, :-1]
-    return token_logprobs(logits, response_ids, temperature), logits  # [batch, response_len], [b, r, vocab]
+    return causal_lm_logits(model, sequences, attention_mask, logits_to_keep=response_len + 1)[:, :-1]
 
 
 def response_values(critic_values: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
@@ -176,10 +181,12 @@ class ActorCritic(torch.nn.Module):
 
     def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
                 temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Response log-probs [b, r], their logits [b, r, vocab] and values V(S_t) [b, r]."""
-        logprobs, logits = response_logprobs(self.actor, sequences, attention_mask, response_ids, temperature)
+        """Response log-probs [b, r], the policy's entropy at each response position [b, r]
+        (no gradient) and values V(S_t) [b, r]."""
+        logits = _response_logits(self.actor, sequences, attention_mask, response_ids)
+        logprobs, entropy = token_logprobs_and_entropy(logits, response_ids, temperature)
         values = response_values(self.critic, sequences, attention_mask, response_ids.shape[1])
-        return logprobs, logits, values
+        return logprobs, entropy, values
 
 
 def decode_rollout(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> tuple[list[str], list[str]]:
@@ -318,11 +325,11 @@ class PPOTrainer:
                 if p.logprobs_from_generation:
                     old_logprobs = rollout.logprobs
                 else:
-                    old_logprobs, _ = response_logprobs(pair.actor, seq, attn, resp, temperature)
+                    old_logprobs = response_logprobs(pair.actor, seq, attn, resp, temperature)
                 old_values = response_values(pair.critic, seq, attn, resp.shape[1])
             with self.reference_context():
                 ref_model = self.reference if self.reference is not None else self.actor
-                ref_logprobs, _ = response_logprobs(ref_model, seq, attn, resp, temperature)
+                ref_logprobs = response_logprobs(ref_model, seq, attn, resp, temperature)
             raw_scores = self.reward(rollout, prompts, responses)
 
         # the global batch, rank by rank in prompt order (each rank's tensors padded to the longest)
@@ -417,16 +424,14 @@ class PPOTrainer:
                     seq, attn, mask = exp.sequences[micro], exp.attention_mask[micro], exp.mask[micro]
                     with ranks.micro_batch(self.trained, last=i == len(micros) - 1):
                         with autocast_context(self.device, p.bf16):
-                            logprobs, logits, values = self.trained(seq, attn, exp.response_ids[micro], temperature)
+                            logprobs, entropy, values = self.trained(seq, attn, exp.response_ids[micro], temperature)
                             pg_loss, pg_stats = policy_loss(logprobs.float(), exp.old_logprobs[micro],
                                                             exp.advantages[micro], mask, p.cliprange)
                             vf_loss, vf_stats = value_loss(values.float(), exp.old_values[micro], exp.returns[micro],
                                                            mask, p.cliprange_value)
                         # actor and critic share no parameters: one backward gives both gradients
                         ranks.backward((pg_loss + vf_loss) * (weight * ranks.world))
-                    with torch.no_grad():
-                        entropy = masked_mean(entropy_from_logits(logits.float(), temperature), mask)
-                    del logits
+                    entropy = masked_mean(entropy, mask)
                     for key, value in (("loss/policy", pg_loss), ("loss/value", vf_loss),
                                        ("policy/clipfrac", pg_stats["clipfrac"]),
                                        ("policy/approx_kl", pg_stats["approx_kl"]),
