@@ -149,10 +149,12 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
     was_training = model.training
     model.eval()  # dropout off for rollout
     try:
-        tokens, logprobs, steps = _sample_loop(model, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id,
-                                               generator, row_offset, total_rows or prompt_ids.shape[0])
+        with torch.inference_mode():  # less per-op bookkeeping than no_grad
+            tokens, logprobs, steps = _sample_loop(model, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id,
+                                                   generator, row_offset, total_rows or prompt_ids.shape[0])
     finally:
         model.train(was_training)
+    # ops outside inference mode turn the loop's inference tensors into ordinary ones that PPO's loss can save
     response_ids = tokens[:, :steps]  # [batch, response_len]
     mask = response_mask(response_ids, eos_token_id)
     has_eos = (response_ids == eos_token_id).any(dim=1)
@@ -188,15 +190,17 @@ def _sample_loop(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: 
     temperature = 1.0 if cfg.greedy else cfg.temperature
     rows = slice(row_offset, row_offset + batch)
     filtering = bool(cfg.top_k) or cfg.top_p < 1.0
+    logp_all = torch.empty_like(next_logits)  # [batch, vocab] buffers reused by every step
+    probs = torch.empty_like(next_logits)
     for t in range(max_new):
-        scaled = next_logits / temperature
-        logp_all = torch.log_softmax(scaled, dim=-1)  # unfiltered: what a later forward pass recomputes
+        scaled = next_logits.div_(temperature)  # in place: the model returned fresh logits
+        torch.log_softmax(scaled, dim=-1, out=logp_all)  # unfiltered: what a later forward pass recomputes
         if t < cfg.min_new_tokens:
-            scaled[:, eos_token_id] = float("-inf")  # in place: `scaled` is a fresh tensor and logp_all is taken
+            scaled[:, eos_token_id] = float("-inf")  # after logp_all was taken, which keeps EOS's true log-prob
         if cfg.greedy:
             token = scaled.argmax(-1)
         else:
-            probs = (filter_logits(scaled, cfg.top_k, cfg.top_p) if filtering else scaled).softmax(-1)
+            torch.softmax(filter_logits(scaled, cfg.top_k, cfg.top_p) if filtering else scaled, dim=-1, out=probs)
             token = sample_categorical(probs, torch.rand(total_rows, generator=generator, device=device)[rows])
         token.masked_fill_(finished, pad_token_id)
         tokens[:, t] = token
