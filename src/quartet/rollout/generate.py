@@ -79,7 +79,7 @@ class _PreallocatedLayer(DynamicLayer):
 
     It behaves like `DynamicLayer` (same lengths, so the same attention masks) but each decode
     step copies one position into place instead of concatenating the whole cache again, which
-    at small model sizes costs as much as the step's matrix products.
+    at small model sizes costs half as much as the step's matrix products.
     """
 
     def __init__(self, capacity: int):
@@ -211,7 +211,7 @@ def _sample_loop(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: 
         out = model(input_ids=token[:, None], attention_mask=attention[:, : prompt_len + t + 1],
                     position_ids=decode_positions[:, t : t + 1], use_cache=True, **{cache_kwarg: cache})
         next_logits = out.logits[:, -1].float()
-    return tokens, logprobs, max_new  # max_new_tokens == 0 never reaches here (config requires > 0)
+    return tokens, logprobs, max_new  # only with max_new_tokens == 0 (configs require > 0): an empty response
 
 
 @torch.no_grad()
