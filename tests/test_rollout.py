@@ -2,7 +2,9 @@
 
 import pytest
 import torch
+from transformers import GPT2Config, GPT2LMHeadModel
 
+from quartet.models.forward import position_ids_from_mask
 from quartet.models.loading import load_causal_lm
 from quartet.rollout.generate import SamplingConfig, filter_logits, sample_categorical, sample_responses
 from quartet.stages.ppo import response_logprobs
@@ -102,3 +104,76 @@ def test_split_batch_samples_what_the_whole_batch_samples(lm_dir, tokenizer):
         assert torch.equal(part.response_ids, whole.response_ids[rows, :n])
         assert not whole.response_mask[rows, n:].any()  # the whole batch ran on only for other rows
         torch.testing.assert_close(part.logprobs, whole.logprobs[rows, :n], atol=1e-5, rtol=0)
+
+
+def _reference_sample(model, ids, mask, cfg, eos, pad, generator):
+    """The plainest sampler: a full forward over prompt + response so far for every token, no KV cache."""
+    seq, attn = ids, mask
+    finished = torch.zeros(len(ids), dtype=torch.bool)
+    temperature = 1.0 if cfg.greedy else cfg.temperature
+    tokens, logprobs = [], []
+    for t in range(cfg.max_new_tokens):
+        with torch.no_grad():
+            logits = model(input_ids=seq, attention_mask=attn, position_ids=position_ids_from_mask(attn)).logits[:, -1]
+        scaled = logits / temperature
+        logp = scaled.log_softmax(-1)
+        if t < cfg.min_new_tokens:
+            scaled = scaled.clone()
+            scaled[:, eos] = float("-inf")
+        if cfg.greedy:
+            token = scaled.argmax(-1)
+        else:
+            probs = filter_logits(scaled, cfg.top_k, cfg.top_p).softmax(-1)
+            token = sample_categorical(probs, torch.rand(len(ids), generator=generator))
+        token = torch.where(finished, torch.full_like(token, pad), token)
+        tokens.append(token)
+        logprobs.append(logp.gather(1, token[:, None]).squeeze(1))
+        finished |= token == eos
+        if finished.all():
+            break
+        seq = torch.cat([seq, token[:, None]], 1)
+        attn = torch.cat([attn, torch.ones_like(attn[:, :1])], 1)
+    return torch.stack(tokens, 1), torch.stack(logprobs, 1)
+
+
+def _tiny_gpt2(tokenizer):
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id)
+    return GPT2LMHeadModel(config).eval()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+@pytest.mark.parametrize("cfg", [
+    SamplingConfig(max_new_tokens=14, temperature=1.0),
+    SamplingConfig(max_new_tokens=14, temperature=0.7, top_k=20, top_p=0.9),
+    SamplingConfig(max_new_tokens=14, min_new_tokens=4, temperature=1.3),
+    SamplingConfig(max_new_tokens=14, greedy=True),
+], ids=["plain", "top-k-top-p", "min-new-tokens", "greedy"])
+def test_sampler_matches_a_cache_free_reference_loop(lm_dir, tokenizer, arch, cfg):
+    """The cached sampling loop draws the same tokens as recomputing the whole sequence every step."""
+    model = load_causal_lm(lm_dir).eval() if arch == "llama" else _tiny_gpt2(tokenizer)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    bias = torch.zeros(model.config.vocab_size)
+    bias[eos] = 4.0  # rows stop at different steps, and usually all stop before max_new_tokens
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
+    ids, mask = _prompts(pad)
+    rollout = sample_responses(model, ids, mask, cfg, eos, pad, generator=torch.Generator().manual_seed(7))
+    expected_ids, expected_logprobs = _reference_sample(model, ids, mask, cfg, eos, pad, torch.Generator().manual_seed(7))
+    assert torch.equal(rollout.response_ids, expected_ids)
+    valid = rollout.response_mask.bool()
+    assert valid.sum() > 3 * cfg.min_new_tokens  # something was sampled beyond the forced prefix
+    torch.testing.assert_close(rollout.logprobs[valid], expected_logprobs[valid], atol=1e-5, rtol=0)
+    assert (rollout.logprobs[~valid] == 0).all()
+
+
+def test_sampler_leaves_train_mode_and_returns_tensors_usable_in_autograd(lm_dir, tokenizer):
+    model = load_causal_lm(lm_dir).train()
+    ids, mask = _prompts(tokenizer.pad_token_id)
+    rollout = sample_responses(model, ids, mask, SamplingConfig(max_new_tokens=4), tokenizer.eos_token_id,
+                               tokenizer.pad_token_id, generator=torch.Generator().manual_seed(0))
+    assert model.training
+    logits = model(input_ids=rollout.sequences, attention_mask=rollout.attention_mask).logits[:, -5:-1]
+    taken = logits.log_softmax(-1).gather(2, rollout.response_ids[:, :, None]).squeeze(2)
+    (taken - rollout.logprobs).sum().backward()  # old log-probs and token ids enter the PPO loss graph
+    assert model.lm_head.weight.grad is not None

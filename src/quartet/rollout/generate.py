@@ -9,10 +9,12 @@ PPO's old log-probs can come from here instead of an extra actor forward.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 
 from quartet.data.collate import collate_prompts
 from quartet.models.forward import position_ids_from_mask
@@ -72,6 +74,65 @@ def sample_categorical(probs: torch.Tensor, uniforms: torch.Tensor) -> torch.Ten
     return torch.searchsorted(cumulative, target, right=True).squeeze(1).clamp(max=probs.shape[-1] - 1)
 
 
+class _PreallocatedLayer(DynamicLayer):
+    """A full-attention KV-cache layer that writes into buffers sized for the whole rollout.
+
+    It behaves like `DynamicLayer` (same lengths, so the same attention masks) but each decode
+    step copies one position into place instead of concatenating the whole cache again, which
+    at small model sizes costs half as much as the step's matrix products.
+    """
+
+    def __init__(self, capacity: int):
+        super().__init__()
+        self.capacity = capacity
+        self.length = 0
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.device = key_states.device
+        self._key_buffer = key_states.new_empty(*key_states.shape[:2], self.capacity, key_states.shape[-1])
+        self._value_buffer = value_states.new_empty(*value_states.shape[:2], self.capacity, value_states.shape[-1])
+        self.is_initialized = True
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        start, end = self.length, self.length + key_states.shape[-2]
+        if end > self.capacity:
+            raise RuntimeError(f"KV cache sized for {self.capacity} positions, asked for {end}")
+        self._key_buffer[:, :, start:end] = key_states
+        self._value_buffer[:, :, start:end] = value_states
+        self.length = end
+        self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
+        return self.keys, self.values
+
+    def get_seq_length(self) -> int:
+        return self.length
+
+
+def _rollout_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:
+    """The model's own dynamic cache, with each plain full-attention layer preallocated.
+
+    Other layer kinds (sliding-window, linear-attention, shared-KV) keep their own classes,
+    so models that mix them stay correct; they just do not get the faster layer.
+    """
+    cache = DynamicCache(config=model.config)
+    cache.layers = [_PreallocatedLayer(capacity) if type(layer) is DynamicLayer else layer for layer in cache.layers]
+    if cache.layer_class_to_replicate is DynamicLayer:  # a config without layer types: layers appear on first use
+        cache.layer_class_to_replicate = lambda: _PreallocatedLayer(capacity)
+    return cache
+
+
+def _cache_kwarg(model: PreTrainedModel) -> str:
+    """`cache` on transformers versions that renamed it, else `past_key_values`.
+
+    An unknown keyword would vanish into the model's **kwargs and silently decode without a
+    cache, so the name is read from the forward signature (of the wrapped model under PEFT).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
 @torch.no_grad()
 def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                      cfg: SamplingConfig, eos_token_id: int, pad_token_id: int,
@@ -87,49 +148,70 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
         raise ValueError("generation.temperature must be > 0 for sampling (use greedy for argmax decoding)")
     was_training = model.training
     model.eval()  # dropout off for rollout
-    batch = prompt_ids.shape[0]
-    device = prompt_ids.device
-    attention = prompt_mask.long()
-    positions = position_ids_from_mask(attention)
-    out = model(input_ids=prompt_ids, attention_mask=attention, position_ids=positions, use_cache=True, logits_to_keep=1)
-    past = out.past_key_values
-    next_logits = out.logits[:, -1].float()  # [batch, vocab]
-    next_position = positions[:, -1:] + 1  # [batch, 1]
-    finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    total_rows = total_rows or batch
-    temperature = 1.0 if cfg.greedy else cfg.temperature
-    tokens, logprobs = [], []
-    for t in range(cfg.max_new_tokens):
-        scaled = next_logits / temperature
-        logp_all = torch.log_softmax(scaled, dim=-1)
-        if t < cfg.min_new_tokens:
-            scaled = scaled.clone()
-            scaled[:, eos_token_id] = float("-inf")
-        if cfg.greedy:
-            token = scaled.argmax(-1)
-        else:
-            probs = filter_logits(scaled, cfg.top_k, cfg.top_p).softmax(-1)
-            uniforms = torch.rand(total_rows, generator=generator, device=device)[row_offset : row_offset + batch]
-            token = sample_categorical(probs, uniforms)
-        token = torch.where(finished, torch.full_like(token, pad_token_id), token)
-        tokens.append(token)
-        logprobs.append(logp_all.gather(1, token[:, None]).squeeze(1))
-        finished |= token == eos_token_id
-        if bool(finished.all()) or t == cfg.max_new_tokens - 1:
-            break
-        attention = torch.cat([attention, torch.ones_like(attention[:, :1])], dim=1)
-        out = model(input_ids=token[:, None], attention_mask=attention, position_ids=next_position,
-                    past_key_values=past, use_cache=True)
-        past = out.past_key_values
-        next_logits = out.logits[:, -1].float()
-        next_position = next_position + 1
-    model.train(was_training)
-    response_ids = torch.stack(tokens, dim=1)  # [batch, response_len]
+    try:
+        with torch.inference_mode():  # less per-op bookkeeping than no_grad
+            tokens, logprobs, steps = _sample_loop(model, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id,
+                                                   generator, row_offset, total_rows or prompt_ids.shape[0])
+    finally:
+        model.train(was_training)
+    # ops outside inference mode turn the loop's inference tensors into ordinary ones that PPO's loss can save
+    response_ids = tokens[:, :steps]  # [batch, response_len]
     mask = response_mask(response_ids, eos_token_id)
     has_eos = (response_ids == eos_token_id).any(dim=1)
     response_ids = response_ids.masked_fill(mask == 0, pad_token_id)
-    return Rollout(prompt_ids, prompt_mask, response_ids, mask.to(prompt_mask.dtype),
-                   torch.stack(logprobs, dim=1) * mask, has_eos)
+    return Rollout(prompt_ids, prompt_mask, response_ids, mask.to(prompt_mask.dtype), logprobs[:, :steps] * mask, has_eos)
+
+
+def _sample_loop(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: SamplingConfig,
+                 eos_token_id: int, pad_token_id: int, generator: torch.Generator | None, row_offset: int,
+                 total_rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Tokens [batch, max_new_tokens] and their log-probs, and how many leading columns are valid.
+
+    Every buffer is allocated once; the loop only does the model call and the sampling ops.
+    """
+    batch, prompt_len = prompt_ids.shape
+    device = prompt_ids.device
+    max_new = cfg.max_new_tokens
+    # the attention mask grows by one column per step: a view of one preallocated tensor
+    attention = torch.ones(batch, prompt_len + max_new, dtype=torch.long, device=device)
+    attention[:, :prompt_len] = prompt_mask
+    positions = position_ids_from_mask(attention[:, :prompt_len])
+    decode_positions = positions[:, -1:] + 1 + torch.arange(max_new, device=device)  # [batch, max_new]
+    cache = _rollout_cache(model, prompt_len + max_new)
+    cache_kwarg = _cache_kwarg(model)
+    out = model(input_ids=prompt_ids, attention_mask=attention[:, :prompt_len], position_ids=positions,
+                use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
+    if cache.get_seq_length() != prompt_len:
+        raise RuntimeError(f"{type(model).__name__} did not fill the KV cache passed as {cache_kwarg!r}")
+    next_logits = out.logits[:, -1].float()  # [batch, vocab]
+    tokens = torch.full((batch, max_new), pad_token_id, dtype=torch.long, device=device)
+    logprobs = torch.zeros(batch, max_new, device=device)
+    finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    temperature = 1.0 if cfg.greedy else cfg.temperature
+    rows = slice(row_offset, row_offset + batch)
+    filtering = bool(cfg.top_k) or cfg.top_p < 1.0
+    logp_all = torch.empty_like(next_logits)  # [batch, vocab] buffers reused by every step
+    probs = torch.empty_like(next_logits)
+    for t in range(max_new):
+        scaled = next_logits.div_(temperature)  # in place: the model returned fresh logits
+        torch.log_softmax(scaled, dim=-1, out=logp_all)  # unfiltered: what a later forward pass recomputes
+        if t < cfg.min_new_tokens:
+            scaled[:, eos_token_id] = float("-inf")  # after logp_all was taken, which keeps EOS's true log-prob
+        if cfg.greedy:
+            token = scaled.argmax(-1)
+        else:
+            torch.softmax(filter_logits(scaled, cfg.top_k, cfg.top_p) if filtering else scaled, dim=-1, out=probs)
+            token = sample_categorical(probs, torch.rand(total_rows, generator=generator, device=device)[rows])
+        token.masked_fill_(finished, pad_token_id)
+        tokens[:, t] = token
+        logprobs[:, t] = logp_all.gather(1, token[:, None]).squeeze(1)
+        finished |= token == eos_token_id
+        if t == max_new - 1 or bool(finished.all()):
+            return tokens, logprobs, t + 1
+        out = model(input_ids=token[:, None], attention_mask=attention[:, : prompt_len + t + 1],
+                    position_ids=decode_positions[:, t : t + 1], use_cache=True, **{cache_kwarg: cache})
+        next_logits = out.logits[:, -1].float()
+    return tokens, logprobs, max_new  # only with max_new_tokens == 0 (configs require > 0): an empty response
 
 
 @torch.no_grad()
