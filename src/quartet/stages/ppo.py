@@ -180,11 +180,15 @@ class ActorCritic(torch.nn.Module):
         self.critic = TokenValueModel(critic)
 
     def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
-                temperature: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                temperature: float, with_entropy: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Response log-probs [b, r], the policy's entropy at each response position [b, r]
-        (no gradient) and values V(S_t) [b, r]."""
+        (no gradient; None unless `with_entropy`) and values V(S_t) [b, r]."""
         logits = _response_logits(self.actor, sequences, attention_mask, response_ids)
-        logprobs, entropy = token_logprobs_and_entropy(logits, response_ids, temperature)
+        if with_entropy:
+            logprobs, entropy = token_logprobs_and_entropy(logits, response_ids, temperature)
+        else:
+            logprobs, entropy = token_logprobs(logits, response_ids, temperature), None
         values = response_values(self.critic, sequences, attention_mask, response_ids.shape[1])
         return logprobs, entropy, values
 
@@ -412,7 +416,10 @@ class PPOTrainer:
         def add(key: str, value: float, weight: float) -> None:
             sums[key] = sums.get(key, 0.0) + value * weight
 
-        for _ in range(p.ppo_epochs):
+        for epoch in range(p.ppo_epochs):
+            # the entropy (a metric only) is measured in the first pass over the batch: a vocab-wide
+            # exp and sum per token, which later epochs would repeat for a near-identical number
+            with_entropy = epoch == 0
             order = torch.randperm(batch_size, generator=shuffle, device=self.device)
             for mini in order.split(p.mini_batch_size):
                 n_valid = exp.mask[mini].sum().clamp(min=1)
@@ -424,19 +431,21 @@ class PPOTrainer:
                     seq, attn, mask = exp.sequences[micro], exp.attention_mask[micro], exp.mask[micro]
                     with ranks.micro_batch(self.trained, last=i == len(micros) - 1):
                         with autocast_context(self.device, p.bf16):
-                            logprobs, entropy, values = self.trained(seq, attn, exp.response_ids[micro], temperature)
+                            logprobs, entropy, values = self.trained(seq, attn, exp.response_ids[micro], temperature,
+                                                                     with_entropy)
                             pg_loss, pg_stats = policy_loss(logprobs.float(), exp.old_logprobs[micro],
                                                             exp.advantages[micro], mask, p.cliprange)
                             vf_loss, vf_stats = value_loss(values.float(), exp.old_values[micro], exp.returns[micro],
                                                            mask, p.cliprange_value)
                         # actor and critic share no parameters: one backward gives both gradients
                         ranks.backward((pg_loss + vf_loss) * (weight * ranks.world))
-                    entropy = masked_mean(entropy, mask)
                     for key, value in (("loss/policy", pg_loss), ("loss/value", vf_loss),
                                        ("policy/clipfrac", pg_stats["clipfrac"]),
                                        ("policy/approx_kl", pg_stats["approx_kl"]),
-                                       ("value/clipfrac", vf_stats["clipfrac"]), ("policy/entropy", entropy)):
+                                       ("value/clipfrac", vf_stats["clipfrac"])):
                         add(key, float(value.detach()), weight)
+                    if with_entropy:  # times ppo_epochs: averaged below over every update, like the rest
+                        add("policy/entropy", float(masked_mean(entropy, mask)), weight * p.ppo_epochs)
                 actor_norm, critic_norm = self._clip_and_step()
                 grad_norms["grad_norm/actor"] += actor_norm
                 grad_norms["grad_norm/critic"] += critic_norm
