@@ -12,6 +12,7 @@ units in the window, so a window of uneven micro-batches weighs every unit equal
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import random
 import signal
@@ -24,7 +25,7 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file
-from transformers import PreTrainedModel, get_cosine_schedule_with_warmup
+from transformers import PreTrainedModel
 
 from quartet.config import TrainConfig
 from quartet.runs.checkpoint import (
@@ -73,6 +74,24 @@ def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimi
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, fused=True)
     except (RuntimeError, TypeError):  # fused needs support for the parameters' device/dtype
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay, foreach=True)
+
+
+def warmup_cosine_factor(step: int, warmup_steps: int, total_steps: int) -> float:
+    """Learning-rate multiplier at optimizer step `step`: linear from 0 to 1 over `warmup_steps`,
+    then half a cosine from 1 down to 0 at `total_steps` (transformers' cosine schedule,
+    held at 0 after the end)."""
+    if step < warmup_steps:
+        return step / max(1, warmup_steps)
+    progress = min(1.0, (step - warmup_steps) / max(1, total_steps - warmup_steps))  # stays at 0 after the end
+    return max(0.0, 0.5 * (1.0 + math.cos(math.pi * progress)))
+
+
+def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
+                           total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """`warmup_cosine_factor` as a scheduler. Written here rather than imported from
+    transformers.optimization, whose import pulls in peft and the Trainer (about 20 MiB)."""
+    factor = functools.partial(warmup_cosine_factor, warmup_steps=warmup_steps, total_steps=total_steps)
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
 def load_weights(model: torch.nn.Module, model_dir: str | Path) -> None:
@@ -163,7 +182,7 @@ class SupervisedTrainer:
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
         self.optimizer = make_optimizer(self.module.parameters(), cfg.lr, cfg.weight_decay)
         warmup = int(cfg.warmup_ratio * self.total_steps)
-        self.scheduler = get_cosine_schedule_with_warmup(self.optimizer, warmup, self.total_steps)
+        self.scheduler = warmup_cosine_schedule(self.optimizer, warmup, self.total_steps)
         self.step = 0
         self.micro_batches_done = 0  # position in the global data stream, for resume
         self.first_eval: dict[str, float] = {}
