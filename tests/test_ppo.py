@@ -118,3 +118,25 @@ def test_reward_model_critic_and_lora_reference(fruit, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final") is not None
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert samples and all(len(s["tokens"]) == len(s["advantage"]) == len(s["kl_penalty"]) for s in samples)
+
+
+def test_prompt_batches_walk_seeded_epochs():
+    """Each epoch visits every prompt once in a seeded order; batches run across epoch boundaries."""
+    from types import SimpleNamespace
+
+    from quartet.stages.ppo import PPOTrainer
+
+    prompts = [[i] for i in range(10)]
+    trainer = SimpleNamespace(p=SimpleNamespace(rollout_batch_size=4), cfg=SimpleNamespace(run=SimpleNamespace(seed=3)),
+                              prompts=prompts, _order_epoch=-1, _order=[])
+    trainer._epoch_order = lambda epoch: PPOTrainer._epoch_order(trainer, epoch)
+    got = [ids[0] for step in range(5) for ids in PPOTrainer.prompt_batch(trainer, step)]  # 20 rows: 2 epochs
+    expected = []
+    for epoch in range(2):  # the plain definition: one seeded shuffle per epoch
+        order = list(range(10))
+        random.Random(3 * 7919 + epoch).shuffle(order)
+        expected += order
+    assert got == expected
+    assert sorted(got[:10]) == list(range(10)) and got[:10] != got[10:]
+    # asking for an earlier step again (a resume) gives the same rows
+    assert [ids[0] for ids in PPOTrainer.prompt_batch(trainer, 1)] == expected[4:8]

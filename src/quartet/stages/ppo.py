@@ -244,6 +244,7 @@ class PPOTrainer:
         self.cfg, self.p = cfg, cfg.ppo
         self.actor, self.reference, self.critic, self.reward = actor, reference, critic, reward
         self.tokenizer, self.prompts, self.run, self.device = tokenizer, prompts, run, run.device
+        self._order_epoch, self._order = -1, []  # the cached shuffle of prompt_batch
         self.ranks = run.ranks
         check_batches_split(cfg, self.ranks)
         self.sampling = SamplingConfig(**cfg.generation.model_dump())
@@ -283,10 +284,17 @@ class PPOTrainer:
         batch = []
         for position in range(start, start + size):
             epoch, index = divmod(position, len(self.prompts))
+            batch.append(self.prompts[self._epoch_order(epoch)[index]])
+        return batch
+
+    def _epoch_order(self, epoch: int) -> list[int]:
+        """The prompt order of one epoch, shuffled once (not once per row: a large prompt set made
+        that cost seconds per step)."""
+        if self._order_epoch != epoch:
             order = list(range(len(self.prompts)))
             random.Random(self.cfg.run.seed * 7919 + epoch).shuffle(order)
-            batch.append(self.prompts[order[index]])
-        return batch
+            self._order_epoch, self._order = epoch, order
+        return self._order
 
     # ------------------------------------------------------------------ experience
 
