@@ -203,7 +203,9 @@ class PPOSection(Section):
     save_every: int | None = Field(None, gt=0)
     keep_checkpoints: int = Field(2, gt=0)
     max_nonfinite_steps: int = Field(10, gt=0, description="Stop after this many non-finite steps in a row.")
-    bf16: bool = False
+    bf16: bool = Field(False, description="bf16 autocast for generation, scoring and updates (GPUs with bf16; see README).")
+    compile: bool = Field(False, description="torch.compile the actor and critic forward of the PPO updates "
+                                             "(a one-time compile of about a minute; see README).")
 
 
 class PromptDataConfig(DataConfig):

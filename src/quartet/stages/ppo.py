@@ -254,6 +254,7 @@ class PPOTrainer:
                                         self.p.actor_lr, self.p.weight_decay)
         # the pair as wrapped for the launched backend (DDP/FSDP/DeepSpeed), set in train()
         self.trained: torch.nn.Module = self.actor_critic
+        self.update_forward: torch.nn.Module = self.trained  # torch.compile(d) in _train when ppo.compile
         self.kl_ctl = (AdaptiveKLController(self.p.beta, self.p.kl_target, self.p.kl_horizon)
                        if self.p.adaptive_kl else FixedKLController(self.p.beta))
         self.running_scores = RunningMeanStd()
@@ -439,8 +440,8 @@ class PPOTrainer:
                     seq, attn, mask = exp.sequences[micro], exp.attention_mask[micro], exp.mask[micro]
                     with ranks.micro_batch(self.trained, last=i == len(micros) - 1):
                         with autocast_context(self.device, p.bf16):
-                            logprobs, entropy, values = self.trained(seq, attn, exp.response_ids[micro], temperature,
-                                                                     with_entropy)
+                            logprobs, entropy, values = self.update_forward(seq, attn, exp.response_ids[micro],
+                                                                            temperature, with_entropy)
                             pg_loss, pg_stats = policy_loss(logprobs.float(), exp.old_logprobs[micro],
                                                             exp.advantages[micro], mask, p.cliprange)
                             vf_loss, vf_stats = value_loss(values.float(), exp.old_values[micro], exp.returns[micro],
@@ -583,6 +584,8 @@ class PPOTrainer:
             self.resume(self.run.resume_from)
         # wrapped after loading, so every rank starts from the same weights and optimizer state
         self.trained, self.optimizer = self.ranks.prepare(self.actor_critic, self.optimizer)
+        # the update's forward and backward, optionally compiled (generation and scoring stay eager)
+        self.update_forward = torch.compile(self.trained) if self.p.compile else self.trained
         bar = progress_bar(self.p.steps, desc="ppo", initial=self.step, disable=not self.ranks.is_main)
         started = time.perf_counter()
         while self.step < self.p.steps:

@@ -1,4 +1,4 @@
-"""The warm-up + cosine learning-rate schedule against hand-computed values."""
+"""Optimizer set-up: the warm-up + cosine learning-rate schedule against hand-computed values, bf16 autocast."""
 
 import math
 
@@ -35,3 +35,17 @@ def test_scheduler_drives_the_optimizer_and_round_trips_its_state():
     resumed = warmup_cosine_schedule(torch.optim.SGD([param], lr=2.0), 2, 6)
     resumed.load_state_dict(scheduler.state_dict())
     assert resumed.last_epoch == 4 and resumed.get_last_lr() == scheduler.get_last_lr()
+
+
+@pytest.mark.parametrize("native", [False, True])
+def test_cpu_bf16_warns_once_when_emulated(monkeypatch, capsys, native):
+    from quartet.runs import trainer
+
+    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native)
+    trainer._warn_if_cpu_bf16_is_emulated.cache_clear()
+    for _ in range(2):
+        with trainer.autocast_context(torch.device("cpu"), True):
+            assert torch.get_autocast_dtype("cpu") == torch.bfloat16
+    warnings = capsys.readouterr().err.count("no native bf16")
+    assert warnings == (0 if native else 1)
+    trainer._warn_if_cpu_bf16_is_emulated.cache_clear()
