@@ -2,7 +2,7 @@
 
 import torch
 
-from quartet.models.forward import causal_lm_logits, last_token_index, sequence_scores, token_values
+from quartet.models.forward import causal_lm_logits, in_row_chunks, last_token_index, sequence_scores, token_values
 from quartet.models.loading import load_causal_lm, load_scalar_model
 from quartet.rl.logprobs import token_logprobs
 
@@ -68,3 +68,22 @@ def test_logits_to_keep_matches_full_head(lm_dir):
         full = causal_lm_logits(model, ids, torch.ones_like(ids))
         tail = causal_lm_logits(model, ids, torch.ones_like(ids), logits_to_keep=3)
     torch.testing.assert_close(tail, full[:, -3:], atol=1e-5, rtol=0)
+
+
+def test_scoring_in_row_chunks_gives_the_whole_batch_numbers(lm_dir, scalar_dir, tokenizer):
+    """PPO scores rollouts a few rows at a time (ppo.forward_batch_size): the same log-probs and scores."""
+    from quartet.stages.ppo import response_logprobs
+
+    rows = ROWS + [[11, 12], [90, 91, 92, 93, 94], [7]]
+    ids, mask = _pad(rows, tokenizer.pad_token_id, "left")
+    response = ids[:, -2:]
+    lm, scorer = load_causal_lm(lm_dir).eval(), load_scalar_model(scalar_dir).eval()
+    with torch.no_grad():
+        for size in (1, 4, 6, 100):  # one row, uneven chunks, the whole batch, more than the batch
+            logprobs = in_row_chunks(lambda i, m, r: response_logprobs(lm, i, m, r, 0.7), size, ids, mask, response)
+            torch.testing.assert_close(logprobs, response_logprobs(lm, ids, mask, response, 0.7), atol=1e-5, rtol=0)
+            scores = in_row_chunks(lambda i, m: sequence_scores(scorer, i, m), size, ids, mask)
+            torch.testing.assert_close(scores, sequence_scores(scorer, ids, mask), atol=1e-5, rtol=0)
+    calls = []
+    in_row_chunks(lambda x: calls.append(len(x)) or x, 4, torch.zeros(10, 3))
+    assert calls == [4, 4, 2]

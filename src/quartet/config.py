@@ -197,6 +197,9 @@ class PPOSection(Section):
         "none", description="'stored': reward model's saved mean/std; 'running': running stats of scores.")
     missing_eos_penalty: float | None = Field(None, description="Score given to responses that never emit EOS.")
     logprobs_from_generation: bool = Field(True, description="Old log-probs from the sampling step (no extra actor forward).")
+    forward_batch_size: int | None = Field(
+        None, gt=0, description="Rows per scoring forward (reference, critic, reward model) on each process; "
+                                "default: the training micro-batch, mini_batch_size / grad_accum / processes.")
     sample_every: int = Field(10, gt=0, description="Log a table of sample responses every N steps.")
     n_samples: int = Field(4, ge=0)
     log_every: int = Field(1, gt=0)

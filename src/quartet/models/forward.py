@@ -9,6 +9,8 @@ and right padding give the same numbers.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from transformers import PreTrainedModel
 
@@ -79,3 +81,15 @@ def causal_lm_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
                 logits_to_keep=logits_to_keep, use_cache=False)
     return out.logits
+
+
+def in_row_chunks(fn: Callable[..., torch.Tensor], rows: int | None, *tensors: torch.Tensor) -> torch.Tensor:
+    """`fn(*tensors)` computed `rows` rows at a time and concatenated along the first dimension.
+
+    The same numbers (rows are independent), with a peak memory of one chunk's activations and
+    logits instead of the whole batch's. `rows=None` runs the whole batch at once.
+    """
+    n = tensors[0].shape[0]
+    if rows is None or rows >= n:
+        return fn(*tensors)
+    return torch.cat([fn(*(t[start : start + rows] for t in tensors)) for start in range(0, n, rows)])

@@ -26,6 +26,7 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -35,7 +36,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quartet.config import PPOConfig
 from quartet.data import collate_prompts, load_prompts, tokenize_prompts
-from quartet.models.forward import TokenValueModel, causal_lm_logits, sequence_scores
+from quartet.models.forward import TokenValueModel, causal_lm_logits, in_row_chunks, sequence_scores
 from quartet.models.loading import (
     ModelLoadError,
     check_model_dir,
@@ -106,6 +107,7 @@ class RewardSource:
     def __init__(self, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
                  same_tokenizer: bool = True, fn: RewardFn | None = None):
         self.model, self.tokenizer, self.same_tokenizer, self.fn = model, tokenizer, same_tokenizer, fn
+        self.rows_per_forward: int | None = None  # None: the whole batch in one forward
 
     @torch.no_grad()
     def __call__(self, rollout: Rollout, prompts: list[str], responses: list[str]) -> torch.Tensor:
@@ -113,11 +115,12 @@ class RewardSource:
         if self.fn is not None:
             return torch.as_tensor([float(s) for s in self.fn(prompts, responses)], dtype=torch.float32, device=device)
         if self.same_tokenizer:
-            return sequence_scores(self.model, rollout.sequences, rollout.attention_mask).float()
-        # a reward model with its own tokenizer reads the text, re-encoded its way
-        texts = [p + r + (self.tokenizer.eos_token or "") for p, r in zip(prompts, responses)]
-        enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
-        return sequence_scores(self.model, enc["input_ids"], enc["attention_mask"]).float()
+            ids, mask = rollout.sequences, rollout.attention_mask
+        else:  # a reward model with its own tokenizer reads the text, re-encoded its way
+            texts = [p + r + (self.tokenizer.eos_token or "") for p, r in zip(prompts, responses)]
+            enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
+            ids, mask = enc["input_ids"], enc["attention_mask"]
+        return in_row_chunks(partial(sequence_scores, self.model), self.rows_per_forward, ids, mask).float()
 
 
 # ----------------------------------------------------------------------------- experience
@@ -243,6 +246,10 @@ class PPOTrainer:
                  metric_fns: Sequence[MetricFn] = ()):
         self.cfg, self.p = cfg, cfg.ppo
         self.actor, self.reference, self.critic, self.reward = actor, reference, critic, reward
+        # rows per scoring forward on this rank: by default the training micro-batch
+        self.forward_rows = self.p.forward_batch_size or max(1, self.p.mini_batch_size // self.p.grad_accum
+                                                             // run.ranks.world)
+        reward.rows_per_forward = self.forward_rows
         self.tokenizer, self.prompts, self.run, self.device = tokenizer, prompts, run, run.device
         self._order_epoch, self._order = -1, []  # the cached shuffle of prompt_batch
         self.ranks = run.ranks
@@ -333,16 +340,20 @@ class PPOTrainer:
         t1 = time.perf_counter()
         seq, attn, resp = rollout.sequences, rollout.attention_mask, rollout.response_ids
         prompts, responses = decode_rollout(self.tokenizer, rollout)
+        rows = self.forward_rows  # scoring runs in chunks of rows: the peak memory of one chunk
         with autocast_context(self.device, p.bf16):
             with ranks.full_parameters(self.trained) as pair:
                 if p.logprobs_from_generation:
                     old_logprobs = rollout.logprobs
                 else:
-                    old_logprobs = response_logprobs(pair.actor, seq, attn, resp, temperature)
-                old_values = response_values(pair.critic, seq, attn, resp.shape[1])
+                    old_logprobs = in_row_chunks(partial(response_logprobs, pair.actor, temperature=temperature),
+                                                 rows, seq, attn, resp)
+                old_values = in_row_chunks(partial(response_values, pair.critic, response_len=resp.shape[1]),
+                                           rows, seq, attn)
             with self.reference_context():
                 ref_model = self.reference if self.reference is not None else self.actor
-                ref_logprobs = response_logprobs(ref_model, seq, attn, resp, temperature)
+                ref_logprobs = in_row_chunks(partial(response_logprobs, ref_model, temperature=temperature),
+                                             rows, seq, attn, resp)
             raw_scores = self.reward(rollout, prompts, responses)
 
         # the global batch, rank by rank in prompt order (each rank's tensors padded to the longest)
