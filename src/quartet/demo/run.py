@@ -54,7 +54,7 @@ class DemoSettings:
 
 
 FULL = DemoSettings()
-QUICK = DemoSettings(n_sft=1500, n_rm_prompts=1000, rm_epochs=3.0, n_rm_eval_prompts=200,
+QUICK = DemoSettings(n_sft=1500, n_rm_prompts=2000, rm_epochs=3.0, n_rm_eval_prompts=200,
                      ppo_steps=50, n_eval_prompts=200)
 
 
