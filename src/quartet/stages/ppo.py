@@ -107,10 +107,11 @@ class RewardSource:
     def __init__(self, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
                  same_tokenizer: bool = True, fn: RewardFn | None = None):
         self.model, self.tokenizer, self.same_tokenizer, self.fn = model, tokenizer, same_tokenizer, fn
-        self.rows_per_forward: int | None = None  # None: the whole batch in one forward
 
     @torch.no_grad()
-    def __call__(self, rollout: Rollout, prompts: list[str], responses: list[str]) -> torch.Tensor:
+    def __call__(self, rollout: Rollout, prompts: list[str], responses: list[str],
+                 rows_per_forward: int | None = None) -> torch.Tensor:
+        """One score per rollout row; a reward model runs `rows_per_forward` rows at a time (None: all)."""
         device = rollout.prompt_ids.device
         if self.fn is not None:
             return torch.as_tensor([float(s) for s in self.fn(prompts, responses)], dtype=torch.float32, device=device)
@@ -120,7 +121,7 @@ class RewardSource:
             texts = [p + r + (self.tokenizer.eos_token or "") for p, r in zip(prompts, responses)]
             enc = self.tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
             ids, mask = enc["input_ids"], enc["attention_mask"]
-        return in_row_chunks(partial(sequence_scores, self.model), self.rows_per_forward, ids, mask).float()
+        return in_row_chunks(partial(sequence_scores, self.model), rows_per_forward, ids, mask).float()
 
 
 # ----------------------------------------------------------------------------- experience
@@ -249,7 +250,6 @@ class PPOTrainer:
         # rows per scoring forward on this rank: by default the training micro-batch
         self.forward_rows = self.p.forward_batch_size or max(1, self.p.mini_batch_size // self.p.grad_accum
                                                              // run.ranks.world)
-        reward.rows_per_forward = self.forward_rows
         self.tokenizer, self.prompts, self.run, self.device = tokenizer, prompts, run, run.device
         self._order_epoch, self._order = -1, []  # the cached shuffle of prompt_batch
         self.ranks = run.ranks
@@ -354,7 +354,7 @@ class PPOTrainer:
                 ref_model = self.reference if self.reference is not None else self.actor
                 ref_logprobs = in_row_chunks(partial(response_logprobs, ref_model, temperature=temperature),
                                              rows, seq, attn, resp)
-            raw_scores = self.reward(rollout, prompts, responses)
+            raw_scores = self.reward(rollout, prompts, responses, rows)
 
         # the global batch, rank by rank in prompt order (each rank's tensors padded to the longest)
         prompt_ids_all = ranks.gather_rows(rollout.prompt_ids, self.pad_id, pad_first=True)
