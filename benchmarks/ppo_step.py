@@ -52,6 +52,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--bf16", action="store_true", help="ppo.bf16: bf16 autocast (measures the option)")
     p.add_argument("--compile", action="store_true", help="ppo.compile: torch.compile the update's forward "
                    "(the warm-up step absorbs the compile; use --warmup 1 or more)")
+    p.add_argument("--forward-batch-size", type=int, help="ppo.forward_batch_size: rows per scoring forward "
+                   "(default: the training micro-batch)")
     p.add_argument("--workdir", help="where the models and the run go (default: a temporary directory)")
     return p.parse_args(argv)
 
@@ -142,7 +144,7 @@ def main(argv: list[str] | None = None) -> dict:
             "generation": {"max_new_tokens": a.new_tokens, "min_new_tokens": a.new_tokens, "temperature": a.temperature},
             "ppo": {"steps": a.steps, "rollout_batch_size": a.batch, "mini_batch_size": a.mini_batch,
                     "ppo_epochs": a.ppo_epochs, "log_every": 1, "sample_every": 10**9, "n_samples": 0,
-                    "bf16": a.bf16, "compile": a.compile},
+                    "bf16": a.bf16, "compile": a.compile, "forward_batch_size": a.forward_batch_size},
         })
         run_ppo(cfg)
         records = read_metrics(root / "run" / "metrics.jsonl")[a.warmup:]
@@ -156,7 +158,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "config": {k: getattr(a, k) for k in ("n_layer", "n_embd", "n_head", "vocab", "n_ctx", "activation", "prompt_len", "batch",
                                               "mini_batch", "ppo_epochs", "new_tokens", "steps", "warmup", "seed",
-                                              "bf16", "compile")},
+                                              "bf16", "compile", "forward_batch_size")},
         "sec_per_step_median": step,
         "sec_per_step_all": [round(r["time/step"], 4) for r in records],
         "phase_sec_median": {"generation": median("time/generation"), "scoring": median("time/scoring"),

@@ -2,7 +2,15 @@
 
 import torch
 
-from quartet.models.forward import causal_lm_logits, in_row_chunks, last_token_index, sequence_scores, token_values
+from quartet.models.forward import (
+    causal_lm_logits,
+    in_row_chunks,
+    last_token_index,
+    scoring_rows,
+    sequence_scores,
+    token_values,
+    vocab_size,
+)
 from quartet.models.loading import load_causal_lm, load_scalar_model
 from quartet.rl.logprobs import token_logprobs
 
@@ -87,3 +95,35 @@ def test_scoring_in_row_chunks_gives_the_whole_batch_numbers(lm_dir, scalar_dir,
     calls = []
     in_row_chunks(lambda x: calls.append(len(x)) or x, 4, torch.zeros(10, 3))
     assert calls == [4, 4, 2]
+
+
+def test_ppo_forward_equals_a_plain_forward_over_the_whole_sequence(lm_dir, scalar_dir, tokenizer):
+    """The PPO forward skips the last position (nothing is read there): the same log-probs and values
+    as a plain forward over prompt + response, with left-padded prompts and right-padded responses."""
+    from quartet.stages.ppo import ActorCritic
+
+    pad = tokenizer.pad_token_id
+    prompt_ids, prompt_mask = _pad([[5, 17, 42], [8], [61, 62]], pad, "left")
+    response_ids, response_mask = _pad([[9, 33, 21, 4], [3, 77], [63, 64, 65, 66]], pad, "right")
+    seq, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
+    pair = ActorCritic(load_causal_lm(lm_dir), load_scalar_model(scalar_dir)).eval()
+    with torch.no_grad():
+        logprobs, entropy, values = pair(seq, mask, response_ids, 0.7)
+        p = prompt_ids.shape[1]
+        plain_logprobs = token_logprobs(causal_lm_logits(pair.actor, seq, mask)[:, p - 1 : -1], response_ids, 0.7)
+        plain_values = token_values(pair.critic.model, seq, mask)[:, p - 1 : -1]
+    valid = response_mask.bool()
+    assert logprobs.shape == values.shape == entropy.shape == response_ids.shape
+    torch.testing.assert_close(logprobs[valid], plain_logprobs[valid], atol=1e-5, rtol=0)
+    torch.testing.assert_close(values[valid], plain_values[valid], atol=1e-5, rtol=0)
+
+
+def test_scoring_rows_grow_within_the_logits_budget(lm_dir):
+    mib = 2**20
+    # 32 response tokens x 4096 vocab x 4 bytes = 0.5 MiB of logits per row
+    assert scoring_rows(8, 32, 4096, budget_bytes=64 * mib) == 128
+    assert scoring_rows(8, 128, 4096, budget_bytes=64 * mib) == 32
+    # a real vocabulary and response length: one row is over budget, the micro-batch stays
+    assert scoring_rows(4, 512, 152_000, budget_bytes=64 * mib) == 4
+    assert scoring_rows(8, 32, None) == 8  # vocabulary unknown: the micro-batch
+    assert vocab_size(load_causal_lm(lm_dir)) == load_causal_lm(lm_dir).get_output_embeddings().weight.shape[0]

@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from quartet.rl import entropy_from_logits, token_logprobs, token_logprobs_and_entropy
+from quartet.rl import entropy_from_logits, token_logprobs, token_logprobs_and_entropy, token_logprobs_inplace
 
 B, T, V = 3, 5, 11
 
@@ -104,3 +104,29 @@ def test_logprobs_and_entropy_in_one_pass_equal_the_separate_functions(batch, te
     (g1,) = torch.autograd.grad(logprobs.sum(), logits)
     (g2,) = torch.autograd.grad(expected.sum(), logits)
     assert torch.equal(g1, g2)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.7])
+def test_inplace_logprobs_equal_token_logprobs_bit_for_bit(batch, temperature):
+    logits, tokens = batch
+    expected = token_logprobs(logits, tokens, temperature)
+    scratch = logits.clone()
+    got = token_logprobs_inplace(scratch, tokens, temperature)
+    assert torch.equal(got, expected)
+    # the logits were overwritten by the log-softmax (that is where the memory saving comes from)
+    assert torch.equal(scratch, F.log_softmax(logits / temperature, dim=-1))
+
+
+def test_inplace_logprobs_half_precision_leaves_logits_alone(batch):
+    logits, tokens = batch
+    low = logits.to(torch.bfloat16)
+    before = low.clone()
+    got = token_logprobs_inplace(low, tokens, 0.7)
+    assert got.dtype == torch.float32 and torch.equal(got, token_logprobs(before, tokens, 0.7))
+    assert torch.equal(low, before)
+
+
+def test_inplace_logprobs_refuse_logits_that_need_gradients(batch):
+    logits, tokens = batch
+    with pytest.raises(RuntimeError, match="token_logprobs where gradients flow"):
+        token_logprobs_inplace(logits.clone().requires_grad_(), tokens, 0.7)

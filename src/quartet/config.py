@@ -199,7 +199,8 @@ class PPOSection(Section):
     logprobs_from_generation: bool = Field(True, description="Old log-probs from the sampling step (no extra actor forward).")
     forward_batch_size: int | None = Field(
         None, gt=0, description="Rows per scoring forward (reference, critic, reward model) on each process; "
-                                "default: the training micro-batch, mini_batch_size / grad_accum / processes.")
+                                "default: the training micro-batch (mini_batch_size / grad_accum / processes), "
+                                "or more rows while one forward's float32 logits stay within 64 MiB.")
     sample_every: int = Field(10, gt=0, description="Log a table of sample responses every N steps.")
     n_samples: int = Field(4, ge=0)
     log_every: int = Field(1, gt=0)

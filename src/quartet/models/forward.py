@@ -93,3 +93,27 @@ def in_row_chunks(fn: Callable[..., torch.Tensor], rows: int | None, *tensors: t
     if rows is None or rows >= n:
         return fn(*tensors)
     return torch.cat([fn(*(t[start : start + rows] for t in tensors)) for start in range(0, n, rows)])
+
+
+SCORING_LOGITS_BUDGET = 64 * 2**20  # bytes of float32 logits per scoring forward
+
+
+def scoring_rows(min_rows: int, response_len: int, vocab_size: int | None,
+                 budget_bytes: int = SCORING_LOGITS_BUDGET) -> int:
+    """Rows per no-grad scoring forward: at least `min_rows`, more while one forward's float32
+    logits [rows, response_len, vocab] stay within `budget_bytes`.
+
+    `min_rows` is the training micro-batch, whose forward already holds its logits several times
+    over (with gradients). Fewer, larger forwards lose less time to per-call overhead and small
+    matrix products; with real vocabularies and response lengths the budget keeps `min_rows`.
+    """
+    if not vocab_size:
+        return min_rows
+    return max(min_rows, budget_bytes // (4 * max(1, response_len) * vocab_size))
+
+
+def vocab_size(model: torch.nn.Module) -> int | None:
+    """The vocabulary size of a (possibly PEFT-wrapped or multimodal) causal LM's config, if it says."""
+    config = getattr(model, "config", None)
+    text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
+    return getattr(text_config, "vocab_size", None)

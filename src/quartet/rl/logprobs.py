@@ -12,7 +12,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-__all__ = ["token_logprobs", "entropy_from_logits", "token_logprobs_and_entropy"]
+__all__ = ["token_logprobs", "token_logprobs_inplace", "entropy_from_logits", "token_logprobs_and_entropy"]
 
 _FULL_PRECISION = (torch.float32, torch.float64)
 
@@ -44,6 +44,25 @@ def token_logprobs(logits: torch.Tensor, tokens: torch.Tensor, temperature: floa
         logp_row = _full_logprobs(logits_row.float(), temperature)  # [T, V] float32 (upcast before scaling)
         rows.append(logp_row.gather(-1, index_row).squeeze(-1))  # [T]
     return torch.stack(rows)  # [B, T]
+
+
+def token_logprobs_inplace(logits: torch.Tensor, tokens: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """``token_logprobs`` for scoring without gradients, overwriting ``logits`` to save memory.
+
+    The temperature division and the log-softmax are written into ``logits`` itself, so a
+    ``[B, T, V]`` batch needs no second and third vocabulary-sized tensor; the numbers equal
+    ``token_logprobs``'s bit for bit. Only for logits the caller owns and will not read again.
+    Half-precision logits take ``token_logprobs``'s row-by-row float32 path (no overwrite).
+    """
+    _check_temperature(temperature)
+    if logits.dtype not in _FULL_PRECISION:
+        return token_logprobs(logits, tokens, temperature)
+    if logits.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("token_logprobs_inplace overwrites its logits: use token_logprobs where gradients flow")
+    if temperature != 1.0:
+        logits.div_(temperature)
+    logp = torch.log_softmax(logits, dim=-1, out=logits)
+    return logp.gather(-1, tokens.long().unsqueeze(-1)).squeeze(-1)  # [B, T]
 
 
 def entropy_from_logits(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:

@@ -36,7 +36,14 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quartet.config import PPOConfig
 from quartet.data import collate_prompts, load_prompts, tokenize_prompts
-from quartet.models.forward import TokenValueModel, causal_lm_logits, in_row_chunks, sequence_scores
+from quartet.models.forward import (
+    TokenValueModel,
+    causal_lm_logits,
+    in_row_chunks,
+    scoring_rows,
+    sequence_scores,
+    vocab_size,
+)
 from quartet.models.loading import (
     ModelLoadError,
     check_model_dir,
@@ -59,6 +66,7 @@ from quartet.rl import (
     sequence_kl,
     token_logprobs,
     token_logprobs_and_entropy,
+    token_logprobs_inplace,
     value_loss,
     whiten,
 )
@@ -147,17 +155,27 @@ class Experience:
     responses: list[str]
 
 
+@torch.no_grad()
 def response_logprobs(model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
                       response_ids: torch.Tensor, temperature: float) -> torch.Tensor:
-    """Log-probs of the response tokens [batch, response_len] (LM head on response positions only)."""
-    return token_logprobs(_response_logits(model, sequences, attention_mask, response_ids), response_ids, temperature)
+    """Log-probs of the response tokens [batch, response_len], for scoring (no gradients).
+
+    The LM head runs on response positions only, and the log-softmax overwrites the fresh
+    logits: one vocabulary-sized tensor per forward instead of three.
+    """
+    logits = _response_logits(model, sequences, attention_mask, response_ids)
+    return token_logprobs_inplace(logits, response_ids, temperature)
 
 
 def _response_logits(model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
                      response_ids: torch.Tensor) -> torch.Tensor:
-    """Logits that predicted each response token: [batch, response_len, vocab]."""
+    """Logits that predicted each response token: [batch, response_len, vocab].
+
+    The last position is left out of the forward pass: its logits would predict a token after
+    the response, and a causal model's earlier positions do not depend on it.
+    """
     response_len = response_ids.shape[1]
-    return causal_lm_logits(model, sequences, attention_mask, logits_to_keep=response_len + 1)[:, :-1]
+    return causal_lm_logits(model, sequences[:, :-1], attention_mask[:, :-1], logits_to_keep=response_len)
 
 
 def response_values(critic_values: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
@@ -165,10 +183,11 @@ def response_values(critic_values: torch.nn.Module, sequences: torch.Tensor, att
     """V(S_t) for each response token t: the critic's value at the token before it.
 
     `critic_values` maps (input_ids, attention_mask) to per-token values (a TokenValueModel).
+    The last position has no response token after it, so it is left out of the forward pass.
     """
     prompt_len = sequences.shape[1] - response_len
-    values = critic_values(sequences, attention_mask)  # [batch, seq]
-    return values[:, prompt_len - 1 : prompt_len - 1 + response_len]
+    values = critic_values(sequences[:, :-1], attention_mask[:, :-1])  # [batch, seq - 1]
+    return values[:, prompt_len - 1 :]
 
 
 class ActorCritic(torch.nn.Module):
@@ -247,9 +266,9 @@ class PPOTrainer:
                  metric_fns: Sequence[MetricFn] = ()):
         self.cfg, self.p = cfg, cfg.ppo
         self.actor, self.reference, self.critic, self.reward = actor, reference, critic, reward
-        # rows per scoring forward on this rank: by default the training micro-batch
-        self.forward_rows = self.p.forward_batch_size or max(1, self.p.mini_batch_size // self.p.grad_accum
-                                                             // run.ranks.world)
+        # the training micro-batch on this rank: the fewest rows a scoring forward runs by default
+        self.micro_rows = max(1, self.p.mini_batch_size // self.p.grad_accum // run.ranks.world)
+        self.vocab_size = vocab_size(actor)
         self.tokenizer, self.prompts, self.run, self.device = tokenizer, prompts, run, run.device
         self._order_epoch, self._order = -1, []  # the cached shuffle of prompt_batch
         self.ranks = run.ranks
@@ -340,7 +359,8 @@ class PPOTrainer:
         t1 = time.perf_counter()
         seq, attn, resp = rollout.sequences, rollout.attention_mask, rollout.response_ids
         prompts, responses = decode_rollout(self.tokenizer, rollout)
-        rows = self.forward_rows  # scoring runs in chunks of rows: the peak memory of one chunk
+        # scoring runs in chunks of rows: the peak memory of one chunk
+        rows = self.p.forward_batch_size or scoring_rows(self.micro_rows, resp.shape[1], self.vocab_size)
         with autocast_context(self.device, p.bf16):
             with ranks.full_parameters(self.trained) as pair:
                 if p.logprobs_from_generation:
