@@ -46,11 +46,12 @@ def test_strip_prefix_removes_the_wrapper_attribute_only():
 
 
 @pytest.mark.parametrize("max_norm", [None, 0.5, 3.0, 1e9])
-def test_clip_grad_norm_equals_torch_bit_for_bit(max_norm):
+@pytest.mark.parametrize("dtypes", [(torch.float32,) * 3, (torch.float32, torch.float64, torch.float32)])
+def test_clip_grad_norm_equals_torch_bit_for_bit(max_norm, dtypes):
     from quartet.runs.distributed import clip_grad_norm
 
     torch.manual_seed(0)
-    ours = [torch.nn.Parameter(torch.randn(5, 3)) for _ in range(3)]
+    ours = [torch.nn.Parameter(torch.randn(5, 3, dtype=dtype)) for dtype in dtypes]
     theirs = [torch.nn.Parameter(p.detach().clone()) for p in ours]
     for a, b in zip(ours, theirs):
         a.grad = torch.randn_like(a)
@@ -61,3 +62,18 @@ def test_clip_grad_norm_equals_torch_bit_for_bit(max_norm):
         assert torch.equal(a.grad, b.grad)
     if max_norm == 0.5:  # the norm was above the limit: clipped to it
         assert float(torch.nn.utils.get_total_norm([p.grad for p in ours])) == pytest.approx(0.5, rel=1e-5)
+
+
+def test_prepare_steps_the_plain_optimizer_outside_deepspeed():
+    """One process (as DDP and FSDP): Accelerate's optimizer wrapper adds only per-step Python, so
+    the trainer gets the torch optimizer back; the model is the same module on one process."""
+    from quartet.runs.distributed import make_accelerator
+
+    model = torch.nn.Linear(3, 2)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=0.1)
+    prepared, stepped = Ranks(make_accelerator("cpu")).prepare(model, optimizer)
+    assert stepped is optimizer and prepared is model
+    model(torch.ones(1, 3)).sum().backward()
+    before = model.weight.detach().clone()
+    stepped.step()
+    assert not torch.equal(model.weight, before)

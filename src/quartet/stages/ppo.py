@@ -281,6 +281,8 @@ class PPOTrainer:
         # the pair as wrapped for the launched backend (DDP/FSDP/DeepSpeed), set in train()
         self.trained: torch.nn.Module = self.actor_critic
         self.update_forward: torch.nn.Module = self.trained  # torch.compile(d) in _train when ppo.compile
+        # the parameters clipped at each optimizer step, listed again after wrapping in train()
+        self.trained_parameters = (list(actor.parameters()), list(critic.parameters()))
         self.kl_ctl = (AdaptiveKLController(self.p.beta, self.p.kl_target, self.p.kl_horizon)
                        if self.p.adaptive_kl else FixedKLController(self.p.beta))
         self.running_scores = RunningMeanStd()
@@ -431,8 +433,9 @@ class PPOTrainer:
 
         Returns the global norms before clipping.
         """
-        actor_norm = self.ranks.clip_grad_norm(self.actor.parameters(), self.p.max_grad_norm)
-        critic_norm = self.ranks.clip_grad_norm(self.critic.parameters(), self.p.max_grad_norm)
+        actor_params, critic_params = self.trained_parameters
+        actor_norm = self.ranks.clip_grad_norm(actor_params, self.p.max_grad_norm)
+        critic_norm = self.ranks.clip_grad_norm(critic_params, self.p.max_grad_norm)
         if math.isfinite(actor_norm) and math.isfinite(critic_norm):
             self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
@@ -617,6 +620,8 @@ class PPOTrainer:
         self.trained, self.optimizer = self.ranks.prepare(self.actor_critic, self.optimizer)
         # the update's forward and backward, optionally compiled (generation and scoring stay eager)
         self.update_forward = torch.compile(self.trained) if self.p.compile else self.trained
+        # listed once, after wrapping: walking the module trees every optimizer step costs about 1 ms
+        self.trained_parameters = (list(self.actor.parameters()), list(self.critic.parameters()))
         bar = progress_bar(self.p.steps, desc="ppo", initial=self.step, disable=not self.ranks.is_main)
         started = time.perf_counter()
         while self.step < self.p.steps:
