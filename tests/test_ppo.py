@@ -118,6 +118,11 @@ def test_reward_model_critic_and_lora_reference(fruit, tmp_path):
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final") is not None
     samples = [json.loads(line) for line in (tmp_path / "run" / "samples.jsonl").read_text().splitlines()]
     assert samples and all(len(s["tokens"]) == len(s["advantage"]) == len(s["kl_penalty"]) for s in samples)
+    # a reward model reads token ids, so texts are decoded only for the sample rows: the same texts
+    specials = set(tokenizer.all_special_tokens)
+    for s in samples:
+        assert s["prompt"].endswith("List some fruits:")
+        assert s["response"].strip() == "".join(t for t in s["tokens"] if t not in specials).strip()
 
 
 def test_prompt_batches_walk_seeded_epochs():

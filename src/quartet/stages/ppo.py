@@ -116,10 +116,18 @@ class RewardSource:
                  same_tokenizer: bool = True, fn: RewardFn | None = None):
         self.model, self.tokenizer, self.same_tokenizer, self.fn = model, tokenizer, same_tokenizer, fn
 
+    @property
+    def reads_text(self) -> bool:
+        """A reward function, or a reward model with its own tokenizer, scores decoded text (not token ids)."""
+        return self.fn is not None or not self.same_tokenizer
+
     @torch.no_grad()
-    def __call__(self, rollout: Rollout, prompts: list[str], responses: list[str],
+    def __call__(self, rollout: Rollout, prompts: list[str] | None, responses: list[str] | None,
                  rows_per_forward: int | None = None) -> torch.Tensor:
-        """One score per rollout row; a reward model runs `rows_per_forward` rows at a time (None: all)."""
+        """One score per rollout row; a reward model runs `rows_per_forward` rows at a time (None: all).
+
+        `prompts` and `responses` are the decoded texts, needed only when `reads_text`.
+        """
         device = rollout.prompt_ids.device
         if self.fn is not None:
             return torch.as_tensor([float(s) for s in self.fn(prompts, responses)], dtype=torch.float32, device=device)
@@ -151,8 +159,8 @@ class Experience:
     advantages: torch.Tensor
     returns: torch.Tensor
     scores: torch.Tensor  # [batch] raw reward-model scores
-    prompts: list[str]
-    responses: list[str]
+    prompts: list[str] | None  # decoded texts, when scoring read them
+    responses: list[str] | None
 
 
 @torch.no_grad()
@@ -216,14 +224,15 @@ class ActorCritic(torch.nn.Module):
         return logprobs, entropy, values
 
 
-def decode_rollout(tokenizer: PreTrainedTokenizerBase, rollout: Rollout) -> tuple[list[str], list[str]]:
+def decode_texts(tokenizer: PreTrainedTokenizerBase, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                 response_ids: torch.Tensor, response_mask: torch.Tensor) -> tuple[list[str], list[str]]:
     """Prompt texts (special tokens kept, padding dropped) and response texts (special tokens dropped).
 
     A response is decoded together with its prompt and the prompt's text cut off, so tokenizers
     that drop a leading space when decoding a fragment (SentencePiece) keep the text exact.
     """
-    prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(rollout.prompt_ids, rollout.prompt_mask)]
-    response_ids = [ids[m.bool()].tolist() for ids, m in zip(rollout.response_ids, rollout.response_mask)]
+    prompt_ids = [ids[m.bool()].tolist() for ids, m in zip(prompt_ids, prompt_mask)]
+    response_ids = [ids[m.bool()].tolist() for ids, m in zip(response_ids, response_mask)]
     prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=False)
     plain_prompts = tokenizer.batch_decode(prompt_ids, skip_special_tokens=True)
     full = tokenizer.batch_decode([p + r for p, r in zip(prompt_ids, response_ids)], skip_special_tokens=True)
@@ -360,7 +369,12 @@ class PPOTrainer:
 
         t1 = time.perf_counter()
         seq, attn, resp = rollout.sequences, rollout.attention_mask, rollout.response_ids
-        prompts, responses = decode_rollout(self.tokenizer, rollout)
+        # texts only for what reads them (a reward function or a reward model with its own tokenizer,
+        # metric functions); sample tables decode their few rows when they are written
+        prompts = responses = None
+        if self.reward.reads_text or self.metric_fns:
+            prompts, responses = decode_texts(self.tokenizer, rollout.prompt_ids, rollout.prompt_mask, resp,
+                                              rollout.response_mask)
         # scoring runs in chunks of rows: the peak memory of one chunk
         rows = self.p.forward_batch_size or scoring_rows(self.micro_rows, resp.shape[1], self.vocab_size)
         with autocast_context(self.device, p.bf16):
@@ -387,7 +401,8 @@ class PPOTrainer:
                                                   for x in (old_logprobs, ref_logprobs, old_values))
         raw_scores = ranks.gather_rows(raw_scores.float())
         has_eos = ranks.gather_rows(rollout.has_eos.long()).bool()
-        prompts, responses = ranks.gather_objects(prompts), ranks.gather_objects(responses)
+        if prompts is not None:
+            prompts, responses = ranks.gather_objects(prompts), ranks.gather_objects(responses)
         seq = torch.cat([prompt_ids_all, resp], dim=1)
         attn = torch.cat([prompt_mask_all, mask.to(prompt_mask_all.dtype)], dim=1)
 
@@ -508,8 +523,14 @@ class PPOTrainer:
 
     def sample_records(self, exp: Experience, n: int) -> list[dict[str, Any]]:
         """Per-token view of a few rollouts: the quantities of the user's note, token by token."""
+        n = min(n, exp.sequences.shape[0])
+        prompts, responses = exp.prompts, exp.responses
+        if prompts is None:  # not decoded for scoring: decode the rows shown
+            prompt_len = exp.sequences.shape[1] - exp.response_ids.shape[1]
+            prompts, responses = decode_texts(self.tokenizer, exp.sequences[:n, :prompt_len],
+                                              exp.attention_mask[:n, :prompt_len], exp.response_ids[:n], exp.mask[:n])
         records = []
-        for i in range(min(n, exp.sequences.shape[0])):
+        for i in range(n):
             valid = int(exp.mask[i].sum())
             ids = exp.response_ids[i, :valid].tolist()
 
@@ -517,7 +538,7 @@ class PPOTrainer:
                 return [round(float(x), 5) for x in t[i, :valid]]
 
             records.append({
-                "step": self.step, "prompt": exp.prompts[i], "response": exp.responses[i],
+                "step": self.step, "prompt": prompts[i], "response": responses[i],
                 "score": float(exp.scores[i]),
                 "tokens": [self.tokenizer.decode([t]) for t in ids],
                 "actor_logprob": row(exp.old_logprobs), "ref_logprob": row(exp.ref_logprobs),
