@@ -29,10 +29,8 @@ def test_generation_logprobs_equal_forward_logprobs(lm_dir, tokenizer, temperatu
 
 
 @pytest.mark.parametrize("padded", [True, False])
-def test_rollout_with_and_without_prompt_padding_matches_the_masked_forward(lm_dir, tokenizer, padded):
-    """Unpadded prompts decode without an attention mask (all positions attended): the sampled
-    tokens' log-probs still equal the masked scoring forward's, and each row samples what it
-    samples alone."""
+def test_rollout_with_and_without_prompt_padding_matches_the_scoring_forward(lm_dir, tokenizer, padded):
+    """The sampled tokens' log-probs equal the scoring forward's, and each row samples what it samples alone."""
     model = load_causal_lm(lm_dir).eval()
     ids, mask = _prompts(tokenizer.pad_token_id)
     if not padded:
@@ -42,7 +40,6 @@ def test_rollout_with_and_without_prompt_padding_matches_the_masked_forward(lm_d
                                generator=torch.Generator().manual_seed(3))
     forward = response_logprobs(model, rollout.sequences, rollout.attention_mask, rollout.response_ids, 0.8)
     torch.testing.assert_close(rollout.logprobs, forward, atol=1e-5, rtol=0)
-    # the last row alone (a batch of one, so no padding at all) samples the same tokens
     alone = sample_responses(model, ids[-1:], mask[-1:], cfg, tokenizer.eos_token_id, tokenizer.pad_token_id,
                              generator=torch.Generator().manual_seed(3), row_offset=len(ids) - 1, total_rows=len(ids))
     assert torch.equal(alone.response_ids[0], rollout.response_ids[-1])
