@@ -67,12 +67,16 @@ def main(argv: list[str] | None = None) -> None:
         results: dict[str, list[dict]] = {}
         for _ in range(a.repeat):
             for name, (cmd, cwd) in commands(config, a.steps, trl_python).items():
-                print(f"[{config}] {name} ...", file=sys.stderr, flush=True)
+                print(f"[{config}] {name} ...", file=sys.stderr, end=" ", flush=True)
                 results.setdefault(name, []).append(run_json(cmd, cwd))
+                print(f"{results[name][-1]['sec_per_step_median']:.3f} s/step", file=sys.stderr, flush=True)
         med = {name: statistics.median(r["sec_per_step_median"] for r in rs) for name, rs in results.items()}
         rss = {name: max(r["peak_rss_mib"] for r in rs) for name, rs in results.items()}
         q = results["quartet"][-1]
-        rows.append({"config": config, "sec_per_step": med, "peak_rss_mib": rss,
+        runs = {name: [round(r["sec_per_step_median"], 4) for r in rs] for name, rs in results.items()}
+        rows.append({"config": config, "sec_per_step": med, "peak_rss_mib": rss, "sec_per_step_runs": runs,
+                     # each round ran the programs back to back: its ratio shows the machine's drift
+                     "quartet_over_floor_per_round": [round(q / f, 3) for q, f in zip(runs["quartet"], runs["floor"])],
                      "quartet_over_floor": med["quartet"] / med["floor"],
                      "quartet_over_trl": med["quartet"] / med["trl"] if "trl" in med else None,
                      "rss_quartet_over_floor": rss["quartet"] / rss["floor"],

@@ -41,7 +41,9 @@ def test_ppo_makes_stories_happier_and_stays_fluent(stories, tmp_path):
     first, last = _fifth(records, "score/mean", "first"), _fifth(records, "score/mean", "last")
     print(f"happy score {first:.3f} -> {last:.3f}; KL {_fifth(records, 'kl/ref', 'last'):.2f}; reference perplexity "
           f"{_fifth(records, 'response/ref_perplexity', 'first'):.2f} -> {_fifth(records, 'response/ref_perplexity', 'last'):.2f}")
-    assert last > 1.5 * first
+    # Over seeds 0-4 and float-level changes of equal numerics (1e-5 in log-probs), this 30-step run
+    # ended 1.39x to 3.05x above its start (a 1.5x bound failed on seeds 3 and 4 with the old code too)
+    assert last > 1.25 * first
     assert _fifth(records, "kl/ref", "last") < 12.0  # nats per 32-token response
     # still text the reference model finds likely: not degenerate gibberish
     assert _fifth(records, "response/ref_perplexity", "last") < 1.5 * _fifth(records, "response/ref_perplexity", "first")
