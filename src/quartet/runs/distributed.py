@@ -57,17 +57,18 @@ def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None)
     if not parameters:
         return 0.0
     grads = [p.grad for p in parameters]
-    if not _one_plain_group(grads):
-        norm = torch.nn.utils.get_total_norm(grads, 2.0)
-        if max_norm is not None and bool(max_norm / (norm + 1e-6) < 1.0):  # torch's clip coefficient, before clamping
-            torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
-        return float(norm)
     # torch's own operations for a single (device, dtype) group, without regrouping the gradients
     # on every call (about 1 ms of Python per model and optimizer step)
-    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0)
-    coefficient = max_norm / (norm + 1e-6) if max_norm is not None else None
-    if coefficient is not None and bool(coefficient < 1.0):
-        torch._foreach_mul_(grads, torch.clamp(coefficient, max=1.0))
+    plain = _one_plain_group(grads)
+    norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0) if plain
+            else torch.nn.utils.get_total_norm(grads, 2.0))
+    if max_norm is not None:
+        coefficient = max_norm / (norm + 1e-6)  # torch's clip coefficient, before clamping to 1
+        if bool(coefficient < 1.0):
+            if plain:
+                torch._foreach_mul_(grads, coefficient)
+            else:
+                torch.nn.utils.clip_grads_with_norm_(parameters, max_norm, norm)
     return float(norm)
 
 
