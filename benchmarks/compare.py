@@ -5,7 +5,7 @@ For each config the three programs run one after another in separate processes, 
 times, alternating (these machines drift by about 10 % between runs, so only ratios from one
 invocation mean anything). TRL runs in its own pinned venv:
 
-    bash ../shared/bench-anchors/setup_trl_venv.sh /tmp/trlppo     # once, a few minutes
+    bash benchmarks/setup_trl_venv.sh /tmp/trlppo     # once, about 2 minutes
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/compare.py        # prints the table (about 15 min)
 
 Without that venv the TRL column is left out. Configs: A = 4 PPO epochs, 32 new tokens (the
@@ -61,7 +61,8 @@ def main(argv: list[str] | None = None) -> None:
     trl_python = Path(a.trl_venv) / "bin" / "python"
     trl_python = trl_python if trl_python.exists() else None
     if trl_python is None:
-        print(f"(no TRL venv at {a.trl_venv}: TRL column left out)", file=sys.stderr)
+        print(f"(no TRL venv at {a.trl_venv}: TRL column left out; create it with "
+              f"`bash benchmarks/setup_trl_venv.sh {a.trl_venv}`)", file=sys.stderr)
     rows = []
     for config in a.configs:
         results: dict[str, list[dict]] = {}

@@ -42,3 +42,17 @@ def test_flops_scale_with_the_work(bench):
     flops = bench.model_flops_per_step(no_attention, params_no_embed=1000)
     tokens = no_attention.batch * (no_attention.prompt_len + no_attention.new_tokens)
     assert flops["scoring"] == pytest.approx(3 * 2 * 1000 * tokens + no_attention.batch * no_attention.new_tokens * 2)
+
+
+def test_trl_venv_script_refuses_a_missing_anchor_folder(tmp_path):
+    import os
+    import subprocess
+
+    script = BENCH.parent / "setup_trl_venv.sh"
+    done = subprocess.run(["bash", str(script), str(tmp_path / "venv")], capture_output=True, text=True,
+                          env={**os.environ, "QUARTET_SHARED": str(tmp_path / "nowhere")})
+    assert done.returncode == 2
+    assert done.stderr.strip().splitlines() == [
+        f"error: no TRL anchor at {tmp_path / 'nowhere' / 'bench-anchors'} "
+        "(set QUARTET_SHARED to the folder holding bench-anchors/)"]
+    assert not (tmp_path / "venv").exists()  # nothing created
