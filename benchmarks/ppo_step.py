@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    "(the warm-up step absorbs the compile; use --warmup 1 or more)")
     p.add_argument("--forward-batch-size", type=int, help="ppo.forward_batch_size: rows per scoring forward "
                    "(default: the training micro-batch)")
+    p.add_argument("--shared-trunk", action="store_true", help="ppo.shared_trunk: the critic as a value head on the "
+                   "actor's trunk (measures the option; changes the algorithm)")
     p.add_argument("--workdir", help="where the models and the run go (default: a temporary directory)")
     return p.parse_args(argv)
 
@@ -144,7 +146,8 @@ def main(argv: list[str] | None = None) -> dict:
             "generation": {"max_new_tokens": a.new_tokens, "min_new_tokens": a.new_tokens, "temperature": a.temperature},
             "ppo": {"steps": a.steps, "rollout_batch_size": a.batch, "mini_batch_size": a.mini_batch,
                     "ppo_epochs": a.ppo_epochs, "log_every": 1, "sample_every": 10**9, "n_samples": 0,
-                    "bf16": a.bf16, "compile": a.compile, "forward_batch_size": a.forward_batch_size},
+                    "bf16": a.bf16, "compile": a.compile, "forward_batch_size": a.forward_batch_size,
+                    "shared_trunk": a.shared_trunk},
         })
         run_ppo(cfg)
         records = read_metrics(root / "run" / "metrics.jsonl")[a.warmup:]
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> dict:
         "threads": torch.get_num_threads(),
         "config": {k: getattr(a, k) for k in ("n_layer", "n_embd", "n_head", "vocab", "n_ctx", "activation", "prompt_len", "batch",
                                               "mini_batch", "ppo_epochs", "new_tokens", "steps", "warmup", "seed",
-                                              "bf16", "compile", "forward_batch_size")},
+                                              "bf16", "compile", "forward_batch_size", "shared_trunk")},
         "sec_per_step_median": step,
         "sec_per_step_all": [round(r["time/step"], 4) for r in records],
         "phase_sec_median": {"generation": median("time/generation"), "scoring": median("time/scoring"),

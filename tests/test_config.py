@@ -68,6 +68,17 @@ def test_ppo_batch_arithmetic_is_checked_at_load():
         load_config(PPOConfig, None, ["--models.actor", "a"])
 
 
+def test_shared_trunk_refuses_a_separate_critic_and_lora():
+    base = ["--models.actor", "a", "--models.reward", "r", "--ppo.shared_trunk", "true"]
+    assert load_config(PPOConfig, None, base).ppo.shared_trunk
+    with pytest.raises(ConfigError, match="ppo.shared_trunk builds the critic on the actor's trunk: leave models.critic"):
+        load_config(PPOConfig, None, base + ["--models.critic", "c"])
+    with pytest.raises(ConfigError, match="ppo.shared_trunk does not combine with LoRA"):
+        load_config(PPOConfig, None, base + ["--lora.enabled", "true"])
+    # the value head starts fresh on the actor's trunk: no reward model needed for the critic
+    assert load_config(PPOConfig, None, ["--models.actor", "a", "--models.reward_fn", "m:f", "--ppo.shared_trunk", "true"])
+
+
 def test_deepspeed_chat_preset_sits_under_overrides():
     base = ["--models.actor", "a", "--models.reward", "r", "--preset", "deepspeed-chat"]
     cfg = load_config(PPOConfig, None, base)

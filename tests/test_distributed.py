@@ -177,6 +177,22 @@ def test_ppo_on_two_processes_matches_one_and_resumes_on_one(work):
 
 
 
+def test_ppo_with_a_shared_trunk_on_two_processes_matches_one(work):
+    """DDP over an actor-critic whose critic runs on the actor's trunk (parameters shared, reduced once)."""
+    args = ("--config", "ppo.yaml", "--ppo.shared_trunk", "true", "--ppo.steps", "2")
+    one_process(work, "ppo", *args, "--output", "shared-1proc")
+    dump = two_processes(work, "ppo", *args, "--output", "shared-2proc")
+    for name in ("final", "final_critic"):
+        assert_ranks_identical(dump, name)
+        assert_weights_close(work / "shared-1proc" / name, work / "shared-2proc" / name)
+    assert_metrics_close(work / "shared-1proc" / "metrics.jsonl", work / "shared-2proc" / "metrics.jsonl")
+    from safetensors.torch import load_file
+
+    actor, critic = (load_file(work / "shared-2proc" / name / "model.safetensors") for name in ("final", "final_critic"))
+    trunk = [k for k in critic if k.startswith("model.")]
+    assert trunk and all(torch.equal(actor[k], critic[k]) for k in trunk)  # the critic ran on the actor's trunk
+
+
 def test_batch_that_does_not_split_over_the_processes_stops_before_writing(work):
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m", "quartet", "ppo",
            "--config", "ppo.yaml", "--output", "ppo-odd", "--ppo.rollout_batch_size", "3", "--ppo.mini_batch_size", "3"]

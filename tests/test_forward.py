@@ -1,13 +1,16 @@
 """Forward passes: padding on either side changes no log-prob, value or score."""
 
+import pytest
 import torch
 
 from quartet.models.forward import (
     causal_lm_logits,
+    head_parameters,
     in_row_chunks,
     last_token_index,
     scoring_rows,
     sequence_scores,
+    share_trunk,
     token_values,
     vocab_size,
 )
@@ -127,3 +130,48 @@ def test_scoring_rows_grow_within_the_logits_budget(lm_dir):
     assert scoring_rows(4, 512, 152_000, budget_bytes=64 * mib) == 4
     assert scoring_rows(8, 32, None) == 8  # vocabulary unknown: the micro-batch
     assert vocab_size(load_causal_lm(lm_dir)) == load_causal_lm(lm_dir).get_output_embeddings().weight.shape[0]
+
+
+@pytest.mark.parametrize("architecture", ["llama", "gpt2"])
+def test_shared_trunk_forward_equals_plain_actor_and_critic_forwards(lm_dir, tokenizer, architecture):
+    """One trunk pass feeding the LM head and the score head gives what two plain forwards give:
+    the actor's log-probs and entropies, and the critic's values on the same (shared) trunk."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
+
+    from quartet.stages.ppo import ActorCritic
+
+    if architecture == "llama":
+        actor, critic = load_causal_lm(lm_dir), load_scalar_model(lm_dir)
+    else:
+        config = GPT2Config(vocab_size=len(tokenizer), n_positions=64, n_embd=32, n_layer=2, n_head=2, num_labels=1,
+                            pad_token_id=tokenizer.pad_token_id)
+        torch.manual_seed(0)
+        actor, critic = GPT2LMHeadModel(config), GPT2ForSequenceClassification(config)
+    share_trunk(actor, critic)
+    assert critic.base_model is actor.base_model
+    assert head_parameters(critic, actor) == [critic.score.weight]  # the critic's own: its head only
+    pad = tokenizer.pad_token_id
+    prompt_ids, prompt_mask = _pad([[5, 17, 42], [8], [61, 62]], pad, "left")
+    response_ids, response_mask = _pad([[9, 33, 21, 4], [3, 77], [63, 64, 65, 66]], pad, "right")
+    seq, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
+    shared = ActorCritic(actor, critic, shared_trunk=True).eval()
+    two_forwards = ActorCritic(actor, critic, shared_trunk=False).eval()
+    with torch.no_grad():
+        got, expected = shared(seq, mask, response_ids, 0.7), two_forwards(seq, mask, response_ids, 0.7)
+        p = prompt_ids.shape[1]
+        plain_values = token_values(critic, seq, mask)[:, p - 1 : -1]
+    valid = response_mask.bool()
+    for name, a, b in zip(("log-probs", "entropy", "values"), got, expected):
+        torch.testing.assert_close(a[valid], b[valid], atol=1e-5, rtol=0, msg=name)
+    torch.testing.assert_close(got[2][valid], plain_values[valid], atol=1e-5, rtol=0)
+    assert got[2].abs().max() > 0  # the head reads real hidden states
+
+
+def test_share_trunk_refuses_different_architectures(lm_dir, scalar_dir):
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    gpt2_critic = GPT2ForSequenceClassification(GPT2Config(n_embd=16, n_layer=1, n_head=2, vocab_size=64, num_labels=1))
+    with pytest.raises(ValueError, match="cannot share a trunk between LlamaForCausalLM"):
+        share_trunk(load_causal_lm(lm_dir), gpt2_critic)
+    with pytest.raises(ValueError, match="has no 'score' head"):
+        share_trunk(load_causal_lm(lm_dir), load_causal_lm(lm_dir))

@@ -73,6 +73,24 @@ def test_huge_beta_keeps_the_policy_at_the_reference(fruit):
     assert _mean(huge, "kl/ref", "last") < 0.5 * _mean(small, "kl/ref", "last")
 
 
+def test_shared_trunk_raises_the_reward_and_saves_a_critic_on_the_final_trunk(fruit):
+    from transformers import AutoModelForSequenceClassification
+
+    run_ppo(_ppo_config(fruit, "ppo_shared", beta=0.1, shared_trunk=True))
+    records = read_metrics(fruit / "ppo_shared" / "metrics.jsonl")
+    print("score per step:", [round(r["score/mean"], 2) for r in records])
+    assert records[0]["kl/ref"] == pytest.approx(0.0, abs=1e-6)
+    assert _mean(records, "score/mean", "last") > _mean(records, "score/mean", "first") + 0.25
+    assert _mean(records, "value/explained_variance", "last") > _mean(records, "value/explained_variance", "first")
+    actor = AutoModelForCausalLM.from_pretrained(fruit / "ppo_shared" / "final")
+    critic = AutoModelForSequenceClassification.from_pretrained(fruit / "ppo_shared" / "final_critic")
+    sft = AutoModelForCausalLM.from_pretrained(fruit / "sft" / "final")
+    trunk, critic_trunk, sft_trunk = (m.base_model.state_dict() for m in (actor, critic, sft))
+    assert trunk.keys() == critic_trunk.keys()
+    assert all(torch.equal(trunk[k], critic_trunk[k]) for k in trunk)  # one trunk, saved twice
+    assert not all(torch.equal(trunk[k], sft_trunk[k]) for k in trunk)  # and it was trained
+
+
 def test_callable_reward_and_adaptive_kl_through_the_python_api(fruit):
     cfg = _ppo_config(fruit, "ppo_api", beta=0.5, steps=4, adaptive_kl=True, kl_target=0.01, kl_horizon=100)
     cfg.models.reward_fn = None

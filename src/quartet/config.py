@@ -210,6 +210,11 @@ class PPOSection(Section):
     bf16: bool = Field(False, description="bf16 autocast for generation, scoring and updates (GPUs with bf16; see README).")
     compile: bool = Field(False, description="torch.compile the actor and critic forward of the PPO updates "
                                              "(a one-time compile of about a minute; see README).")
+    shared_trunk: bool = Field(False, description="The critic is a value head on the actor's own trunk: one trunk "
+                                                  "forward and backward per update instead of two (changes the "
+                                                  "algorithm: the value loss trains the actor's trunk; see README).")
+    vf_coef: float = Field(0.1, gt=0, description="Weight of the value loss in the shared trunk's loss "
+                                                  "(with separate models each has its own gradients: unused).")
 
 
 class PromptDataConfig(DataConfig):
@@ -245,7 +250,13 @@ class PPOConfig(StageConfig):
         if self.generation.min_new_tokens > self.generation.max_new_tokens:
             raise ValueError(f"generation.min_new_tokens ({self.generation.min_new_tokens}) exceeds "
                              f"generation.max_new_tokens ({self.generation.max_new_tokens})")
-        if self.models.critic_init == "reward" and not self.models.reward and not self.models.critic:
+        if p.shared_trunk and self.models.critic:
+            raise ValueError("ppo.shared_trunk builds the critic on the actor's trunk: leave models.critic unset")
+        if p.shared_trunk and self.lora.enabled:
+            raise ValueError("ppo.shared_trunk does not combine with LoRA (the value loss would have to train "
+                             "the frozen trunk): turn one of them off")
+        if (self.models.critic_init == "reward" and not p.shared_trunk and not self.models.reward
+                and not self.models.critic):
             raise ValueError("models.critic_init is 'reward' but there is no reward model (reward_fn given): "
                              "set models.critic_init=actor or models.critic")
         return self

@@ -27,7 +27,8 @@ def last_token_index(attention_mask: torch.Tensor) -> torch.Tensor:
     return (positions * attention_mask.long()).argmax(-1)  # [batch]
 
 
-def _score_head(model: PreTrainedModel) -> torch.nn.Module:
+def score_head(model: PreTrainedModel) -> torch.nn.Module:
+    """The linear `score` head of a one-output sequence classifier (reward model or critic)."""
     head = getattr(model, "score", None)
     if head is None:
         raise ValueError(
@@ -42,7 +43,7 @@ def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask
     hidden = model.base_model(
         input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
     ).last_hidden_state  # [batch, seq, hidden]
-    head = _score_head(model)
+    head = score_head(model)
     return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
 
 
@@ -117,3 +118,25 @@ def vocab_size(model: torch.nn.Module) -> int | None:
     config = getattr(model, "config", None)
     text_config = config.get_text_config() if hasattr(config, "get_text_config") else config
     return getattr(text_config, "vocab_size", None)
+
+
+def share_trunk(actor: PreTrainedModel, critic: PreTrainedModel) -> PreTrainedModel:
+    """Make `critic` (a one-output sequence classifier) run on `actor`'s own trunk modules.
+
+    Afterwards the critic's only parameters of its own are its score head; everything else is
+    the actor's, so training either moves both. Saved with `save_pretrained`, the critic is still
+    a complete sequence-classification model (the trunk as it was at that moment).
+    """
+    score_head(critic)
+    trunk, critic_trunk = actor.base_model, critic.base_model
+    if type(trunk) is not type(critic_trunk):
+        raise ValueError(f"cannot share a trunk between {type(actor).__name__} ({type(trunk).__name__}) and "
+                         f"{type(critic).__name__} ({type(critic_trunk).__name__})")
+    setattr(critic, critic.base_model_prefix, trunk)
+    return critic
+
+
+def head_parameters(critic: PreTrainedModel, actor: PreTrainedModel) -> list[torch.nn.Parameter]:
+    """The critic's parameters that are not the actor's: all of them, or with a shared trunk its head only."""
+    actor_ids = {id(p) for p in actor.parameters()}
+    return [p for p in critic.parameters() if id(p) not in actor_ids]

@@ -7,7 +7,8 @@ One step, as in DeepSpeed-Chat's step 3 and the user's note:
      on the last one (rl.rewards);
   4. GAE advantages and returns, computed backwards from the last token (rl.advantages);
   5. `ppo_epochs` passes of clipped policy and value losses over shuffled mini-batches
-     (rl.losses), with separate optimizers for actor and critic.
+     (rl.losses), with separate optimizer groups and clipping for actor and critic
+     (`ppo.shared_trunk` puts the critic's head on the actor's trunk instead: an option).
 The math lives in `quartet.rl`; this module only composes it with models and runs.
 
 Dropout stays off in every PPO forward pass (models are kept in eval mode), so before the
@@ -39,9 +40,13 @@ from quartet.data import collate_prompts, load_prompts, tokenize_prompts
 from quartet.models.forward import (
     TokenValueModel,
     causal_lm_logits,
+    head_parameters,
     in_row_chunks,
+    position_ids_from_mask,
+    score_head,
     scoring_rows,
     sequence_scores,
+    share_trunk,
     vocab_size,
 )
 from quartet.models.loading import (
@@ -203,25 +208,47 @@ class ActorCritic(torch.nn.Module):
 
     DeepSpeed drives one model per engine (TRL's PPO pairs policy and value the same way);
     the two keep separate learning rates (optimizer parameter groups) and gradient clipping.
+    With `shared_trunk` the critic runs on the actor's trunk (see `share_trunk`), and one trunk
+    pass feeds both the LM head and the critic's score head.
     """
 
-    def __init__(self, actor: PreTrainedModel, critic: PreTrainedModel):
+    def __init__(self, actor: PreTrainedModel, critic: PreTrainedModel, shared_trunk: bool = False):
         super().__init__()
         self.actor = actor
         self.critic = TokenValueModel(critic)
+        self.shared_trunk = shared_trunk
 
     def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
                 temperature: float, with_entropy: bool = True
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
         """Response log-probs [b, r], the policy's entropy at each response position [b, r]
         (no gradient; None unless `with_entropy`) and values V(S_t) [b, r]."""
+        if self.shared_trunk:
+            return self._shared_trunk_forward(sequences, attention_mask, response_ids, temperature, with_entropy)
         logits = _response_logits(self.actor, sequences, attention_mask, response_ids)
-        if with_entropy:
-            logprobs, entropy = token_logprobs_and_entropy(logits, response_ids, temperature)
-        else:
-            logprobs, entropy = token_logprobs(logits, response_ids, temperature), None
         values = response_values(self.critic, sequences, attention_mask, response_ids.shape[1])
-        return logprobs, entropy, values
+        return (*_logprobs_and_entropy(logits, response_ids, temperature, with_entropy), values)
+
+    def _shared_trunk_forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
+                              temperature: float, with_entropy: bool
+                              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The positions that predict the response tokens are the states S_t the values belong to:
+        one forward (without the last position, as in `_response_logits`) gives both."""
+        response_len = response_ids.shape[1]
+        seq, mask = sequences[:, :-1], attention_mask[:, :-1]
+        out = self.actor(input_ids=seq, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                         logits_to_keep=response_len, use_cache=False, output_hidden_states=True)
+        head = score_head(self.critic.model)
+        hidden = out.hidden_states[-1][:, -response_len:]  # the trunk's output, after its final norm
+        values = head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+        return (*_logprobs_and_entropy(out.logits, response_ids, temperature, with_entropy), values)
+
+
+def _logprobs_and_entropy(logits: torch.Tensor, response_ids: torch.Tensor, temperature: float,
+                          with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    if with_entropy:
+        return token_logprobs_and_entropy(logits, response_ids, temperature)
+    return token_logprobs(logits, response_ids, temperature), None
 
 
 def decode_texts(tokenizer: PreTrainedTokenizerBase, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
@@ -283,15 +310,21 @@ class PPOTrainer:
         self.ranks = run.ranks
         check_batches_split(cfg, self.ranks)
         self.sampling = SamplingConfig(**cfg.generation.model_dump())
-        self.actor_critic = ActorCritic(actor, critic)
+        if self.p.shared_trunk:
+            if self.ranks.shards_parameters:
+                raise ValueError("ppo.shared_trunk runs on one process or with DDP; FSDP and DeepSpeed would "
+                                 "shard the shared trunk twice: turn it off for them")
+            share_trunk(actor, critic)
+        self.actor_critic = ActorCritic(actor, critic, shared_trunk=self.p.shared_trunk)
+        # with a shared trunk the critic's own parameters are its score head (no parameter in two groups)
         self.optimizer = make_optimizer([{"params": actor.parameters(), "lr": self.p.actor_lr},
-                                         {"params": critic.parameters(), "lr": self.p.critic_lr}],
+                                         {"params": head_parameters(critic, actor), "lr": self.p.critic_lr}],
                                         self.p.actor_lr, self.p.weight_decay)
         # the pair as wrapped for the launched backend (DDP/FSDP/DeepSpeed), set in train()
         self.trained: torch.nn.Module = self.actor_critic
         self.update_forward: torch.nn.Module = self.trained  # torch.compile(d) in _train when ppo.compile
         # the parameters clipped at each optimizer step, listed again after wrapping in train()
-        self.trained_parameters = (list(actor.parameters()), list(critic.parameters()))
+        self.trained_parameters = (list(actor.parameters()), head_parameters(critic, actor))
         self.kl_ctl = (AdaptiveKLController(self.p.beta, self.p.kl_target, self.p.kl_horizon)
                        if self.p.adaptive_kl else FixedKLController(self.p.beta))
         self.running_scores = RunningMeanStd()
@@ -470,6 +503,7 @@ class PPOTrainer:
         grad_norms = {"grad_norm/actor": 0.0, "grad_norm/critic": 0.0}
         n_updates = 0
         shuffle = self.step_generator(1)
+        value_weight = p.vf_coef if p.shared_trunk else 1.0
 
         def add(key: str, value: float, weight: float) -> None:
             sums[key] = sums.get(key, 0.0) + value * weight
@@ -495,8 +529,9 @@ class PPOTrainer:
                                                             exp.advantages[micro], mask, p.cliprange)
                             vf_loss, vf_stats = value_loss(values.float(), exp.old_values[micro], exp.returns[micro],
                                                            mask, p.cliprange_value)
-                        # actor and critic share no parameters: one backward gives both gradients
-                        ranks.backward((pg_loss + vf_loss) * (weight * ranks.world))
+                        # one backward gives both gradients; separate models share no parameters, so
+                        # only a shared trunk needs the value loss weighted against the policy loss
+                        ranks.backward((pg_loss + value_weight * vf_loss) * (weight * ranks.world))
                     for key, value in (("loss/policy", pg_loss), ("loss/value", vf_loss),
                                        ("policy/clipfrac", pg_stats["clipfrac"]),
                                        ("policy/approx_kl", pg_stats["approx_kl"]),
@@ -642,7 +677,7 @@ class PPOTrainer:
         # the update's forward and backward, optionally compiled (generation and scoring stay eager)
         self.update_forward = torch.compile(self.trained) if self.p.compile else self.trained
         # listed once, after wrapping: walking the module trees every optimizer step costs about 1 ms
-        self.trained_parameters = (list(self.actor.parameters()), list(self.critic.parameters()))
+        self.trained_parameters = (list(self.actor.parameters()), head_parameters(self.critic, self.actor))
         bar = progress_bar(self.p.steps, desc="ppo", initial=self.step, disable=not self.ranks.is_main)
         started = time.perf_counter()
         while self.step < self.p.steps:
@@ -729,7 +764,8 @@ def run_ppo(cfg: PPOConfig, resume: bool = False, reward_fn: RewardFn | None = N
         reference = None if (m.reference or m.actor) == m.actor else load_causal_lm(m.reference, m.trust_remote_code, m.allow_pickle)
     else:
         reference = load_causal_lm(m.reference or m.actor, m.trust_remote_code, m.allow_pickle)
-    critic_source = m.critic or (m.reward if m.critic_init == "reward" else m.actor)
+    # a shared trunk is the actor's: the critic's score head starts fresh, as with critic_init=actor
+    critic_source = m.actor if cfg.ppo.shared_trunk else m.critic or (m.reward if m.critic_init == "reward" else m.actor)
     critic = load_scalar_model(critic_source, m.trust_remote_code, m.allow_pickle, pad_token_id=tokenizer.pad_token_id)
 
     check_context_length(actor, max(map(len, prompts)) + cfg.generation.max_new_tokens,
