@@ -5,6 +5,7 @@ from pathlib import Path
 
 import pytest
 
+from asset_paths import HH_SAMPLE
 from quartet.data import (
     DataError,
     PreferenceExample,
@@ -20,7 +21,6 @@ from quartet.data import (
     preference_to_sft,
 )
 from quartet.models.tokenizer import train_bpe_tokenizer
-from shared_paths import HH_SAMPLE
 
 EOS = "<|endoftext|>"
 

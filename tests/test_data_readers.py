@@ -7,8 +7,8 @@ import pandas as pd
 import pytest
 from datasets import Dataset, DatasetDict
 
+from asset_paths import HH_SAMPLE
 from quartet.data import DataError, Row, read_rows
-from shared_paths import HH_SAMPLE
 
 RECORDS = [
     {"prompt": "Hi there", "completion": "Hello!"},

@@ -6,6 +6,7 @@ import torch
 from tokenizers import Tokenizer, processors
 from transformers import PreTrainedTokenizerFast
 
+from asset_paths import HH_SAMPLE
 from quartet.data import (
     IGNORE_INDEX,
     PreferenceExample,
@@ -23,7 +24,6 @@ from quartet.data import (
     tokenize_sft,
 )
 from quartet.models.tokenizer import train_bpe_tokenizer
-from shared_paths import HH_SAMPLE
 
 CORPUS = ["Hello there, how are you? I am fine, thanks.", "What is two plus two? Four.",
           "Human: tell me a story. Assistant: once upon a time."] * 5

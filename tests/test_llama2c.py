@@ -11,12 +11,11 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from asset_paths import STORIES260K
 from quartet.models.llama2c import convert_llama2c, read_llama2c_header
-from shared_paths import STORIES260K
 
 DATA = STORIES260K
 CKPT, TOK = DATA / "stories260K.bin", DATA / "tok512.bin"
-pytestmark = pytest.mark.skipif(not CKPT.is_file() or not TOK.is_file(), reason="stories260K files not available")
 
 # llama2.c test_all.py: `run stories260K.bin -z tok512.bin -t 0 -n 200` must print exactly this.
 EXPECTED = (

@@ -13,7 +13,7 @@ from quartet.runs.metrics import read_metrics
 from quartet.stages.ppo import run_ppo
 from quartet.stages.reward import run_reward
 from quartet.stages.sft import run_sft
-from shared_paths import HH_SAMPLE, STORIES260K
+from asset_paths import HH_SAMPLE, STORIES260K
 
 STORIES = STORIES260K
 HH = HH_SAMPLE
