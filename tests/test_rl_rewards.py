@@ -1,4 +1,5 @@
-"""Reward shaping, score normalisation, RunningMeanStd and the missing-EOS penalty, against plain Python."""
+"""Reward shaping, score normalisation, RunningMeanStd, the missing-EOS penalty and DAPO's overlong penalty,
+against plain Python."""
 
 import json
 import math
@@ -7,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from quartet.rl import RunningMeanStd, normalize_scores, penalize_missing_eos, per_token_rewards
+from quartet.rl import RunningMeanStd, normalize_scores, overlong_penalty, penalize_missing_eos, per_token_rewards
 from rl_helpers import LENGTHS, T, ragged_mask, with_garbage
 
 
@@ -129,3 +130,35 @@ def test_penalize_missing_eos():
     has_eos = torch.tensor([True, False, True, False])
     assert penalize_missing_eos(scores, has_eos, -4.0).tolist() == pytest.approx([0.3, -4.0, 2.0, -4.0])
     assert penalize_missing_eos(scores, has_eos.float(), 1.5).tolist() == pytest.approx([0.3, 1.5, 2.0, 1.5])
+
+
+# ---- DAPO's soft overlong punishment ----
+
+
+def reference_overlong(length, max_new_tokens, buffer_len, factor):
+    threshold = max_new_tokens - buffer_len
+    if length <= threshold:
+        return 0.0
+    if length <= max_new_tokens:
+        return factor * (threshold - length) / buffer_len
+    return -factor
+
+
+@pytest.mark.parametrize("max_new_tokens, buffer_len, factor", [(20, 8, 1.0), (20, 20, 0.5), (16, 1, 2.0)])
+def test_overlong_penalty_matches_eq13(max_new_tokens, buffer_len, factor):
+    lengths = list(range(0, max_new_tokens + 3))
+    got = overlong_penalty(torch.tensor(lengths), max_new_tokens, buffer_len, factor)
+    assert got.is_floating_point()
+    expected = [reference_overlong(n, max_new_tokens, buffer_len, factor) for n in lengths]
+    assert got.tolist() == pytest.approx(expected, abs=1e-7)
+    assert float(got[max_new_tokens]) == -factor  # exactly the full penalty at the limit
+    assert float(got[max_new_tokens - buffer_len]) == 0.0  # and exactly none at the ramp's start
+
+
+def test_overlong_penalty_examples_and_bad_buffer():
+    # limit 20 with a buffer of 8: free up to 12 tokens, then 1/8 of the penalty per token
+    got = overlong_penalty(torch.tensor([5, 12, 13, 16, 20]), max_new_tokens=20, buffer_len=8)
+    assert got.tolist() == [0.0, 0.0, -0.125, -0.5, -1.0]
+    for bad in (0, -1, 21):
+        with pytest.raises(ValueError, match="buffer_len"):
+            overlong_penalty(torch.tensor([5]), max_new_tokens=20, buffer_len=bad)

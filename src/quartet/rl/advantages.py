@@ -1,4 +1,5 @@
-"""Generalised advantage estimation (GAE) and masked whitening for PPO.
+"""Advantages: GAE and masked whitening for PPO, and the critic-free estimators (GRPO,
+Dr. GRPO, RLOO, REINFORCE++) whose baseline is the sample's prompt group (see ``quartet.rl.groups``).
 
 Each row is one episode: its valid tokens form a prefix (see ``quartet.rl.masks``), and the
 state after the last valid token is terminal (value 0). The results are regression /
@@ -9,9 +10,14 @@ from __future__ import annotations
 
 import torch
 
+from quartet.rl.groups import group_mean, group_sizes, group_std
 from quartet.rl.masks import masked_mean, masked_var
 
-__all__ = ["gae_advantages", "whiten"]
+__all__ = [
+    "gae_advantages", "whiten",
+    "GRPO_SCALES", "grpo_advantages", "rloo_advantages", "group_baseline", "discounted_returns",
+    "broadcast_to_tokens",
+]
 
 
 def gae_advantages(
@@ -58,3 +64,78 @@ def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: fl
     if not shift_mean:
         whitened = whitened + mean
     return torch.where(mask.bool(), whitened, torch.zeros_like(whitened))
+
+
+# ---- critic-free, group-relative advantages: one scalar per sample ([B]) ----
+
+GRPO_SCALES = ("group", "batch", "none")
+
+
+def grpo_advantages(
+    scores: torch.Tensor, group_ids: torch.Tensor, scale: str = "group", eps: float = 1e-6
+) -> torch.Tensor:
+    """GRPO advantages ``[B]``: ``A_i = (r_i - mean_g) / (std + eps)``.
+
+    ``scale="group"``: ``std = std_g`` of the sample's group (DeepSeekMath);
+    ``"batch"``: ``std`` of all ``B`` raw scores (TRL's ``scale_rewards="batch"``);
+    ``"none"``: ``A_i = r_i - mean_g``, no division (Dr. GRPO).
+    Stds are unbiased (``torch.std`` default, as TRL and verl). A sample alone in its group
+    gets 0 (it has no baseline but itself; verl instead gives it ``r_i / (1 + eps)``).
+    """
+    if scale not in GRPO_SCALES:
+        raise ValueError(f"unknown GRPO advantage scale {scale!r}; valid: {', '.join(GRPO_SCALES)}")
+    centered = scores - group_mean(scores, group_ids)  # [B]
+    if scale == "none":
+        return centered
+    if scale == "group":
+        std = group_std(scores, group_ids)  # [B]
+    else:
+        std = group_std(scores, torch.zeros_like(group_ids))  # [B], the whole batch as one group
+    return centered / (std + eps)
+
+
+def rloo_advantages(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """RLOO advantages ``[B]``: ``A_i = r_i - (sum_{j in g, j != i} r_j) / (n_g - 1)``.
+
+    The baseline is the mean of the OTHER samples of the group (leave-one-out, Ahmadian et al.
+    2024); equal to ``n_g / (n_g - 1) * (r_i - mean_g)``. A sample alone in its group gets 0.
+    """
+    n = group_sizes(group_ids).to(scores.dtype)  # [B]
+    others_mean = (n * group_mean(scores, group_ids) - scores) / (n - 1).clamp(min=1)  # [B]
+    return torch.where(n > 1, scores - others_mean, torch.zeros_like(scores))
+
+
+def group_baseline(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """``r_i - mean_g`` ``[B]``: the group-mean baseline (REINFORCE++-baseline's first step, Dr. GRPO's advantage)."""
+    return scores - group_mean(scores, group_ids)
+
+
+def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
+    """Token-level returns ``[B, T]``: ``G_t = r_t + gamma * G_{t+1}`` over each row's valid prefix, 0 elsewhere.
+
+    ``G`` is 0 past the last valid token (an invalid position inside a row would act as an
+    episode end, as in ``gae_advantages``). REINFORCE++ uses it on KL-shaped per-token rewards
+    (``per_token_rewards``) before whitening.
+    """
+    valid = mask.bool()  # [B, T]
+    zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
+    r = torch.where(valid, rewards, zero)  # [B, T]
+    next_return = torch.zeros_like(r[:, 0])  # [B] G_{t+1}
+    returns_reversed = []
+    for t in reversed(range(r.shape[-1])):
+        next_return = torch.where(valid[:, t], r[:, t] + gamma * next_return, zero)  # [B]
+        returns_reversed.append(next_return)
+    if not returns_reversed:
+        return r
+    return torch.stack(returns_reversed[::-1], dim=1)  # [B, T]
+
+
+def broadcast_to_tokens(sequence_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """``[B]`` per-sequence values onto every valid token of their row ``[B, T]``, 0 elsewhere."""
+    if sequence_values.shape != mask.shape[:1]:
+        raise ValueError(
+            f"sequence_values has shape {tuple(sequence_values.shape)} for a mask of shape {tuple(mask.shape)}; "
+            "pass one value per row ([B])"
+        )
+    zero = torch.zeros((), dtype=sequence_values.dtype, device=sequence_values.device)
+    return torch.where(mask.bool(), sequence_values.unsqueeze(-1), zero)  # [B, T]

@@ -2,8 +2,9 @@
 
 DeepSpeed-Chat step 3: every valid response token gets ``-beta * kl_t`` (KL of actor vs the
 frozen reference), and the row's last valid token additionally gets the (clipped) sequence
-score from the reward model. Also: score normalisation with running statistics, and a
-penalty for responses that never emitted EOS (truncated at the generation limit).
+score from the reward model. Also: score normalisation with running statistics, a
+penalty for responses that never emitted EOS (truncated at the generation limit), and DAPO's
+soft overlong punishment.
 """
 
 from __future__ import annotations
@@ -17,7 +18,8 @@ import torch
 from quartet.rl.kl import kl_estimate
 from quartet.rl.masks import last_valid_index
 
-__all__ = ["per_token_rewards", "normalize_scores", "RunningMeanStd", "penalize_missing_eos"]
+__all__ = ["per_token_rewards", "normalize_scores", "RunningMeanStd", "penalize_missing_eos", "overlong_penalty",
+           "shape_scores"]
 
 
 def per_token_rewards(
@@ -109,3 +111,46 @@ class RunningMeanStd:
 
     def __repr__(self) -> str:
         return f"RunningMeanStd(mean={self.mean:.6g}, std={self.std:.6g}, count={self.count})"
+
+
+def overlong_penalty(
+    lengths: torch.Tensor, max_new_tokens: int, buffer_len: int, penalty_factor: float = 1.0
+) -> torch.Tensor:
+    """DAPO's soft overlong punishment ``[B]`` (Yu et al. 2025, eq. 13), to add to the scores.
+
+    With ``L = max_new_tokens`` and the buffer ``L_b = buffer_len``, a response of ``|y|`` tokens gets
+    ``0`` when ``|y| <= L - L_b``, ``penalty_factor * ((L - L_b) - |y|) / L_b`` when
+    ``L - L_b < |y| <= L`` (a linear ramp down to ``-penalty_factor`` at ``|y| = L``), and
+    ``-penalty_factor`` beyond ``L``. Integer lengths give a float result (the default dtype).
+    """
+    if not 0 < buffer_len <= max_new_tokens:
+        raise ValueError(
+            f"overlong buffer_len must be in (0, max_new_tokens={max_new_tokens}], got {buffer_len}"
+        )
+    if not lengths.is_floating_point():
+        lengths = lengths.to(torch.get_default_dtype())
+    threshold = max_new_tokens - buffer_len
+    ramp = (threshold - lengths).clamp(min=-buffer_len, max=0) / buffer_len  # [B] in [-1, 0]
+    return ramp * penalty_factor
+
+
+def shape_scores(raw_scores: torch.Tensor, has_eos: torch.Tensor, normalization: str = "none",
+                 stored_stats: tuple[float, float] | None = None, running: RunningMeanStd | None = None,
+                 missing_eos_penalty: float | None = None) -> torch.Tensor:
+    """Scores ``[B]`` as the rewards use them.
+
+    ``normalization``: ``"none"``; ``"stored"``, with the reward model's saved ``(mean, std)``;
+    ``"running"``, with ``running`` after merging this batch into it. Then rows whose response
+    never emitted EOS get ``missing_eos_penalty`` (when set).
+    """
+    scores = raw_scores
+    if normalization == "stored":
+        scores = normalize_scores(scores, *stored_stats)
+    elif normalization == "running":
+        running.update(raw_scores)
+        scores = normalize_scores(scores, running.mean, running.std)
+    elif normalization != "none":
+        raise ValueError(f"unknown score normalization {normalization!r}; valid: none, stored, running")
+    if missing_eos_penalty is not None:
+        scores = penalize_missing_eos(scores, has_eos, missing_eos_penalty)
+    return scores
