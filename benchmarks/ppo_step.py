@@ -4,7 +4,7 @@
 The models are built from config (GPT-2 architecture, 4 layers, width 256, 4 heads, vocabulary
 4096, context 256: four models of 4.27 M parameters), prompts are 16 tokens, responses exactly
 `--new-tokens` tokens (EOS suppressed), 32 rollouts per step, mini-batch 8, temperature 0.7, fp32.
-The step is `quartet ppo`'s own code path (`run_ppo`), not a special one.
+The step is `quartet ppo`'s own code path (`run_rl`), not a special one.
 
     python benchmarks/ppo_step.py                       # config A: 4 PPO epochs, 32 new tokens
     python benchmarks/ppo_step.py --ppo-epochs 1        # config B
@@ -49,12 +49,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--bf16", action="store_true", help="ppo.bf16: bf16 autocast (measures the option)")
-    p.add_argument("--compile", action="store_true", help="ppo.compile: torch.compile the update's forward "
+    p.add_argument("--bf16", action="store_true", help="train.bf16: bf16 autocast (measures the option)")
+    p.add_argument("--compile", action="store_true", help="train.compile: torch.compile the update's forward "
                    "(the warm-up step absorbs the compile; use --warmup 1 or more)")
-    p.add_argument("--forward-batch-size", type=int, help="ppo.forward_batch_size: rows per scoring forward "
+    p.add_argument("--forward-batch-size", type=int, help="batch.forward_batch_size: rows per scoring forward "
                    "(default: the training micro-batch)")
-    p.add_argument("--shared-trunk", action="store_true", help="ppo.shared_trunk: the critic as a value head on the "
+    p.add_argument("--shared-trunk", action="store_true", help="models.shared_trunk: the critic as a value head on the "
                    "actor's trunk (measures the option; changes the algorithm)")
     p.add_argument("--workdir", help="where the models and the run go (default: a temporary directory)")
     return p.parse_args(argv)
@@ -131,25 +131,25 @@ def main(argv: list[str] | None = None) -> dict:
     import torch
 
     torch.set_num_threads(a.threads)
-    from quartet.config import PPOConfig, build_config
+    from quartet.config import RLConfig, build_config
     from quartet.runs.metrics import read_metrics
-    from quartet.stages.ppo import run_ppo
+    from quartet.stages.rl import run_rl
 
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(a.workdir or tmp)
         actor, reward, prompts = build_models(a, root)
         (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": p}) + "\n" for p in prompts))
-        cfg = build_config(PPOConfig, {
+        cfg = build_config(RLConfig, {
             "run": {"output_dir": str(root / "run"), "seed": a.seed},
-            "models": {"actor": str(actor), "reward": str(reward), "critic_init": "reward"},
+            "models": {"actor": str(actor), "reward": str(reward), "critic_init": "reward", "shared_trunk": a.shared_trunk},
             "data": {"train": str(root / "prompts.jsonl"), "max_prompt_length": a.prompt_len},
-            "generation": {"max_new_tokens": a.new_tokens, "min_new_tokens": a.new_tokens, "temperature": a.temperature},
-            "ppo": {"steps": a.steps, "rollout_batch_size": a.batch, "mini_batch_size": a.mini_batch,
-                    "ppo_epochs": a.ppo_epochs, "log_every": 1, "sample_every": 10**9, "n_samples": 0,
-                    "bf16": a.bf16, "compile": a.compile, "forward_batch_size": a.forward_batch_size,
-                    "shared_trunk": a.shared_trunk},
+            "rollout": {"max_new_tokens": a.new_tokens, "min_new_tokens": a.new_tokens, "temperature": a.temperature},
+            "batch": {"rollout_batch_size": a.batch, "mini_batch_size": a.mini_batch, "ppo_epochs": a.ppo_epochs,
+                      "forward_batch_size": a.forward_batch_size},
+            "train": {"steps": a.steps, "log_every": 1, "sample_every": 10**9, "n_samples": 0, "bf16": a.bf16,
+                      "compile": a.compile},
         })
-        run_ppo(cfg)
+        run_rl(cfg)
         records = read_metrics(root / "run" / "metrics.jsonl")[a.warmup:]
         params_no_embed = sum(p.numel() for n, p in _actor_body(actor))
     median = lambda key: statistics.median(r[key] for r in records)  # noqa: E731

@@ -1,13 +1,17 @@
 """Shared fixtures: a tokenizer trained here and tiny models saved as Hugging Face directories."""
 
+import json
 import os
+import random
 
 import pytest
 import torch
 
+from quartet.config import SFTConfig, build_config
 from quartet.models.loading import save_model
 from quartet.models.presets import build_preset_model
 from quartet.models.tokenizer import train_bpe_tokenizer
+from quartet.stages.sft import run_sft
 
 os.environ.setdefault("QUARTET_PROGRESS", "0")
 torch.set_num_threads(2)
@@ -40,3 +44,22 @@ def scalar_dir(tmp_path_factory, tokenizer):
     path = tmp_path_factory.mktemp("rm")
     save_model(build_preset_model("nano", tokenizer, seed=1, scalar=True), tokenizer, path)
     return path
+
+
+FRUITS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"]
+
+
+@pytest.fixture(scope="session")
+def fruit(tmp_path_factory):
+    """An SFT model that lists random fruits (each about 1/8 of the time), and a prompt file."""
+    root = tmp_path_factory.mktemp("fruit")
+    rng = random.Random(0)
+    rows = [{"prompt": "List some fruits:", "completion": " " + " ".join(rng.choice(FRUITS) for _ in range(6))}
+            for _ in range(400)]
+    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    (root / "prompts.jsonl").write_text(json.dumps({"prompt": "List some fruits:"}) + "\n")
+    run_sft(build_config(SFTConfig, {
+        "run": {"output_dir": str(root / "sft")}, "model": {"preset": "nano", "vocab_size": 300},
+        "data": {"train": str(root / "sft.jsonl"), "eval_fraction": 0.05, "max_length": 32},
+        "train": {"lr": 3e-3, "max_steps": 60, "batch_size": 16, "eval_every": 60}}))
+    return root

@@ -6,3 +6,8 @@ TARGET = "apple"
 def apple_fraction(prompts: list[str], responses: list[str]) -> list[float]:
     """The fraction of words in each response that are 'apple'."""
     return [sum(w == TARGET for w in r.split()) / max(len(r.split()), 1) for r in responses]
+
+
+def target_fraction(prompts: list[str], responses: list[str], target: list[str]) -> list[float]:
+    """The fraction of words in each response that are the row's own `target` column (a verifiable reward)."""
+    return [sum(w == t for w in r.split()) / max(len(r.split()), 1) for r, t in zip(responses, target)]

@@ -117,8 +117,8 @@ def test_prompt_plus_response_longer_than_the_context(tmp_path, lm_dir, earlier_
     data = _jsonl(tmp_path / "q.jsonl", [{"prompt": "apples and bananas " * 120}])
     _fails_cleanly(["ppo", "--models.actor", str(lm_dir), "--models.reward_fn", "rule_rewards:apple_fraction",
                     "--models.critic_init", "actor", "--data.train", data, "--data.max_prompt_length", "250",
-                    "--generation.max_new_tokens", "32"], earlier_run, capsys,
-                   "context is 256 tokens", "generation.max_new_tokens")
+                    "--rollout.max_new_tokens", "32"], earlier_run, capsys,
+                   "context is 256 tokens", "rollout.max_new_tokens")
 
 
 # --------------------------------------------------------------------------- models
@@ -219,8 +219,8 @@ def test_impossible_value(tmp_path, earlier_run, capsys):
 
 def test_batch_not_divisible_by_mini_batch(tmp_path, lm_dir, scalar_dir, earlier_run, capsys):
     prompts = _jsonl(tmp_path / "q.jsonl", [{"prompt": "hi"}])
-    _fails_cleanly([*_ppo(lm_dir, scalar_dir, prompts), "--ppo.rollout_batch_size", "10", "--ppo.mini_batch_size", "4"],
-                   earlier_run, capsys, "ppo.rollout_batch_size (10)", "ppo.mini_batch_size (4)")
+    _fails_cleanly([*_ppo(lm_dir, scalar_dir, prompts), "--batch.rollout_batch_size", "10", "--batch.mini_batch_size", "4"],
+                   earlier_run, capsys, "batch.rollout_batch_size (10)", "batch.mini_batch_size (4)")
 
 
 def test_output_path_that_is_a_file(tmp_path, capsys):

@@ -3,7 +3,7 @@
 import pytest
 import yaml
 
-from quartet.config import ConfigError, PPOConfig, RewardConfig, SFTConfig, dump_config, load_config, parse_overrides
+from quartet.config import ConfigError, RewardConfig, RLConfig, SFTConfig, dump_config, load_config, parse_overrides
 from quartet.stages.pipeline import build_pipeline_configs
 
 
@@ -60,43 +60,66 @@ def test_resolved_config_round_trips(tmp_path):
 
 def test_ppo_batch_arithmetic_is_checked_at_load():
     base = ["--models.actor", "a", "--models.reward", "r"]
-    with pytest.raises(ConfigError, match=r"rollout_batch_size \(12\) must be a multiple of ppo.mini_batch_size \(8\)"):
-        load_config(PPOConfig, None, base + ["--ppo.rollout_batch_size", "12"])
-    with pytest.raises(ConfigError, match=r"mini_batch_size \(8\) must be a multiple of ppo.grad_accum \(3\)"):
-        load_config(PPOConfig, None, base + ["--ppo.grad_accum", "3"])
+    with pytest.raises(ConfigError, match=r"rollout_batch_size \(12\) must be a multiple of batch.mini_batch_size \(8\)"):
+        load_config(RLConfig, None, base + ["--batch.rollout_batch_size", "12"])
+    with pytest.raises(ConfigError, match=r"mini_batch_size \(8\) must be a multiple of batch.grad_accum \(3\)"):
+        load_config(RLConfig, None, base + ["--batch.grad_accum", "3"])
     with pytest.raises(ConfigError, match=r"set models.reward \(a reward model directory\) or models.reward_fn"):
-        load_config(PPOConfig, None, ["--models.actor", "a"])
+        load_config(RLConfig, None, ["--models.actor", "a"])
 
 
 def test_shared_trunk_refuses_a_separate_critic_and_lora():
-    base = ["--models.actor", "a", "--models.reward", "r", "--ppo.shared_trunk", "true"]
-    assert load_config(PPOConfig, None, base).ppo.shared_trunk
-    with pytest.raises(ConfigError, match="ppo.shared_trunk builds the critic on the actor's trunk: leave models.critic"):
-        load_config(PPOConfig, None, base + ["--models.critic", "c"])
-    with pytest.raises(ConfigError, match="ppo.shared_trunk does not combine with LoRA"):
-        load_config(PPOConfig, None, base + ["--lora.enabled", "true"])
+    base = ["--models.actor", "a", "--models.reward", "r", "--models.shared_trunk", "true"]
+    assert load_config(RLConfig, None, base).models.shared_trunk
+    with pytest.raises(ConfigError, match="models.shared_trunk builds the critic on the actor's trunk: leave models.critic"):
+        load_config(RLConfig, None, base + ["--models.critic", "c"])
+    with pytest.raises(ConfigError, match="models.shared_trunk does not combine with LoRA"):
+        load_config(RLConfig, None, base + ["--lora.enabled", "true"])
     # the value head starts fresh on the actor's trunk: no reward model needed for the critic
-    assert load_config(PPOConfig, None, ["--models.actor", "a", "--models.reward_fn", "m:f", "--ppo.shared_trunk", "true"])
+    assert load_config(RLConfig, None, ["--models.actor", "a", "--models.reward_fn", "m:f", "--models.shared_trunk", "true"])
 
 
 def test_deepspeed_chat_preset_sits_under_overrides():
     base = ["--models.actor", "a", "--models.reward", "r", "--preset", "deepspeed-chat"]
-    cfg = load_config(PPOConfig, None, base)
-    p = cfg.ppo
+    cfg = load_config(RLConfig, None, base)
+    p = cfg.algorithm
     assert (p.beta, p.adaptive_kl, p.clip_reward_value, p.gamma, p.lam) == (0.1, False, 5.0, 1.0, 0.95)
-    assert (p.whiten_advantages, p.ppo_epochs, p.cliprange, p.cliprange_value) == (False, 1, 0.2, 0.2)
-    assert load_config(PPOConfig, None, base + ["--ppo.ppo_epochs", "3"]).ppo.ppo_epochs == 3
+    assert (p.whiten_advantages, cfg.batch.ppo_epochs, p.cliprange, p.cliprange_value) == (False, 1, 0.2, 0.2)
+    assert load_config(RLConfig, None, base + ["--batch.ppo_epochs", "3"]).batch.ppo_epochs == 3
     with pytest.raises(ConfigError, match="unknown preset 'nope'"):
-        load_config(PPOConfig, None, ["--models.actor", "a", "--models.reward", "r", "--preset", "nope"])
+        load_config(RLConfig, None, ["--models.actor", "a", "--models.reward", "r", "--preset", "nope"])
+
+
+def test_keys_of_the_flat_ppo_section_keep_working_under_their_new_names(tmp_path):
+    path = tmp_path / "old.yaml"
+    path.write_text("models: {actor: a, reward: r}\ngeneration: {max_new_tokens: 12}\n"
+                    "ppo: {steps: 7, beta: 0.3, actor_lr: 2.0e-5, rollout_batch_size: 8, shared_trunk: true}\n")
+    with pytest.warns(FutureWarning, match=r"ppo.beta -> algorithm.beta.*ppo.ppo_epochs -> batch.ppo_epochs"):
+        cfg = load_config(RLConfig, path, ["--ppo.ppo_epochs", "3"])
+    assert (cfg.train.steps, cfg.algorithm.beta, cfg.optim.actor_lr, cfg.batch.rollout_batch_size) == (7, 0.3, 2e-5, 8)
+    assert cfg.rollout.max_new_tokens == 12 and cfg.models.shared_trunk and cfg.batch.ppo_epochs == 3
+    new = load_config(RLConfig, None, ["--models.actor", "a", "--models.reward", "r", "--rollout.max_new_tokens", "12",
+                                       "--train.steps", "7", "--algorithm.beta", "0.3", "--optim.actor_lr", "2e-5",
+                                       "--batch.rollout_batch_size", "8", "--models.shared_trunk", "true",
+                                       "--batch.ppo_epochs", "3"])
+    assert new == cfg
+    # an old section's key that never existed is named, with the closest current key
+    with pytest.raises(ConfigError, match=r"unknown config key 'ppo.betaa'; did you mean 'algorithm.beta'"):
+        load_config(RLConfig, None, ["--models.actor", "a", "--models.reward", "r", "--ppo.betaa", "1"])
+
+
+def test_an_unknown_algorithm_is_named_with_the_registered_ones():
+    with pytest.raises(ConfigError, match=r"unknown algorithm 'ppoo'; registered: .*ppo"):
+        load_config(RLConfig, None, ["--models.actor", "a", "--models.reward", "r", "--algorithm.name", "ppoo"])
 
 
 def test_pipeline_wires_each_stage_to_the_previous_one(tmp_path):
     sft, reward, ppo = build_pipeline_configs(
         {"output_dir": str(tmp_path), "sft": {"data": {"train": "s.jsonl"}}, "reward": {"data": {"train": "p.jsonl"}},
-         "ppo": {"data": {"train": "q.jsonl"}}}, ["--ppo.ppo.steps", "7"])
+         "ppo": {"data": {"train": "q.jsonl"}}}, ["--ppo.train.steps", "7"])
     assert reward.model.path == str(tmp_path / "sft" / "final")
     assert ppo.models.actor == str(tmp_path / "sft" / "final")
     assert ppo.models.reward == str(tmp_path / "reward" / "final")
-    assert ppo.ppo.steps == 7 and sft.run.output_dir == str(tmp_path / "sft")
+    assert ppo.train.steps == 7 and sft.run.output_dir == str(tmp_path / "sft")
     with pytest.raises(ConfigError, match="pipeline section 'reward': unknown config key 'train.lrr'"):
         build_pipeline_configs({"reward": {"train": {"lrr": 1}}})

@@ -11,11 +11,11 @@ from safetensors.torch import load_file
 
 import quartet.stages.sft as sft_stage
 from quartet.cli import main
-from quartet.config import PPOConfig, SFTConfig, build_config
+from quartet.config import RLConfig, SFTConfig, build_config
 from quartet.runs.checkpoint import list_checkpoints
 from quartet.runs.faults import NumericalFault
 from quartet.runs.metrics import read_metrics
-from quartet.stages.ppo import run_ppo
+from quartet.stages.rl import run_rl
 from quartet.stages.sft import run_sft
 
 ROWS = [{"prompt": f"Q: what comes after {i}?\nA:", "completion": f" {i + 1}."} for i in range(40)]
@@ -100,13 +100,13 @@ def test_ppo_step_with_a_nan_score_is_skipped_and_counted(lm_dir, tmp_path, caps
         calls["n"] += 1
         return [float("nan") if calls["n"] == 2 else len(r) / 40 for r in responses]
 
-    cfg = build_config(PPOConfig, {
+    cfg = build_config(RLConfig, {
         "run": {"output_dir": str(tmp_path / "run")},
         "models": {"actor": str(lm_dir), "critic_init": "actor", "reward_fn": "rule_rewards:apple_fraction"},
-        "data": {"train": str(tmp_path / "prompts.jsonl")}, "generation": {"max_new_tokens": 6},
-        "ppo": {"steps": 4, "rollout_batch_size": 4, "mini_batch_size": 2, "save_every": 1, "keep_checkpoints": 5},
+        "data": {"train": str(tmp_path / "prompts.jsonl")}, "rollout": {"max_new_tokens": 6},
+        "batch": {"rollout_batch_size": 4, "mini_batch_size": 2}, "train": {"steps": 4, "save_every": 1, "keep_checkpoints": 5},
     })
-    summary = run_ppo(cfg, reward_fn=reward)  # the Python callable takes the place of the configured one
+    summary = run_rl(cfg, reward_fn=reward)  # the Python callable takes the place of the configured one
     assert summary["steps"] == 4 and "update skipped" in capsys.readouterr().err
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert [r["skipped_nonfinite"] for r in records] == [0, 1, 1, 1]

@@ -83,7 +83,7 @@ def test_logits_to_keep_matches_full_head(lm_dir):
 
 def test_scoring_in_row_chunks_gives_the_whole_batch_numbers(lm_dir, scalar_dir, tokenizer):
     """PPO scores rollouts a few rows at a time (ppo.forward_batch_size): the same log-probs and scores."""
-    from quartet.stages.ppo import response_logprobs
+    from quartet.models.policy import response_logprobs
 
     rows = ROWS + [[11, 12], [90, 91, 92, 93, 94], [7]]
     ids, mask = _pad(rows, tokenizer.pad_token_id, "left")
@@ -103,7 +103,7 @@ def test_scoring_in_row_chunks_gives_the_whole_batch_numbers(lm_dir, scalar_dir,
 def test_ppo_forward_equals_a_plain_forward_over_the_whole_sequence(lm_dir, scalar_dir, tokenizer):
     """The PPO forward skips the last position (nothing is read there): the same log-probs and values
     as a plain forward over prompt + response, with left-padded prompts and right-padded responses."""
-    from quartet.stages.ppo import ActorCritic
+    from quartet.models.policy import ActorCritic
 
     pad = tokenizer.pad_token_id
     prompt_ids, prompt_mask = _pad([[5, 17, 42], [8], [61, 62]], pad, "left")
@@ -138,7 +138,7 @@ def test_shared_trunk_forward_equals_plain_actor_and_critic_forwards(lm_dir, tok
     the actor's log-probs and entropies, and the critic's values on the same (shared) trunk."""
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
-    from quartet.stages.ppo import ActorCritic
+    from quartet.models.policy import ActorCritic
 
     if architecture == "llama":
         actor, critic = load_causal_lm(lm_dir), load_scalar_model(lm_dir)

@@ -104,6 +104,7 @@ def assert_same_run(straight: Path, resumed: Path, model_dirs: tuple[str, ...] =
 SFT_STEPS = 200
 REWARD_STEPS = 150
 PPO_STEPS = 40
+GRPO_STEPS = 30
 
 
 @pytest.fixture(scope="module")
@@ -133,25 +134,41 @@ def work(tmp_path_factory) -> Path:
     (root / "ppo.yaml").write_text(
         "models: {actor: actor, reward: rm, critic_init: actor}\n"
         "data: {train: prompts.jsonl}\n"
-        "generation: {max_new_tokens: 8}\n"
-        f"ppo: {{steps: {PPO_STEPS}, rollout_batch_size: 8, mini_batch_size: 4, ppo_epochs: 2, beta: 0.1,"
-        " log_every: 1, save_every: 1, adaptive_kl: true, sample_every: 5, n_samples: 2}\n")
+        "algorithm: {beta: 0.1, adaptive_kl: true}\n"
+        "rollout: {max_new_tokens: 8}\n"
+        "batch: {rollout_batch_size: 8, mini_batch_size: 4, ppo_epochs: 2}\n"
+        f"train: {{steps: {PPO_STEPS}, log_every: 1, save_every: 1, sample_every: 5, n_samples: 2}}\n")
+    # GRPO with DAPO's dynamic sampling (the prompt stream moves a varying amount per step) and a KL
+    # loss term; a 0/1 rule reward, so some groups carry no signal and are replaced
+    (root / "kill_rewards.py").write_text(
+        "def has_a_one(prompts, responses):\n    return [1.0 if '1' in r else 0.0 for r in responses]\n")
+    (root / "grpo.yaml").write_text(
+        "preset: dapo\n"
+        "models: {actor: actor, reward_fn: 'kill_rewards:has_a_one'}\n"
+        "data: {train: prompts.jsonl}\n"
+        "algorithm: {beta: 0.05, kl_penalty: loss, max_sampling_rounds: 3}\n"
+        "rollout: {max_new_tokens: 6, n: 4}\n"
+        "batch: {rollout_batch_size: 16, mini_batch_size: 8}\n"
+        "optim: {actor_lr: 1.0e-3}\n"
+        f"train: {{steps: {GRPO_STEPS}, log_every: 1, save_every: 1, sample_every: 5, n_samples: 2}}\n")
     return root
 
 
 @pytest.fixture(scope="module")
 def straight(work) -> dict[str, Path]:
     """Each stage run once, uninterrupted."""
-    for stage in ("sft", "reward", "ppo"):
+    stages = ("sft", "reward", "ppo", "grpo")
+    for stage in stages:
         done = _run(_quartet(stage, "--config", f"{stage}.yaml", "--output", f"{stage}-straight"), work, f"{stage}.log")
         assert done.returncode == 0, (work / f"{stage}.log").read_text()[-3000:]
-    return {stage: work / f"{stage}-straight" for stage in ("sft", "reward", "ppo")}
+    return {stage: work / f"{stage}-straight" for stage in stages}
 
 
 @pytest.mark.parametrize("stage,last_step,models", [
     ("sft", SFT_STEPS, ("final",)),
     ("reward", REWARD_STEPS, ("final",)),
     ("ppo", PPO_STEPS, ("final", "final_critic")),
+    ("grpo", GRPO_STEPS, ("final",)),
 ])
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(work, straight, stage, last_step, models):
     out = work / f"{stage}-killed"
@@ -162,7 +179,7 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(work, straight, s
     assert resumed.returncode == 0, (work / f"{stage}-resumed.log").read_text()[-3000:]
     assert not list((out / "checkpoints").glob(".tmp-*")), "a half-written checkpoint was left behind"
     assert_same_run(straight[stage], out, models)
-    if stage == "ppo":  # the sample log is cut back to the checkpoint too
+    if stage in ("ppo", "grpo"):  # the sample log is cut back to the checkpoint too
         a = (straight[stage] / "samples.jsonl").read_text().splitlines()
         b = (out / "samples.jsonl").read_text().splitlines()
         assert [json.loads(x)["step"] for x in a] == [json.loads(x)["step"] for x in b]

@@ -5,7 +5,7 @@ import math
 import pytest
 import torch
 
-from quartet.runs.trainer import warmup_cosine_factor, warmup_cosine_schedule
+from quartet.runs.optim import warmup_cosine_factor, warmup_cosine_schedule
 
 
 def test_factor_by_hand():
@@ -39,13 +39,13 @@ def test_scheduler_drives_the_optimizer_and_round_trips_its_state():
 
 @pytest.mark.parametrize("native", [False, True])
 def test_cpu_bf16_warns_once_when_emulated(monkeypatch, capsys, native):
-    from quartet.runs import trainer
+    from quartet.runs import precision
 
-    monkeypatch.setattr(trainer, "cpu_has_native_bf16", lambda: native)
-    trainer._warn_if_cpu_bf16_is_emulated.cache_clear()
+    monkeypatch.setattr(precision, "cpu_has_native_bf16", lambda: native)
+    precision._warn_if_cpu_bf16_is_emulated.cache_clear()
     for _ in range(2):
-        with trainer.autocast_context(torch.device("cpu"), True):
+        with precision.autocast_context(torch.device("cpu"), True):
             assert torch.get_autocast_dtype("cpu") == torch.bfloat16
     warnings = capsys.readouterr().err.count("no native bf16")
     assert warnings == (0 if native else 1)
-    trainer._warn_if_cpu_bf16_is_emulated.cache_clear()
+    precision._warn_if_cpu_bf16_is_emulated.cache_clear()

@@ -29,11 +29,11 @@ def test_pipeline_runs_three_stages_in_order(tmp_path):
         "reward": {"data": {"train": _lines(tmp_path / "prefs.jsonl", prefs)},
                    "train": {"lr": 3e-3, "max_steps": 20, "batch_size": 16}},
         "ppo": {"data": {"train": _lines(tmp_path / "prompts.jsonl", [{"prompt": prompt}])},
-                "generation": {"max_new_tokens": 8},
-                "ppo": {"steps": 3, "rollout_batch_size": 8, "mini_batch_size": 4}},
+                "rollout": {"max_new_tokens": 8},
+                "batch": {"rollout_batch_size": 8, "mini_batch_size": 4}, "train": {"steps": 3}},
     }
     (tmp_path / "pipeline.yaml").write_text(yaml.safe_dump(config))
-    assert main(["pipeline", "--config", str(tmp_path / "pipeline.yaml"), "--ppo.ppo.beta", "0.2"]) == 0
+    assert main(["pipeline", "--config", str(tmp_path / "pipeline.yaml"), "--ppo.algorithm.beta", "0.2"]) == 0
     out = tmp_path / "out"
     for stage in ("sft", "reward", "ppo"):
         assert (out / stage / "final" / "model.safetensors").exists(), stage
@@ -42,7 +42,7 @@ def test_pipeline_runs_three_stages_in_order(tmp_path):
     assert reward_cfg["model"]["path"] == str(out / "sft" / "final")
     assert ppo_cfg["models"]["actor"] == str(out / "sft" / "final")
     assert ppo_cfg["models"]["reward"] == str(out / "reward" / "final")
-    assert ppo_cfg["ppo"]["beta"] == 0.2
+    assert ppo_cfg["algorithm"]["beta"] == 0.2
     assert len(read_metrics(out / "ppo" / "metrics.jsonl")) == 3
     # the critic starts from the reward model (DeepSpeed-Chat's default)
     assert (out / "ppo" / "final_critic" / "model.safetensors").exists()

@@ -8,40 +8,23 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from quartet.config import PPOConfig, SFTConfig, build_config
+from quartet.config import RLConfig, build_config
 from quartet.runs.metrics import read_metrics
-from quartet.stages.ppo import run_ppo
-from quartet.stages.sft import run_sft
+from quartet.stages.rl import run_rl
 from rule_rewards import apple_fraction
 
-FRUITS = ["apple", "banana", "cherry", "grape", "lemon", "mango", "peach", "plum"]
 
-
-@pytest.fixture(scope="module")
-def fruit(tmp_path_factory):
-    """An SFT model that lists random fruits (each about 1/8 of the time), and a prompt file."""
-    root = tmp_path_factory.mktemp("fruit")
-    rng = random.Random(0)
-    rows = [{"prompt": "List some fruits:", "completion": " " + " ".join(rng.choice(FRUITS) for _ in range(6))}
-            for _ in range(400)]
-    (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    (root / "prompts.jsonl").write_text(json.dumps({"prompt": "List some fruits:"}) + "\n")
-    run_sft(build_config(SFTConfig, {
-        "run": {"output_dir": str(root / "sft")}, "model": {"preset": "nano", "vocab_size": 300},
-        "data": {"train": str(root / "sft.jsonl"), "eval_fraction": 0.05, "max_length": 32},
-        "train": {"lr": 3e-3, "max_steps": 60, "batch_size": 16, "eval_every": 60}}))
-    return root
-
-
-def _ppo_config(root, name, beta, steps=30, **ppo):
-    return build_config(PPOConfig, {
+def _ppo_config(root, name, beta, steps=30, algorithm=None, models=None, train=None):
+    return build_config(RLConfig, {
         "run": {"output_dir": str(root / name)},
         "models": {"actor": str(root / "sft" / "final"), "reward_fn": "rule_rewards:apple_fraction",
-                   "critic_init": "actor"},
+                   "critic_init": "actor", **(models or {})},
         "data": {"train": str(root / "prompts.jsonl")},
-        "generation": {"max_new_tokens": 10},
-        "ppo": {"steps": steps, "rollout_batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 4, "actor_lr": 3e-4,
-                "critic_lr": 1e-3, "beta": beta, **ppo},
+        "algorithm": {"beta": beta, **(algorithm or {})},
+        "rollout": {"max_new_tokens": 10},
+        "batch": {"rollout_batch_size": 16, "mini_batch_size": 8, "ppo_epochs": 4},
+        "optim": {"actor_lr": 3e-4, "critic_lr": 1e-3},
+        "train": {"steps": steps, **(train or {})},
     })
 
 
@@ -52,7 +35,7 @@ def _mean(records, key, part):
 
 
 def test_rule_reward_rises_while_kl_stays_bounded(fruit):
-    run_ppo(_ppo_config(fruit, "ppo_small_beta", beta=0.1))
+    run_rl(_ppo_config(fruit, "ppo_small_beta", beta=0.1))
     records = read_metrics(fruit / "ppo_small_beta" / "metrics.jsonl")
     print("score per step:", [round(r["score/mean"], 2) for r in records])
     print("KL per step:   ", [round(r["kl/ref"], 2) for r in records])
@@ -66,7 +49,7 @@ def test_rule_reward_rises_while_kl_stays_bounded(fruit):
 
 
 def test_huge_beta_keeps_the_policy_at_the_reference(fruit):
-    run_ppo(_ppo_config(fruit, "ppo_huge_beta", beta=100.0))
+    run_rl(_ppo_config(fruit, "ppo_huge_beta", beta=100.0))
     huge = read_metrics(fruit / "ppo_huge_beta" / "metrics.jsonl")
     small = read_metrics(fruit / "ppo_small_beta" / "metrics.jsonl")
     assert _mean(huge, "score/mean", "last") < _mean(huge, "score/mean", "first") + 0.1
@@ -76,7 +59,7 @@ def test_huge_beta_keeps_the_policy_at_the_reference(fruit):
 def test_shared_trunk_raises_the_reward_and_saves_a_critic_on_the_final_trunk(fruit):
     from transformers import AutoModelForSequenceClassification
 
-    run_ppo(_ppo_config(fruit, "ppo_shared", beta=0.1, shared_trunk=True))
+    run_rl(_ppo_config(fruit, "ppo_shared", beta=0.1, models={"shared_trunk": True}))
     records = read_metrics(fruit / "ppo_shared" / "metrics.jsonl")
     print("score per step:", [round(r["score/mean"], 2) for r in records])
     assert records[0]["kl/ref"] == pytest.approx(0.0, abs=1e-6)
@@ -92,9 +75,10 @@ def test_shared_trunk_raises_the_reward_and_saves_a_critic_on_the_final_trunk(fr
 
 
 def test_callable_reward_and_adaptive_kl_through_the_python_api(fruit):
-    cfg = _ppo_config(fruit, "ppo_api", beta=0.5, steps=4, adaptive_kl=True, kl_target=0.01, kl_horizon=100)
+    cfg = _ppo_config(fruit, "ppo_api", beta=0.5, steps=4,
+                      algorithm={"adaptive_kl": True, "kl_target": 0.01, "kl_horizon": 100})
     cfg.models.reward_fn = None
-    summary = run_ppo(cfg, reward_fn=apple_fraction)
+    summary = run_rl(cfg, reward_fn=apple_fraction)
     records = read_metrics(fruit / "ppo_api" / "metrics.jsonl")
     assert summary["steps"] == 4
     betas = [r["kl/beta"] for r in records]
@@ -102,13 +86,13 @@ def test_callable_reward_and_adaptive_kl_through_the_python_api(fruit):
 
 
 def test_checkpoint_resume_gives_identical_weights(fruit):
-    run_ppo(_ppo_config(fruit, "ppo_straight", beta=0.1, steps=4, save_every=2))
+    run_rl(_ppo_config(fruit, "ppo_straight", beta=0.1, steps=4, train={"save_every": 2}))
     straight = AutoModelForCausalLM.from_pretrained(fruit / "ppo_straight" / "final").state_dict()
     checkpoint = fruit / "ppo_straight" / "checkpoints" / "step-2"
     assert (checkpoint / "COMPLETE").exists() and (checkpoint / "actor" / "model.safetensors").exists()
     resumed_dir = fruit / "ppo_resumed"
     shutil.copytree(fruit / "ppo_straight" / "checkpoints", resumed_dir / "checkpoints")
-    run_ppo(_ppo_config(fruit, "ppo_resumed", beta=0.1, steps=4, save_every=2), resume=True)
+    run_rl(_ppo_config(fruit, "ppo_resumed", beta=0.1, steps=4, train={"save_every": 2}), resume=True)
     resumed = AutoModelForCausalLM.from_pretrained(resumed_dir / "final").state_dict()
     assert all(torch.equal(straight[k], resumed[k]) for k in straight)
     steps = [r["step"] for r in read_metrics(resumed_dir / "metrics.jsonl")]
@@ -122,15 +106,15 @@ def test_reward_model_critic_and_lora_reference(fruit, tmp_path):
 
     tokenizer = load_tokenizer(fruit / "sft" / "final")
     save_model(load_scalar_model(fruit / "sft" / "final"), tokenizer, tmp_path / "rm")
-    cfg = build_config(PPOConfig, {
+    cfg = build_config(RLConfig, {
         "run": {"output_dir": str(tmp_path / "run")},
         "models": {"actor": str(fruit / "sft" / "final"), "reward": str(tmp_path / "rm")},
-        "data": {"train": str(fruit / "prompts.jsonl")}, "generation": {"max_new_tokens": 6},
-        "ppo": {"steps": 2, "rollout_batch_size": 4, "mini_batch_size": 2, "grad_accum": 2, "n_samples": 2,
-                "sample_every": 1},
+        "data": {"train": str(fruit / "prompts.jsonl")}, "rollout": {"max_new_tokens": 6},
+        "batch": {"rollout_batch_size": 4, "mini_batch_size": 2, "grad_accum": 2},
+        "train": {"steps": 2, "n_samples": 2, "sample_every": 1},
         "lora": {"enabled": True, "r": 4},
     })
-    run_ppo(cfg)
+    run_rl(cfg)
     records = read_metrics(tmp_path / "run" / "metrics.jsonl")
     assert records[0]["kl/ref"] == pytest.approx(0.0, abs=1e-6)  # adapters start at zero: actor == reference
     assert AutoModelForCausalLM.from_pretrained(tmp_path / "run" / "final") is not None
@@ -145,15 +129,11 @@ def test_reward_model_critic_and_lora_reference(fruit, tmp_path):
 
 def test_prompt_batches_walk_seeded_epochs():
     """Each epoch visits every prompt once in a seeded order; batches run across epoch boundaries."""
-    from types import SimpleNamespace
-
-    from quartet.stages.ppo import PPOTrainer
+    from quartet.data.schedule import PromptSchedule
 
     prompts = [[i] for i in range(10)]
-    trainer = SimpleNamespace(p=SimpleNamespace(rollout_batch_size=4), cfg=SimpleNamespace(run=SimpleNamespace(seed=3)),
-                              prompts=prompts, _order_epoch=-1, _order=[])
-    trainer._epoch_order = lambda epoch: PPOTrainer._epoch_order(trainer, epoch)
-    got = [ids[0] for step in range(5) for ids in PPOTrainer.prompt_batch(trainer, step)]  # 20 rows: 2 epochs
+    schedule = PromptSchedule(prompts, batch_size=4, seed=3)
+    got = [ids[0] for step in range(5) for ids in schedule.batch(step)]  # 20 rows: 2 epochs
     expected = []
     for epoch in range(2):  # the plain definition: one seeded shuffle per epoch
         order = list(range(10))
@@ -162,4 +142,43 @@ def test_prompt_batches_walk_seeded_epochs():
     assert got == expected
     assert sorted(got[:10]) == list(range(10)) and got[:10] != got[10:]
     # asking for an earlier step again (a resume) gives the same rows
-    assert [ids[0] for ids in PPOTrainer.prompt_batch(trainer, 1)] == expected[4:8]
+    assert [ids[0] for ids in schedule.batch(1)] == expected[4:8]
+
+
+def test_a_critic_free_algorithm_is_a_registry_entry_of_a_few_lines(fruit):
+    """REINFORCE with a batch-mean baseline, registered here: no critic is loaded, trained, saved or resumed."""
+    from quartet.rl import broadcast_to_tokens
+    from quartet.rl.algorithms import ADVANTAGE_ESTIMATORS, ALGORITHMS, Algorithm, register_advantage, register_algorithm
+
+    @register_advantage("batch-mean-baseline")
+    def batch_mean_baseline(batch, settings):
+        returns = batch.rewards.sum(1)  # each response's score minus its KL penalty
+        return broadcast_to_tokens(returns - returns.mean(), batch.mask), None
+
+    register_algorithm(Algorithm("reinforce-test", advantage="batch-mean-baseline"))
+    try:
+        run_rl(_ppo_config(fruit, "reinforce", beta=0.1, algorithm={"name": "reinforce-test"}))
+        records = read_metrics(fruit / "reinforce" / "metrics.jsonl")
+        assert _mean(records, "score/mean", "last") > _mean(records, "score/mean", "first") + 0.25
+        assert not any(k.startswith(("loss/value", "value/", "grad_norm/critic", "return/")) for k in records[-1])
+        assert "grad_norm/actor" in records[-1] and "loss/policy" in records[-1]
+        assert not (fruit / "reinforce" / "final_critic").exists()
+        assert json.loads((fruit / "reinforce" / "summary.json").read_text())["stage"] == "reinforce-test"
+        samples = [json.loads(line) for line in (fruit / "reinforce" / "samples.jsonl").read_text().splitlines()]
+        assert samples and all("value" not in s and "return" not in s and s["advantage"] for s in samples)
+
+        # checkpoints hold the actor only, and resume as such to the same weights
+        straight = _ppo_config(fruit, "reinforce_straight", beta=0.1, steps=4, algorithm={"name": "reinforce-test"},
+                               train={"save_every": 2})
+        run_rl(straight)
+        checkpoint = fruit / "reinforce_straight" / "checkpoints" / "step-2"
+        assert (checkpoint / "actor").is_dir() and not (checkpoint / "critic").exists()
+        shutil.copytree(fruit / "reinforce_straight" / "checkpoints", fruit / "reinforce_resumed" / "checkpoints")
+        resumed = _ppo_config(fruit, "reinforce_resumed", beta=0.1, steps=4, algorithm={"name": "reinforce-test"},
+                              train={"save_every": 2})
+        run_rl(resumed, resume=True)
+        a, b = (AutoModelForCausalLM.from_pretrained(fruit / name / "final").state_dict()
+                for name in ("reinforce_straight", "reinforce_resumed"))
+        assert all(torch.equal(a[k], b[k]) for k in a)
+    finally:
+        del ALGORITHMS["reinforce-test"], ADVANTAGE_ESTIMATORS["batch-mean-baseline"]

@@ -2,8 +2,8 @@
 
 import torch
 
+from quartet.models.policy import ActorCritic
 from quartet.models.presets import build_preset_model
-from quartet.stages.ppo import ActorCritic
 
 
 def test_compiled_actor_critic_matches_eager(tokenizer):

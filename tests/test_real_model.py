@@ -7,13 +7,13 @@ from pathlib import Path
 import pytest
 from transformers import AutoModelForSequenceClassification
 
-from quartet.config import PPOConfig, RewardConfig, SFTConfig, build_config, load_config
+from asset_paths import HH_SAMPLE, STORIES260K
+from quartet.config import RewardConfig, RLConfig, SFTConfig, build_config, load_config
 from quartet.models.llama2c import convert_llama2c
 from quartet.runs.metrics import read_metrics
-from quartet.stages.ppo import run_ppo
 from quartet.stages.reward import run_reward
+from quartet.stages.rl import run_rl
 from quartet.stages.sft import run_sft
-from asset_paths import HH_SAMPLE, STORIES260K
 
 STORIES = STORIES260K
 HH = HH_SAMPLE
@@ -33,10 +33,10 @@ def _fifth(records, key, part):
 
 
 def test_ppo_makes_stories_happier_and_stays_fluent(stories, tmp_path):
-    cfg = load_config(PPOConfig, CONFIGS / "ppo_stories260k.yaml",
+    cfg = load_config(RLConfig, CONFIGS / "ppo_stories260k.yaml",
                       ["--models.actor", str(stories), "--run.output_dir", str(tmp_path / "ppo"),
                        "--data.train", str(CONFIGS / "story_prompts.jsonl")])
-    run_ppo(cfg)
+    run_rl(cfg)
     records = read_metrics(tmp_path / "ppo" / "metrics.jsonl")
     first, last = _fifth(records, "score/mean", "first"), _fifth(records, "score/mean", "last")
     print(f"happy score {first:.3f} -> {last:.3f}; KL {_fifth(records, 'kl/ref', 'last'):.2f}; reference perplexity "

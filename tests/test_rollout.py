@@ -4,10 +4,11 @@ import pytest
 import torch
 from transformers import GPT2Config, GPT2LMHeadModel
 
+from quartet.config import SamplingConfig
 from quartet.models.forward import position_ids_from_mask
 from quartet.models.loading import load_causal_lm
-from quartet.rollout.generate import SamplingConfig, filter_logits, sample_categorical, sample_responses
-from quartet.stages.ppo import response_logprobs
+from quartet.models.policy import response_logprobs
+from quartet.rollout.generate import filter_logits, sample_categorical, sample_responses
 
 
 def _prompts(pad_id):
@@ -195,3 +196,39 @@ def test_sampler_leaves_train_mode_and_returns_tensors_usable_in_autograd(lm_dir
     taken = logits.log_softmax(-1).gather(2, rollout.response_ids[:, :, None]).squeeze(2)
     (taken - rollout.logprobs).sum().backward()  # old log-probs and token ids enter the PPO loss graph
     assert model.lm_head.weight.grad is not None
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_a_group_shares_one_prefill_and_samples_what_repeated_prompts_sample(lm_dir, tokenizer, arch):
+    """n samples per prompt from one prefill (the KV cache repeated per group) = the prompts repeated n times."""
+    model = load_causal_lm(lm_dir).eval() if arch == "llama" else _tiny_gpt2(tokenizer)
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids, mask = _prompts(pad)  # left-padded prompts of three lengths
+    cfg = SamplingConfig(max_new_tokens=10, temperature=0.9, top_k=30)
+    grouped = sample_responses(model, ids, mask, cfg, eos, pad, generator=torch.Generator().manual_seed(3), n=4)
+    repeated = sample_responses(model, ids.repeat_interleave(4, 0), mask.repeat_interleave(4, 0), cfg, eos, pad,
+                                generator=torch.Generator().manual_seed(3))
+    assert grouped.response_ids.shape[0] == 12 and torch.equal(grouped.prompt_ids, repeated.prompt_ids)
+    assert torch.equal(grouped.response_ids, repeated.response_ids)
+    assert torch.equal(grouped.response_mask, repeated.response_mask)
+    torch.testing.assert_close(grouped.logprobs, repeated.logprobs, atol=1e-5, rtol=0)
+    assert len({tuple(r) for r in grouped.response_ids[:4].tolist()}) > 1  # the group's samples differ
+    # and the shared prefill's log-probs are those of a plain forward pass over each row
+    forward = response_logprobs(model, grouped.sequences, grouped.attention_mask, grouped.response_ids, 0.9)
+    valid = grouped.response_mask.bool()
+    torch.testing.assert_close(grouped.logprobs[valid], forward[valid], atol=1e-5, rtol=0)
+
+
+def test_a_group_split_over_ranks_samples_what_one_process_samples(lm_dir, tokenizer):
+    model = load_causal_lm(lm_dir).eval()
+    eos, pad = tokenizer.eos_token_id, tokenizer.pad_token_id
+    ids, mask = _prompts(pad)
+    cfg = SamplingConfig(max_new_tokens=8)
+    whole = sample_responses(model, ids, mask, cfg, eos, pad, generator=torch.Generator().manual_seed(5), n=2)
+    first = sample_responses(model, ids[:1], mask[:1], cfg, eos, pad, generator=torch.Generator().manual_seed(5),
+                             row_offset=0, total_rows=6, n=2)
+    rest = sample_responses(model, ids[1:], mask[1:], cfg, eos, pad, generator=torch.Generator().manual_seed(5),
+                            row_offset=2, total_rows=6, n=2)
+    width = first.response_ids.shape[1]
+    assert torch.equal(whole.response_ids[:2, :width], first.response_ids)
+    assert torch.equal(whole.response_ids[2:, :rest.response_ids.shape[1]], rest.response_ids)

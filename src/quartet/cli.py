@@ -6,14 +6,22 @@ import argparse
 import os
 import sys
 from collections.abc import Callable
+from functools import partial
 
 from quartet import __version__
 
 STAGE_HELP = "any config key as a dotted override, e.g. --train.lr 1e-4 (see the configs/ examples)"
 
 
-def _add_stage(sub, name: str, help_text: str) -> argparse.ArgumentParser:
-    parser = sub.add_parser(name, help=help_text, description=help_text, epilog=STAGE_HELP)
+def _add_stage(sub, name: str, help_text: str, config_name: str | None = None) -> argparse.ArgumentParser:
+    """A stage's subcommand; its --help lists every key of the stage's config (`config_name` in quartet.config)."""
+    epilog = STAGE_HELP
+    if config_name is not None:
+        from quartet import config
+
+        epilog = config.describe_config(getattr(config, config_name))
+    parser = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
+                            formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--output", help="run directory (same as --run.output_dir)")
     parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
@@ -42,11 +50,37 @@ def _cmd_reward(args, overrides: list[str]) -> None:
     run_reward(_stage_config(RewardConfig, args, overrides), resume=args.resume)
 
 
-def _cmd_ppo(args, overrides: list[str]) -> None:
-    from quartet.config import PPOConfig
-    from quartet.stages.ppo import run_ppo
+# online-RL subcommands: the algorithm each one runs (`quartet rl` takes --algorithm.name, default ppo)
+RL_COMMANDS = {
+    "ppo": ("ppo", "stage 3: PPO with actor, critic, reward model and reference"),
+    "grpo": ("grpo", "online RL with GRPO (group baselines, no critic; --preset dr-grpo or dapo for their fixes)"),
+    "rloo": ("rloo", "online RL with RLOO (leave-one-out group baseline, no critic)"),
+    "reinforce": ("reinforce++", "online RL with REINFORCE++ (whitened returns, no critic; "
+                                 "--algorithm.name reinforce++-baseline for the group baseline)"),
+    "rl": (None, "online RL with any registered algorithm (--algorithm.name; default ppo)"),
+}
 
-    run_ppo(_stage_config(PPOConfig, args, overrides), resume=args.resume)
+
+def _cmd_rl(algorithm: str | None, args, overrides: list[str]) -> None:
+    from quartet.config import RLConfig
+    from quartet.stages.rl import run_rl
+
+    named = any(o == "--algorithm.name" or o.startswith(("--algorithm.name=", "--preset")) for o in overrides)
+    if algorithm is not None and not named:  # the command's algorithm, unless named on the command line
+        overrides = ["--algorithm.name", algorithm, *overrides]
+    run_rl(_stage_config(RLConfig, args, overrides), resume=args.resume)
+
+
+def _rl_epilog(algorithm: str | None) -> str:
+    from quartet.config import RL_PRESETS, RLConfig, describe_config
+
+    text = describe_config(RLConfig)
+    preset = RL_PRESETS.get(algorithm or "")
+    if preset:
+        values = ", ".join(f"{section}.{key}={value}" for section, keys in preset.items() for key, value in keys.items())
+        text = (f"The {algorithm} preset sets these under your values (the defaults below are PPO's):\n  {values}\n\n"
+                + text)
+    return text
 
 
 def _cmd_pipeline(args, overrides: list[str]) -> None:
@@ -97,13 +131,17 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     parser.add_argument("--version", action="version", version=f"quartet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     handlers: dict[str, Callable] = {}
-    _add_stage(sub, "sft", "stage 1: supervised fine-tuning (actor and reference)")
+    _add_stage(sub, "sft", "stage 1: supervised fine-tuning (actor and reference)", "SFTConfig")
     handlers["sft"] = _cmd_sft
-    _add_stage(sub, "reward", "stage 2: reward model on chosen/rejected pairs")
+    _add_stage(sub, "reward", "stage 2: reward model on chosen/rejected pairs", "RewardConfig")
     handlers["reward"] = _cmd_reward
-    _add_stage(sub, "ppo", "stage 3: PPO with actor, critic, reward model and reference")
-    handlers["ppo"] = _cmd_ppo
-    _add_stage(sub, "pipeline", "all three stages in order from one config file")
+    for command, (algorithm, help_text) in RL_COMMANDS.items():
+        rl_parser = _add_stage(sub, command, help_text)
+        rl_parser.epilog = _rl_epilog(algorithm)
+        handlers[command] = partial(_cmd_rl, algorithm)
+    pipeline = _add_stage(sub, "pipeline", "all three stages in order from one config file")
+    pipeline.epilog = ("the file has sections sft:, reward: and ppo:, each a stage config (see quartet sft|reward|ppo "
+                       "--help), plus output_dir and seed; override a stage's key as --ppo.train.steps 10")
     handlers["pipeline"] = _cmd_pipeline
     score = sub.add_parser("score", help="score prompt/response pairs with a reward model",
                            description="Score a JSONL/JSON/CSV/Parquet file of prompt + response (or completion) "

@@ -19,6 +19,7 @@ from quartet.data.tokenize import (
     IGNORE_INDEX,
     TruncationStats,
     tokenize_preferences,
+    tokenize_prompt_examples,
     tokenize_prompts,
     tokenize_sft,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "preference_to_sft",
     "read_rows",
     "tokenize_preferences",
+    "tokenize_prompt_examples",
     "tokenize_prompts",
     "tokenize_sft",
 ]

@@ -43,7 +43,7 @@ text rows need none.
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -79,9 +79,11 @@ class PreferenceExample:
 
 @dataclass
 class PromptExample:
-    """A prompt to generate from (PPO), already rendered to text."""
+    """A prompt to generate from (online RL), already rendered to text, and the row's other fields
+    (e.g. a verifiable task's `answer`), which reward functions receive as keyword columns."""
 
     prompt: str
+    columns: dict[str, Any] = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- field checks
@@ -336,11 +338,12 @@ def parse_preference_row(row: Row, tokenizer: Any = None) -> PreferenceExample |
 
 def parse_prompt_row(row: Row, tokenizer: Any = None) -> PromptExample:
     """A PromptExample from `row` (text as-is; messages rendered with the generation prompt)."""
+    columns = {k: v for k, v in row.data.items() if k not in ("prompt", "messages")}
     if _present(row, "prompt"):
         value = _text_or_messages(row, "prompt", PROMPT_HINT)
         if isinstance(value, str):
-            return PromptExample(prompt=value)
-        return PromptExample(prompt=_render(row, tokenizer, value, True, "prompt"))
+            return PromptExample(prompt=value, columns=columns)
+        return PromptExample(prompt=_render(row, tokenizer, value, True, "prompt"), columns=columns)
     if _present(row, "messages"):
         value = row.data["messages"]
         if not isinstance(value, (list, tuple)):
@@ -352,7 +355,7 @@ def parse_prompt_row(row: Row, tokenizer: Any = None) -> PromptExample:
         if not messages:
             raise row.error("field 'messages' holds only an assistant reply, so there is no prompt to generate from",
                             "messages")
-        return PromptExample(prompt=_render(row, tokenizer, messages, True, "messages"))
+        return PromptExample(prompt=_render(row, tokenizer, messages, True, "messages"), columns=columns)
     raise _missing(row, "prompt", f"{PROMPT_HINT}; the row has {_fields(row)}")
 
 

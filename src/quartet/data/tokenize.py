@@ -160,15 +160,22 @@ def tokenize_preferences(examples: list[PreferenceExample], tokenizer: Any, max_
 def tokenize_prompts(examples: list[PromptExample], tokenizer: Any,
                      max_prompt_length: int) -> tuple[list[list[int]], TruncationStats]:
     """Prompt token ids, each left-truncated to its last max_prompt_length tokens (BOS kept, if used)."""
+    kept, stats = tokenize_prompt_examples(examples, tokenizer, max_prompt_length)
+    return [ids for ids, _ in kept], stats
+
+
+def tokenize_prompt_examples(examples: list[PromptExample], tokenizer: Any, max_prompt_length: int
+                             ) -> tuple[list[tuple[list[int], PromptExample]], TruncationStats]:
+    """`tokenize_prompts`, each kept prompt's ids with its example (whose columns reward functions read)."""
     _check_lengths(None, max_prompt_length)
     trunc = _Truncator(tokenizer, max_prompt_length)
     stats = TruncationStats(n_examples=len(examples))
     out = []
-    for ids in _encode(tokenizer, [ex.prompt for ex in examples]):
+    for ids, example in zip(_encode(tokenizer, [ex.prompt for ex in examples]), examples):
         ids, cut = trunc.prompt(ids)
         if not ids:
             stats.n_dropped += 1
             continue
         stats.n_prompt_truncated += cut
-        out.append(ids)
+        out.append((ids, example))
     return out, stats

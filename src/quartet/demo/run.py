@@ -19,11 +19,11 @@ from typing import Any
 
 import torch
 
-from quartet.config import PPOConfig, RewardConfig, SFTConfig, build_config
+from quartet.config import RewardConfig, RLConfig, SamplingConfig, SFTConfig, build_config
 from quartet.demo import world
 from quartet.models.loading import load_causal_lm, load_scalar_model
 from quartet.models.tokenizer import load_tokenizer
-from quartet.rollout.generate import SamplingConfig, generate_texts
+from quartet.rollout.generate import generate_texts
 
 PROMPT_TEMPLATE = "Diner: {request}\nGuide:"
 _PROMPT_RE = re.compile(r"Diner: (.*?)\nGuide:", re.S)
@@ -119,8 +119,8 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, seed: int = 
     continues from its latest checkpoint; the result is the same as an uninterrupted run.
     """
     from quartet.report import render_report
-    from quartet.stages.ppo import run_ppo
     from quartet.stages.reward import run_reward, score_texts
+    from quartet.stages.rl import run_rl
     from quartet.stages.sft import run_sft
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -196,20 +196,22 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, seed: int = 
     t = time.perf_counter()
     ppo_requests = world.prompts(town, 2000, world.SEED_PPO + seed)
     prompt_file = _write_jsonl(out / "data" / "prompts.jsonl", [{"prompt": render_prompt(r)} for r in ppo_requests])
-    ppo_cfg = build_config(PPOConfig, {
+    ppo_cfg = build_config(RLConfig, {
         "run": {"output_dir": str(out / "ppo"), "seed": seed},
         "models": {"actor": str(sft_dir), "reward": str(reward_dir)},
         "data": {"train": str(prompt_file), "max_prompt_length": 40},
-        "generation": {"max_new_tokens": settings.max_new_tokens, "min_new_tokens": MIN_NEW_TOKENS, "temperature": 1.0},
-        "ppo": {"steps": settings.ppo_steps, "rollout_batch_size": settings.rollout_batch_size,
-                "mini_batch_size": settings.mini_batch_size, "ppo_epochs": settings.ppo_epochs,
-                "actor_lr": settings.actor_lr, "critic_lr": settings.critic_lr, "beta": settings.beta,
-                "sample_every": max(1, settings.ppo_steps // 5), "n_samples": 3, "save_every": 10},
+        "algorithm": {"name": "ppo", "beta": settings.beta},
+        "rollout": {"max_new_tokens": settings.max_new_tokens, "min_new_tokens": MIN_NEW_TOKENS, "temperature": 1.0},
+        "batch": {"rollout_batch_size": settings.rollout_batch_size, "mini_batch_size": settings.mini_batch_size,
+                  "ppo_epochs": settings.ppo_epochs},
+        "optim": {"actor_lr": settings.actor_lr, "critic_lr": settings.critic_lr},
+        "train": {"steps": settings.ppo_steps, "sample_every": max(1, settings.ppo_steps // 5), "n_samples": 3,
+                  "save_every": 10},
     })
     if finished("ppo"):
         ppo_summary = json.loads((out / "ppo" / "summary.json").read_text(encoding="utf-8"))
     else:
-        ppo_summary = run_ppo(ppo_cfg, resume=resume, metric_fns=[gold_metric(town)])
+        ppo_summary = run_rl(ppo_cfg, resume=resume, metric_fns=[gold_metric(town)])
     ppo_dir = out / "ppo" / "final"
     seconds["ppo"] = time.perf_counter() - t
 

@@ -14,7 +14,16 @@ import math
 from pathlib import Path
 from typing import Any, Sequence
 
-from quartet.report.plots import PPO_PLOTS, REWARD_PLOTS, SFT_PLOTS, PlotSpec, load_jsonl, to_float, write_pngs
+from quartet.report.plots import (
+    PPO_PLOTS,
+    REWARD_PLOTS,
+    SFT_PLOTS,
+    PlotSpec,
+    load_jsonl,
+    reward_function_specs,
+    to_float,
+    write_pngs,
+)
 
 TOKEN_COLUMNS = [("actor_logprob", "actor logprob"), ("ref_logprob", "ref logprob"), ("kl_penalty", "KL penalty"),
                  ("value", "value"), ("reward", "reward"), ("advantage", "advantage"), ("return", "return")]
@@ -69,6 +78,14 @@ LEGEND = [
                   "better than the critic expected, so PPO makes it more likely."),
     ("return", "A_t + V_t (before any advantage whitening): the critic's training target."),
 ]
+
+INTRO_CRITIC_FREE = ("This run trains the <b>actor</b> without a critic: it samples several answers per prompt "
+                     "(a group) or whitens returns over the batch, and uses the other answers' scores as the baseline "
+                     "an answer is compared with. The <b>score</b> comes from reward functions or a frozen reward "
+                     "model; a frozen <b>reference</b> (the SFT model), when a KL term is set, keeps the actor close.")
+ADVANTAGE_LEGEND = ("advantage", "A_t: how much better this answer did than its baseline (GRPO: the group's mean, "
+                                 "divided by its std; RLOO: the other samples' mean; REINFORCE++: whitened returns). "
+                                 "Positive = the update makes these tokens more likely.")
 
 
 def esc(value: Any) -> str:
@@ -160,8 +177,8 @@ def summary_cards(demo: bool, summary: dict[str, Any], metrics: list[dict[str, A
                         summary.get("last/score/mean", last_value(metrics, "score/mean")), "first → last steps"),
             card("Final KL", fmt(summary.get("last/kl/ref", last_value(metrics, "kl/ref"))),
                  "nats per response, actor ‖ reference"),
-            card("Steps", "–" if steps is None else str(steps), "PPO updates"),
-            card("Time", f"{fmt(seconds, 0)} s", "PPO training"),
+            card("Steps", "–" if steps is None else str(steps), "RL steps"),
+            card("Time", f"{fmt(seconds, 0)} s", "RL training"),
         ]
         if not math.isnan(last_value(metrics, "gold/mean")):
             cards.insert(1, change_card("Gold (hidden judge)", first_value(metrics, "gold/mean"),
@@ -195,15 +212,17 @@ def pick_samples(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def token_table(sample: dict[str, Any]) -> str:
+    """The per-token quantities of one sample (the columns it has: no value or return without a critic)."""
     tokens = sample["tokens"][:MAX_TOKENS]
-    cols = {k: list(sample.get(k) or []) for k, _ in TOKEN_COLUMNS}
+    columns = [(k, label) for k, label in TOKEN_COLUMNS if k in sample]
+    cols = {k: list(sample.get(k) or []) for k, _ in columns}
     max_abs = {k: max([abs(to_float(v)) for v in vals if not math.isnan(to_float(v))] or [0.0])
                for k, vals in cols.items()}
     rows = []
     for t, tok in enumerate(tokens):
         cells = "".join(
             f'<td class="num"{cell_color(v, max_abs[k])}>{fmt(v)}</td>'
-            for k, _ in TOKEN_COLUMNS for v in [cols[k][t] if t < len(cols[k]) else None])
+            for k, _ in columns for v in [cols[k][t] if t < len(cols[k]) else None])
         last = t == len(sample["tokens"]) - 1
         mark = ' <span class="badge">+ score</span>' if last else ""
         shown = tok.replace("\n", "↵") if isinstance(tok, str) else str(tok)
@@ -211,7 +230,7 @@ def token_table(sample: dict[str, Any]) -> str:
                     f'<td class="tok"><code>{esc(shown)}</code>{mark}</td>{cells}</tr>')
     cut = note(f"Showing the first {MAX_TOKENS} of {len(sample['tokens'])} tokens.") \
         if len(sample["tokens"]) > MAX_TOKENS else ""
-    head = "".join(f"<th>{esc(label)}</th>" for _, label in TOKEN_COLUMNS)
+    head = "".join(f"<th>{esc(label)}</th>" for _, label in columns)
     return (f'<div class="sample"><h3>Step {esc(sample.get("step", "?"))} · score {fmt(sample.get("score"))}</h3>'
             f'<div class="resp" style="color:#6b7280">{esc(sample.get("prompt", ""))}</div>'
             f'<div class="resp"><b>{esc(sample.get("response", ""))}</b></div>{cut}'
@@ -253,15 +272,17 @@ def render_report(run_dir: str | Path, output: str | Path | None = None) -> Path
     samples = load_jsonl(ppo_dir / "samples.jsonl")
     summary = read_json(run_dir / "summary.json")
     pngs = write_pngs(run_dir)
+    algorithm = str(summary.get("stage", "ppo")) if not demo else "ppo"
+    critic = any("value/mean" in r for r in metrics) or not metrics
 
-    parts = [f"<h1>Quartet report · {'RLHF demo' if demo else 'PPO run'}</h1>",
-             f'<p class="sub">{esc(run_dir.resolve())}</p>', f'<p class="intro">{INTRO}</p>',
+    parts = [f"<h1>Quartet report · {'RLHF demo' if demo else esc(algorithm.upper()) + ' run'}</h1>",
+             f'<p class="sub">{esc(run_dir.resolve())}</p>', f'<p class="intro">{INTRO if critic else INTRO_CRITIC_FREE}</p>',
              "<h2>1. Summary</h2>", summary_cards(demo, summary, metrics)]
     if not summary:
         parts.append(note("No summary.json found; numbers above come from metrics.jsonl where possible."))
 
-    parts.append("<h2>2. PPO training curves</h2>")
-    curves = figures(PPO_PLOTS, pngs)
+    parts.append("<h2>2. Training curves</h2>")
+    curves = figures(PPO_PLOTS + reward_function_specs(metrics), pngs)
     parts.append(("<p>Faint dots are the logged values at each step; the solid line is a moving average.</p>"
                   + curves) if curves else note("No PPO metrics (metrics.jsonl) found."))
 
@@ -282,7 +303,9 @@ def render_report(run_dir: str | Path, output: str | Path | None = None) -> Path
     parts.append(f"<h2>{n}. Token by token: where the credit went</h2>")
     picked = pick_samples(samples)
     if picked:
-        legend = "".join(f"<dt>{esc(a)}</dt><dd>{esc(b)}</dd>" for a, b in LEGEND)
+        present = {label for key, label in TOKEN_COLUMNS if any(key in s for s in picked)}
+        entries = [e if critic or e[0] != "advantage" else ADVANTAGE_LEGEND for e in LEGEND]
+        legend = "".join(f"<dt>{esc(a)}</dt><dd>{esc(b)}</dd>" for a, b in entries if a == "token" or a in present)
         parts.append("<p>A few rollouts, one per table (the first from the earliest sampled step, the rest from the "
                      "last). Cells are red when negative and green when positive, stronger by magnitude relative to "
                      "the column. The reward of the <b>last token</b> (bold row) includes the reward model's score, "

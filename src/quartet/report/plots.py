@@ -70,6 +70,12 @@ PPO_PLOTS: list[PlotSpec] = [
              "Advantages are only as good as this fit.", ""),
     PlotSpec("grad_norm", "Gradient norms", ("grad_norm/actor", "grad_norm/critic"), ("actor", "critic"),
              "Size of the gradients before clipping. Spikes point at unstable steps.", "norm"),
+    PlotSpec("groups", "Groups without a learning signal", ("groups/no_signal",), ("share of groups",),
+             "Group algorithms (GRPO, RLOO, REINFORCE++-baseline) learn from the differences between the samples of "
+             "one prompt. A group whose samples all scored the same teaches nothing; when most groups are like "
+             "that (all right or all wrong), learning stalls. DAPO's dynamic sampling replaces them.", "share"),
+    PlotSpec("kl_loss", "KL loss term", ("loss/kl",), ("KL estimate (in the loss)",),
+             "With the KL penalty as a loss term (GRPO's k3), the aggregated KL estimate that beta multiplies.", ""),
     PlotSpec("time", "Time per step", ("time/generation", "time/scoring", "time/training"),
              ("generation", "scoring (reward + reference + critic)", "training"),
              "Where each step's seconds go. Generation is sequential token by token, so it often dominates.",
@@ -185,13 +191,31 @@ def plot_specs(records: Sequence[dict[str, Any]], specs: Sequence[PlotSpec], out
     return paths
 
 
+def reward_function_specs(records: Sequence[dict[str, Any]]) -> list[PlotSpec]:
+    """One plot of every reward function's mean score and one of every verifier's accuracy, when logged."""
+    keys = sorted({k for r in records for k in r})
+    means = tuple(k for k in keys if k.startswith("reward/") and k.endswith("/mean"))
+    accuracies = tuple(k for k in keys if k.startswith("accuracy/"))
+    specs = []
+    if means:
+        specs.append(PlotSpec("reward_functions", "Reward functions", means, tuple(k.split("/")[1] for k in means),
+                              "Each reward function's mean over the rows it judged; the score is their weighted sum.",
+                              "mean"))
+    if accuracies:
+        specs.append(PlotSpec("accuracy", "Accuracy (verifiers)", accuracies, tuple(k.split("/")[1] for k in accuracies),
+                              "The share of sampled answers a verifier says are correct, on the training prompts.",
+                              "accuracy"))
+    return specs
+
+
 def write_pngs(run_dir: str | Path) -> dict[str, Path]:
     """Write all plots of a PPO run or demo directory into run_dir/plots/; returns name -> PNG path."""
     run_dir = Path(run_dir)
     out = run_dir / "plots"
     demo = (run_dir / "ppo" / "metrics.jsonl").is_file()
     ppo_dir = run_dir / "ppo" if demo else run_dir
-    paths = plot_specs(load_jsonl(ppo_dir / "metrics.jsonl"), PPO_PLOTS, out)
+    records = load_jsonl(ppo_dir / "metrics.jsonl")
+    paths = plot_specs(records, PPO_PLOTS + reward_function_specs(records), out)
     if demo:
         paths.update(plot_specs(load_jsonl(run_dir / "sft" / "metrics.jsonl"), SFT_PLOTS, out))
         paths.update(plot_specs(load_jsonl(run_dir / "reward" / "metrics.jsonl"), REWARD_PLOTS, out))

@@ -1,4 +1,4 @@
-"""Rollout: prompts in; response tokens, masks and sampling log-probs out.
+"""The `hf` rollout backend's sampler: prompts in; response tokens, masks and sampling log-probs out.
 
 A lean sampling loop over the model's KV cache (the same sampling semantics as Hugging
 Face `generate`: temperature, then top-k, then top-p; EOS blocked until min_new_tokens).
@@ -16,19 +16,10 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
+from quartet.config import SamplingConfig
 from quartet.data.collate import collate_prompts
 from quartet.models.forward import position_ids_from_mask
 from quartet.rl.masks import response_mask
-
-
-@dataclass
-class SamplingConfig:
-    max_new_tokens: int = 64
-    min_new_tokens: int = 0
-    temperature: float = 1.0
-    top_k: int = 0  # 0 = off
-    top_p: float = 1.0  # 1.0 = off
-    greedy: bool = False
 
 
 @dataclass
@@ -39,6 +30,11 @@ class Rollout:
     response_mask: torch.Tensor  # [batch, response_len], 1 up to and including the first EOS
     logprobs: torch.Tensor  # [batch, response_len], log pi(token) at the sampling temperature
     has_eos: torch.Tensor  # [batch] bool
+
+    @property
+    def finish_reasons(self) -> list[str]:
+        """'stop' where the response ended with EOS, 'length' where it ran into max_new_tokens."""
+        return ["stop" if eos else "length" for eos in self.has_eos.tolist()]
 
     @property
     def sequences(self) -> torch.Tensor:
@@ -109,6 +105,14 @@ class _PreallocatedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        """Each row `repeats` times, next to each other (a prompt's cache shared by its group's samples)."""
+        if not self.is_initialized:
+            return
+        self._key_buffer = self._key_buffer.repeat_interleave(repeats, dim=0)
+        self._value_buffer = self._value_buffer.repeat_interleave(repeats, dim=0)
+        self.keys, self.values = self._key_buffer[:, :, :self.length], self._value_buffer[:, :, :self.length]
+
 
 def _rollout_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:
     """The model's own dynamic cache, with each plain full-attention layer preallocated.
@@ -137,12 +141,14 @@ def _cache_kwarg(model: PreTrainedModel) -> str:
 def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                      cfg: SamplingConfig, eos_token_id: int, pad_token_id: int,
                      generator: torch.Generator | None = None, row_offset: int = 0,
-                     total_rows: int | None = None) -> Rollout:
-    """Sample one response per left-padded prompt, stopping each row at its first EOS.
+                     total_rows: int | None = None, n: int = 1) -> Rollout:
+    """Sample `n` responses per left-padded prompt, stopping each row at its first EOS.
 
-    Each new token draws one uniform number per row of a global batch of `total_rows`
-    (default: this batch); this batch holds rows `row_offset ...`. Ranks that split a batch
-    therefore sample exactly what one process would have sampled for the same rows.
+    The rollout's rows are the samples, a prompt's `n` next to each other. Each prompt is
+    prefilled once and its KV cache shared by its samples. Each new token draws one uniform
+    number per row of a global batch of `total_rows` samples (default: this batch's); this
+    batch holds samples `row_offset ...`. Ranks that split a batch therefore sample exactly what
+    one process would have sampled for the same rows.
     """
     if cfg.temperature <= 0 and not cfg.greedy:
         raise ValueError("generation.temperature must be > 0 for sampling (use greedy for argmax decoding)")
@@ -151,9 +157,11 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
     try:
         with torch.inference_mode():  # less per-op bookkeeping than no_grad
             tokens, logprobs, steps = _sample_loop(model, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id,
-                                                   generator, row_offset, total_rows or prompt_ids.shape[0])
+                                                   generator, row_offset, total_rows or n * prompt_ids.shape[0], n)
     finally:
         model.train(was_training)
+    if n > 1:
+        prompt_ids, prompt_mask = prompt_ids.repeat_interleave(n, 0), prompt_mask.repeat_interleave(n, 0)
     # ops outside inference mode turn the loop's inference tensors into ordinary ones that PPO's loss can save
     response_ids = tokens[:, :steps]  # [batch, response_len]
     mask = response_mask(response_ids, eos_token_id)
@@ -164,26 +172,32 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
 
 def _sample_loop(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: SamplingConfig,
                  eos_token_id: int, pad_token_id: int, generator: torch.Generator | None, row_offset: int,
-                 total_rows: int) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """Tokens [batch, max_new_tokens] and their log-probs, and how many leading columns are valid.
+                 total_rows: int, n: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """Tokens [batch, max_new_tokens] and their log-probs, and how many leading columns are valid
+    (batch = n samples per prompt).
 
     Every buffer is allocated once; the loop only does the model call and the sampling ops.
     """
-    batch, prompt_len = prompt_ids.shape
+    n_prompts, prompt_len = prompt_ids.shape
     device = prompt_ids.device
     max_new = cfg.max_new_tokens
-    # the attention mask grows by one column per step: a view of one preallocated tensor
-    attention = torch.ones(batch, prompt_len + max_new, dtype=torch.long, device=device)
-    attention[:, :prompt_len] = prompt_mask
-    positions = position_ids_from_mask(attention[:, :prompt_len])
-    decode_positions = positions[:, -1:] + 1 + torch.arange(max_new, device=device)  # [batch, max_new]
     cache = _rollout_cache(model, prompt_len + max_new)
     cache_kwarg = _cache_kwarg(model)
-    out = model(input_ids=prompt_ids, attention_mask=attention[:, :prompt_len], position_ids=positions,
+    prefill_positions = position_ids_from_mask(prompt_mask)
+    out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prefill_positions,
                 use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
     if cache.get_seq_length() != prompt_len:
         raise RuntimeError(f"{type(model).__name__} did not fill the KV cache passed as {cache_kwarg!r}")
-    next_logits = out.logits[:, -1].float()  # [batch, vocab]
+    next_logits = out.logits[:, -1].float()  # [prompts, vocab]
+    if n > 1:  # the group's samples continue from one prefill
+        cache.batch_repeat_interleave(n)
+        next_logits = next_logits.repeat_interleave(n, 0)  # [batch, vocab]
+        prompt_mask, prefill_positions = prompt_mask.repeat_interleave(n, 0), prefill_positions.repeat_interleave(n, 0)
+    batch = n_prompts * n
+    # the attention mask grows by one column per step: a view of one preallocated tensor
+    attention = torch.ones(batch, prompt_len + max_new, dtype=torch.long, device=device)
+    attention[:, :prompt_len] = prompt_mask
+    decode_positions = prefill_positions[:, -1:] + 1 + torch.arange(max_new, device=device)  # [batch, max_new]
     tokens = torch.full((batch, max_new), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(batch, max_new, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)

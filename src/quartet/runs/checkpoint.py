@@ -16,6 +16,7 @@ from typing import Any
 
 import numpy as np
 import torch
+from safetensors.torch import load_file
 
 COMPLETE_MARKER = "COMPLETE"
 _STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -125,3 +126,32 @@ def save_training_state(path: str | Path, state: dict[str, Any]) -> None:
 def load_training_state(path: str | Path) -> dict[str, Any]:
     """Load optimizer/scheduler/RNG state without unpickling arbitrary objects."""
     return torch.load(str(path), map_location="cpu", weights_only=True)
+
+
+# ----------------------------------------------------------------------------- model weights
+
+
+def load_weights(model: torch.nn.Module, model_dir: str | Path) -> None:
+    """Load safetensors weights written by save_pretrained back into `model` (tied weights allowed).
+
+    A peft (LoRA) model's checkpoint holds only its adapters; they are loaded through peft and
+    the frozen base keeps the weights it was built with.
+    """
+    state = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        state.update(load_file(str(file)))
+    if not state:
+        raise ValueError(f"checkpoint {model_dir} holds no .safetensors weights")
+    if hasattr(model, "peft_config"):
+        from peft import set_peft_model_state_dict
+
+        result = set_peft_model_state_dict(model, state)
+        trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+        missing = [k for k in result.missing_keys if k in trainable]
+        unexpected = list(result.unexpected_keys)
+    else:
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        tied = {n for n, _ in model.named_parameters(remove_duplicate=False)} - {n for n, _ in model.named_parameters()}
+        missing = [k for k in missing if k not in tied]
+    if missing or unexpected:
+        raise ValueError(f"checkpoint {model_dir} does not fit the model: missing {missing[:3]}, unexpected {unexpected[:3]}")

@@ -12,10 +12,9 @@ from typing import Any
 
 from quartet.config import (
     ConfigError,
-    PPOConfig,
     RewardConfig,
+    RLConfig,
     SFTConfig,
-    apply_ppo_preset,
     build_config,
     parse_overrides,
     read_yaml,
@@ -33,7 +32,7 @@ def _with_default(section: dict, dotted: str, value: Any) -> None:
     node.setdefault(leaf, value)
 
 
-def build_pipeline_configs(data: dict, override_args: list[str] | None = None) -> tuple[SFTConfig, RewardConfig, PPOConfig]:
+def build_pipeline_configs(data: dict, override_args: list[str] | None = None) -> tuple[SFTConfig, RewardConfig, RLConfig]:
     """Validate the three stage configs of a pipeline file, wiring each stage to the previous one."""
     unknown = set(data) - {*STAGES, "output_dir", "seed"}
     if unknown:
@@ -64,10 +63,9 @@ def build_pipeline_configs(data: dict, override_args: list[str] | None = None) -
     if not (sections["ppo"].get("models") or {}).get("reward_fn"):
         _with_default(sections["ppo"], "models.reward", reward_final)
     configs = []
-    for stage, cls in zip(STAGES, (SFTConfig, RewardConfig, PPOConfig)):
-        section = apply_ppo_preset(sections[stage], per_stage[stage]) if cls is PPOConfig else sections[stage]
+    for stage, cls in zip(STAGES, (SFTConfig, RewardConfig, RLConfig)):
         try:
-            configs.append(build_config(cls, section, per_stage[stage]))
+            configs.append(build_config(cls, sections[stage], per_stage[stage]))
         except ConfigError as err:
             raise ConfigError(f"pipeline section '{stage}': {err}") from None
     return tuple(configs)  # type: ignore[return-value]
@@ -75,13 +73,13 @@ def build_pipeline_configs(data: dict, override_args: list[str] | None = None) -
 
 def run_pipeline(config_path: str | Path, override_args: list[str] | None = None, resume: bool = False) -> dict[str, Any]:
     """Run SFT, reward and PPO in order; returns the three stage summaries."""
-    from quartet.stages.ppo import run_ppo
     from quartet.stages.reward import run_reward
+    from quartet.stages.rl import run_rl
     from quartet.stages.sft import run_sft
 
     sft_cfg, reward_cfg, ppo_cfg = build_pipeline_configs(read_yaml(config_path), override_args)
     summaries = {}
-    for name, stage_cfg, runner in (("sft", sft_cfg, run_sft), ("reward", reward_cfg, run_reward), ("ppo", ppo_cfg, run_ppo)):
+    for name, stage_cfg, runner in (("sft", sft_cfg, run_sft), ("reward", reward_cfg, run_reward), ("ppo", ppo_cfg, run_rl)):
         stage_dir = Path(stage_cfg.run.output_dir)
         if resume and (stage_dir / "summary.json").exists():  # written last, after final/
             print(f"[pipeline] {name}: already finished in {stage_dir}, skipping")

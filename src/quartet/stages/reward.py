@@ -27,7 +27,7 @@ from quartet.models.presets import build_preset_model
 from quartet.rl.losses import pairwise_loss
 from quartet.runs.distributed import strip_prefix
 from quartet.runs.run import Run, seed_everything
-from quartet.runs.trainer import LossSum, SupervisedTrainer, move_to
+from quartet.runs.supervised import LossSum, SupervisedTrainer, move_to
 from quartet.stages.common import (
     apply_lora,
     check_context_length,

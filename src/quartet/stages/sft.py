@@ -19,7 +19,7 @@ from quartet.data import collate_sft, load_sft_examples, tokenize_sft
 from quartet.models.forward import causal_lm_logits
 from quartet.models.loading import check_model_dir, save_model
 from quartet.runs.run import Run, seed_everything
-from quartet.runs.trainer import LossSum, SupervisedTrainer
+from quartet.runs.supervised import LossSum, SupervisedTrainer
 from quartet.stages.common import (
     apply_lora,
     check_context_length,

@@ -1,4 +1,4 @@
-"""Rule rewards that can replace a reward model: `--models.reward_fn quartet.rewards:NAME`.
+"""Rule rewards that can replace a reward model: `--models.reward_fn quartet.scoring.rules:NAME`.
 
 Each takes `(prompts, responses)` and returns one score per response. They are examples of the
 interface as much as tools: write your own verifier with the same signature.

@@ -1,0 +1,99 @@
+"""The forward passes of online RL: response log-probs, critic values, and the trained module.
+
+The actor (and, for algorithms that have one, the critic) train as one `ActorCritic` module:
+one distributed wrapper, one optimizer, one backward. Dropout stays off in every RL forward
+pass (models are kept in eval mode), so before the first update the new/old ratio is exactly 1.
+"""
+
+from __future__ import annotations
+
+import torch
+from transformers import PreTrainedModel
+
+from quartet.models.forward import TokenValueModel, causal_lm_logits, position_ids_from_mask, score_head
+from quartet.rl import token_logprobs, token_logprobs_and_entropy, token_logprobs_inplace
+
+
+def response_logits(model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                    response_ids: torch.Tensor) -> torch.Tensor:
+    """Logits that predicted each response token: [batch, response_len, vocab].
+
+    The last position is left out of the forward pass: its logits would predict a token after
+    the response, and a causal model's earlier positions do not depend on it.
+    """
+    response_len = response_ids.shape[1]
+    return causal_lm_logits(model, sequences[:, :-1], attention_mask[:, :-1], logits_to_keep=response_len)
+
+
+@torch.no_grad()
+def response_logprobs(model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                      response_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+    """Log-probs of the response tokens [batch, response_len], for scoring (no gradients).
+
+    The LM head runs on response positions only, and the log-softmax overwrites the fresh
+    logits: one vocabulary-sized tensor per forward instead of three.
+    """
+    logits = response_logits(model, sequences, attention_mask, response_ids)
+    return token_logprobs_inplace(logits, response_ids, temperature)
+
+
+def response_values(critic_values: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                    response_len: int) -> torch.Tensor:
+    """V(S_t) for each response token t: the critic's value at the token before it.
+
+    `critic_values` maps (input_ids, attention_mask) to per-token values (a TokenValueModel).
+    The last position has no response token after it, so it is left out of the forward pass.
+    """
+    prompt_len = sequences.shape[1] - response_len
+    values = critic_values(sequences[:, :-1], attention_mask[:, :-1])  # [batch, seq - 1]
+    return values[:, prompt_len - 1 :]
+
+
+def logprobs_and_entropy(logits: torch.Tensor, response_ids: torch.Tensor, temperature: float,
+                         with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Differentiable response log-probs and (without gradient) the entropy when asked for."""
+    if with_entropy:
+        return token_logprobs_and_entropy(logits, response_ids, temperature)
+    return token_logprobs(logits, response_ids, temperature), None
+
+
+class ActorCritic(torch.nn.Module):
+    """The trained models of online RL as one module: the actor, and a critic when the algorithm has one.
+
+    DeepSpeed drives one model per engine (TRL's PPO pairs policy and value the same way);
+    actor and critic keep separate learning rates (optimizer parameter groups) and gradient
+    clipping. With `shared_trunk` the critic runs on the actor's trunk (see `share_trunk`), and
+    one trunk pass feeds both the LM head and the critic's score head.
+    """
+
+    def __init__(self, actor: PreTrainedModel, critic: PreTrainedModel | None = None, shared_trunk: bool = False):
+        super().__init__()
+        self.actor = actor
+        self.critic = TokenValueModel(critic) if critic is not None else None
+        self.shared_trunk = shared_trunk
+
+    def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
+                temperature: float, with_entropy: bool = True
+                ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+        """Response log-probs [b, r], the policy's entropy at each response position [b, r]
+        (no gradient; None unless `with_entropy`) and values V(S_t) [b, r] (None without a critic)."""
+        if self.shared_trunk:
+            return self._shared_trunk_forward(sequences, attention_mask, response_ids, temperature, with_entropy)
+        logits = response_logits(self.actor, sequences, attention_mask, response_ids)
+        values = (response_values(self.critic, sequences, attention_mask, response_ids.shape[1])
+                  if self.critic is not None else None)
+        return (*logprobs_and_entropy(logits, response_ids, temperature, with_entropy), values)
+
+    def _shared_trunk_forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
+                              temperature: float, with_entropy: bool
+                              ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+        """The positions that predict the response tokens are the states S_t the values belong to:
+        one forward (without the last position, as in `response_logits`) gives both."""
+        response_len = response_ids.shape[1]
+        seq, mask = sequences[:, :-1], attention_mask[:, :-1]
+        out = self.actor(input_ids=seq, attention_mask=mask, position_ids=position_ids_from_mask(mask),
+                         logits_to_keep=response_len, use_cache=False, output_hidden_states=True)
+        head = score_head(self.critic.model)
+        hidden = out.hidden_states[-1][:, -response_len:]  # the trunk's output, after its final norm
+        values = head(hidden.to(head.weight.dtype)).squeeze(-1).float()
+        return (*logprobs_and_entropy(out.logits, response_ids, temperature, with_entropy), values)

@@ -1,0 +1,201 @@
+"""Making experience for online RL: sample a step's rollouts, score them, shape the rewards.
+
+Each rank samples and scores its share of the step's prompts (the rollout backend, the
+reference, the critic, the reward source); the shares are gathered into the global batch, on
+which the scores are shaped and the algorithm's estimator computes rewards and advantages,
+identically on every rank. With dynamic sampling (DAPO) a step samples until its batch is full
+of groups that carry a learning signal.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from collections.abc import Sequence
+from functools import partial
+from typing import Any
+
+import torch
+from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+from quartet.config import RLConfig
+from quartet.data import collate_prompts
+from quartet.data.schedule import PromptSchedule
+from quartet.models.forward import in_row_chunks, scoring_rows, vocab_size
+from quartet.models.policy import response_logprobs, response_values
+from quartet.rl import RunningMeanStd, groups_with_signal, overlong_penalty, per_token_rewards, shape_scores
+from quartet.rl.algorithms import AdvantageInputs, Algorithm
+from quartet.rl.experience import Experience, experience_metrics, score_part_metrics
+from quartet.rollout.backend import make_rollout_backend
+from quartet.rollout.generate import Rollout
+from quartet.rollout.scored import ScoredRollout, concat
+from quartet.rollout.texts import decode_texts
+from quartet.runs.distributed import Ranks
+from quartet.runs.precision import autocast_context
+from quartet.runs.seeds import STEP_MORE_ROLLOUTS, STEP_ROLLOUT, derive_seed
+from quartet.scoring import MetricFn, RewardSource
+
+PromptRow = tuple[list[int], dict[str, Any]]  # a prompt's token ids and its row's other dataset columns
+
+
+class ExperienceMaker:
+    """Turns the prompt stream into scored, shaped experience, one step at a time."""
+
+    def __init__(self, cfg: RLConfig, algorithm: Algorithm, actor: PreTrainedModel, reference: PreTrainedModel | None,
+                 reward: RewardSource, tokenizer: PreTrainedTokenizerBase, prompts: list[PromptRow], ranks: Ranks,
+                 reward_stats: tuple[float, float] | None = None, metric_fns: Sequence[MetricFn] = ()):
+        b = cfg.batch
+        self.cfg, self.algorithm, self.actor, self.reference, self.reward = cfg, algorithm, actor, reference, reward
+        self.tokenizer, self.ranks, self.device = tokenizer, ranks, ranks.device
+        self.reward_stats, self.metric_fns = reward_stats, list(metric_fns)
+        if cfg.algorithm.score_normalization == "stored" and reward_stats is None:
+            raise ValueError("algorithm.score_normalization is 'stored' but the reward model has no stored "
+                             "reward_mean/reward_std (train it with `quartet reward`, or use 'running')")
+        self.prompts = PromptSchedule(prompts, b.rollout_batch_size // cfg.rollout.n, cfg.run.seed)
+        self.prompt_position = 0  # prompts drawn so far (dynamic sampling draws more than one batch a step)
+        self.running_scores = RunningMeanStd()
+        # the training micro-batch on this rank: the fewest rows a scoring forward runs by default
+        self.micro_rows = max(1, b.mini_batch_size // b.grad_accum // ranks.world)
+        self.vocab_size = vocab_size(actor)
+        self.pad_id = tokenizer.pad_token_id
+        self.backend = make_rollout_backend(cfg.rollout.backend, tokenizer.eos_token_id, self.pad_id)
+        self.uses_reference = cfg.algorithm.uses_reference
+        self.recompute_logprobs = not (cfg.rollout.logprobs_from_generation and self.backend.logprobs_match_trainer)
+        self.trained: torch.nn.Module | None = None  # the trained models, as wrapped, during make()
+        self.step, self.beta = 0, 0.0
+
+    def step_generator(self, purpose: int) -> torch.Generator:
+        """Random numbers of one step, the same on every rank and after a resume."""
+        return torch.Generator(device=self.device).manual_seed(derive_seed(self.cfg.run.seed, "step", self.step, purpose))
+
+    def reference_context(self):
+        """With LoRA and no separate reference, the reference is the actor with adapters off."""
+        return self.actor.disable_adapter() if self.reference is None else contextlib.nullcontext()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"prompt_position": self.prompt_position, "running_scores": self.running_scores.state_dict()}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        # checkpoints from before groups and dynamic sampling drew one batch of prompts per step
+        self.prompt_position = state.get("prompt_position", state["step"] * self.cfg.batch.rollout_batch_size)
+        self.running_scores.load_state_dict(state["running_scores"])
+
+    @torch.no_grad()
+    def make(self, trained: torch.nn.Module, step: int, beta: float) -> tuple[Experience, dict[str, float]]:
+        """Sample and score step `step`'s batch with the trained models `trained` (each rank its share,
+        then gathered: the global batch), and turn it into the algorithm's rewards and advantages
+        (KL coefficient `beta`), identically on every rank."""
+        self.trained, self.step, self.beta = trained, step, beta
+        timings = {"time/generation": 0.0, "time/scoring": 0.0}
+        batch, sampling = self._sample_batch(timings)
+        t0 = time.perf_counter()
+        exp = self._experience(batch)
+        timings["time/scoring"] += time.perf_counter() - t0
+        metrics = {**experience_metrics(exp, batch.has_eos, beta), **sampling, **timings,
+                   **score_part_metrics(batch.score_parts, self.reward.functions.verifiers() if self.reward.functions else [])}
+        for metric_fn in self.metric_fns:
+            metrics.update(metric_fn(exp.prompts, exp.responses))
+        return exp, metrics
+
+    def _sample_batch(self, timings: dict[str, float]) -> tuple[ScoredRollout, dict[str, float]]:
+        """One sampling round of the step's prompts; with dynamic sampling (DAPO), more rounds of new
+        prompts until the groups whose scores differ fill the batch (or the rounds run out: then the
+        batch is filled with groups that do not)."""
+        a, size, n = self.cfg.algorithm, self.cfg.batch.rollout_batch_size, self.cfg.rollout.n
+        kept: list[ScoredRollout] = []
+        dropped: list[ScoredRollout] = []
+        for round_ in range(a.max_sampling_rounds if a.dynamic_sampling else 1):
+            rows = self.prompts.rows(self.prompt_position, size // n)
+            self.prompt_position += size // n
+            part = self._sample_round(rows, STEP_ROLLOUT if round_ == 0 else STEP_MORE_ROLLOUTS + round_ - 1, timings)
+            if not a.dynamic_sampling:
+                return part, {}
+            signal = groups_with_signal(part.scores, part.group_ids)
+            kept.append(part.select(signal.nonzero().squeeze(1)))
+            dropped.append(part.select((~signal).nonzero().squeeze(1)))
+            if sum(map(len, kept)) >= size:
+                break
+        n_kept = min(sum(map(len, kept)), size)
+        batch = concat(kept + dropped, self.pad_id).select(torch.arange(size, device=self.device))
+        return batch, {"sampling/rounds": round_ + 1, "sampling/kept_groups": n_kept // n,
+                       "sampling/filled_groups": (size - n_kept) // n}
+
+    def _sample_round(self, rows: list[tuple[list[int], dict[str, Any]]], purpose: int,
+                      timings: dict[str, float]) -> ScoredRollout:
+        """Generate and score this rank's share of `rows` (prompt ids, dataset columns); the global batch."""
+        t0 = time.perf_counter()
+        n, ranks = self.cfg.rollout.n, self.ranks
+        start, end = ranks.share(rows)  # whole prompts, so a group never straddles two ranks
+        batch = collate_prompts([{"input_ids": ids} for ids, _ in rows[start:end]], self.pad_id)
+        with ranks.full_parameters(self.trained) as pair, autocast_context(self.device, self.cfg.train.bf16):
+            self.backend.load_weights(pair.actor)
+            rollout = self.backend.generate(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                                            self.cfg.rollout, n=n, generator=self.step_generator(purpose),
+                                            row_offset=start * n, total_rows=len(rows) * n)
+        timings["time/generation"] += time.perf_counter() - t0
+        t1 = time.perf_counter()
+        # texts only for what reads them (reward functions, a reward model with its own tokenizer, metric
+        # functions); sample tables decode their few rows when they are written
+        prompts = responses = None
+        if self.reward.reads_text or self.metric_fns:
+            prompts, responses = decode_texts(self.tokenizer, rollout.prompt_ids, rollout.prompt_mask,
+                                              rollout.response_ids, rollout.response_mask)
+        names = sorted({k for _, columns in rows for k in columns})
+        columns = {k: [c.get(k) for _, c in rows[start:end] for _ in range(n)] for k in names}
+        scored = self._score(rollout, prompts, responses, columns)
+        local = ScoredRollout(
+            prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask, response_ids=rollout.response_ids,
+            mask=rollout.response_mask.float(), has_eos=rollout.has_eos, prompts=prompts, responses=responses,
+            group_ids=torch.arange(start * n, end * n, device=self.device) // n, **scored)
+        batch = local.gather(ranks, self.pad_id)
+        timings["time/scoring"] += time.perf_counter() - t1
+        return batch
+
+    def _score(self, rollout: Rollout, prompts: list[str] | None, responses: list[str] | None,
+               columns: dict[str, list[Any]]) -> dict[str, Any]:
+        """Old and reference log-probs, critic values and scores of this rank's rollouts, in row chunks
+        (the peak memory of one chunk)."""
+        seq, attn, resp = rollout.sequences, rollout.attention_mask, rollout.response_ids
+        temperature = self.cfg.rollout.temperature
+        rows = self.cfg.batch.forward_batch_size or scoring_rows(self.micro_rows, resp.shape[1], self.vocab_size)
+        scored = {"old_logprobs": rollout.logprobs, "ref_logprobs": None, "old_values": None}
+        with autocast_context(self.device, self.cfg.train.bf16):
+            with self.ranks.full_parameters(self.trained) as pair:
+                if self.recompute_logprobs:
+                    scored["old_logprobs"] = in_row_chunks(partial(response_logprobs, pair.actor, temperature=temperature),
+                                                           rows, seq, attn, resp)
+                if pair.critic is not None:
+                    scored["old_values"] = in_row_chunks(partial(response_values, pair.critic, response_len=resp.shape[1]),
+                                                         rows, seq, attn)
+            if self.uses_reference:
+                with self.reference_context():
+                    ref_model = self.reference if self.reference is not None else self.actor
+                    scored["ref_logprobs"] = in_row_chunks(partial(response_logprobs, ref_model, temperature=temperature),
+                                                           rows, seq, attn, resp)
+            scored["scores"], scored["score_parts"] = self.reward(rollout, prompts, responses, rows, columns)
+        return {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in scored.items()}
+
+    def _experience(self, batch: ScoredRollout) -> Experience:
+        """The algorithm's view of the global batch: shaped scores, per-token rewards, advantages."""
+        a, mask = self.cfg.algorithm, batch.mask
+        old_logprobs, ref_logprobs, old_values = (None if x is None else x * mask
+                                                  for x in (batch.old_logprobs, batch.ref_logprobs, batch.old_values))
+        scores = shape_scores(batch.scores, batch.has_eos, a.score_normalization, self.reward_stats,
+                              self.running_scores, a.missing_eos_penalty)
+        if a.overlong_shaping:
+            max_new = self.cfg.rollout.max_new_tokens
+            scores = scores + overlong_penalty(mask.sum(1), max_new, a.overlong_buffer or max(1, max_new // 5),
+                                               a.overlong_penalty_factor)
+        rewards, kl_penalty = per_token_rewards(old_logprobs, old_logprobs if ref_logprobs is None else ref_logprobs,
+                                                scores, mask, 0.0 if a.kl_in_loss else self.beta,
+                                                a.clip_reward_value, a.kl_estimator)
+        advantages, returns = self.algorithm.advantages(
+            AdvantageInputs(rewards=rewards, mask=mask, scores=scores, values=old_values, group_ids=batch.group_ids), a)
+        return Experience(
+            sequences=torch.cat([batch.prompt_ids, batch.response_ids], dim=1),
+            attention_mask=torch.cat([batch.prompt_mask, mask.to(batch.prompt_mask.dtype)], dim=1),
+            response_ids=batch.response_ids, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
+            old_values=old_values, rewards=rewards, kl_penalty=kl_penalty, advantages=advantages, returns=returns,
+            scores=batch.scores, group_ids=batch.group_ids, prompts=batch.prompts, responses=batch.responses,
+            loss_mask=mask * batch.has_eos.unsqueeze(1).to(mask.dtype) if a.mask_truncated else mask)
+
