@@ -11,3 +11,8 @@ def apple_fraction(prompts: list[str], responses: list[str]) -> list[float]:
 def target_fraction(prompts: list[str], responses: list[str], target: list[str]) -> list[float]:
     """The fraction of words in each response that are the row's own `target` column (a verifiable reward)."""
     return [sum(w == t for w in r.split()) / max(len(r.split()), 1) for r, t in zip(responses, target)]
+
+
+def too_few(prompts: list[str], responses: list[str]) -> list[float]:
+    """Breaks the contract: one score for a whole batch."""
+    return [0.0]

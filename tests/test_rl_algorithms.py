@@ -192,3 +192,13 @@ def test_a_reward_function_that_breaks_the_contract_is_named(fn, message):
 def test_a_nan_score_stays_nan_so_the_step_is_skipped_as_non_finite():
     totals, _ = RewardFunctions([lambda prompts, responses: [float("nan"), 1.0]])(["p", "q"], ["a", "b"], {})
     assert math.isnan(totals[0]) and totals[1] == 1.0
+
+
+def test_a_contract_break_is_named_before_the_run_directory_is_touched(fruit, tmp_path, capsys):
+    from quartet.cli import main
+
+    out = tmp_path / "run"
+    code = main(["grpo", "--models.actor", str(fruit / "sft" / "final"), "--models.reward_fn", "rule_rewards:too_few",
+                 "--data.train", str(fruit / "prompts.jsonl"), "--output", str(out)])
+    assert code == 2 and "reward function too_few returned 1 values for 2 responses" in capsys.readouterr().err
+    assert not out.exists()

@@ -138,12 +138,13 @@ class RLTrainer(Job):
             order = torch.randperm(exp.mask.shape[0], generator=shuffle, device=self.device)
             for mini in order.split(b.mini_batch_size):
                 micros = self._micro_batches(exp, mini)
-                for i, (micro, weight) in enumerate(micros):
+                for i, (micro, weight, token_weight) in enumerate(micros):
                     with ranks.micro_batch(self.trained, last=i == len(micros) - 1):
-                        loss, terms = self._micro_loss(exp, micro, with_entropy)
-                        ranks.backward(loss * (weight * ranks.world))  # times the world size DDP divides by
+                        loss, value_part, terms = self._micro_loss(exp, micro, with_entropy)
+                        ranks.backward(self._scaled(loss, value_part, weight, token_weight))
                     for key, value in terms.items():  # the entropy times ppo_epochs: averaged like the rest
-                        sums[key] = sums.get(key, 0.0) + value * weight * (b.ppo_epochs if key == "policy/entropy" else 1)
+                        share = weight if key in ("loss/policy", "loss/kl") else token_weight  # token means: tokens
+                        sums[key] = sums.get(key, 0.0) + value * share * (b.ppo_epochs if key == "policy/entropy" else 1)
                 for key, norm in self._clip_and_step().items():
                     norms[key] = norms.get(key, 0.0) + norm
                 n_updates += 1
@@ -155,19 +156,34 @@ class RLTrainer(Job):
             metrics["value/explained_variance"] = float(explained_variance(exp.old_values, exp.returns, exp.mask))
         return metrics
 
-    def _micro_batches(self, exp: Experience, mini: torch.Tensor) -> list[tuple[torch.Tensor, float]]:
-        """This rank's micro-batches of a mini-batch, each with its share of the mini-batch's units
-        (tokens or sequences, per the aggregation): exact under accumulation and across ranks."""
-        mode = self.cfg.algorithm.aggregation
-        units = loss_units(exp.loss_mask[mini], mode).to(torch.float32).clamp(min=1)
+    def _micro_batches(self, exp: Experience, mini: torch.Tensor) -> list[tuple[torch.Tensor, float, float]]:
+        """This rank's micro-batches of a mini-batch, each with its share of the mini-batch's units (per
+        the aggregation: tokens or sequences) and of its tokens (what token means such as the value loss
+        and the stats average over): exact under accumulation and across ranks."""
+        mode, mask = self.cfg.algorithm.aggregation, exp.loss_mask
+
+        def shares(rows: torch.Tensor, whole: torch.Tensor, by: str) -> float:
+            return float(loss_units(mask[rows], by).to(torch.float32) / loss_units(mask[whole], by).to(torch.float32).clamp(min=1))
+
         start, end = self.ranks.share(mini)
         micro_size = self.cfg.batch.mini_batch_size // self.cfg.batch.grad_accum // self.ranks.world
-        return [(micro, float(loss_units(exp.loss_mask[micro], mode).to(torch.float32) / units))
+        return [(micro, shares(micro, mini, mode), shares(micro, mini, "token-mean"))
                 for micro in mini[start:end].split(micro_size)]
 
-    def _micro_loss(self, exp: Experience, micro: torch.Tensor, with_entropy: bool) -> tuple[torch.Tensor, dict[str, float]]:
-        """One micro-batch's loss (the algorithm's aggregate over it) and its metric terms."""
-        a, mask, loss_mask = self.cfg.algorithm, exp.mask[micro], exp.loss_mask[micro]
+    def _scaled(self, loss: torch.Tensor, value_part: torch.Tensor | None, weight: float, token_weight: float) -> torch.Tensor:
+        """The micro-batch's share of the mini-batch's loss, times the world size DDP divides by."""
+        world = self.ranks.world
+        if value_part is None:
+            return loss * (weight * world)
+        if weight == token_weight:  # one unit for both (token-mean): one scaling
+            return (loss + value_part) * (weight * world)
+        return loss * (weight * world) + value_part * (token_weight * world)
+
+    def _micro_loss(self, exp: Experience, micro: torch.Tensor, with_entropy: bool
+                    ) -> tuple[torch.Tensor, torch.Tensor | None, dict[str, float]]:
+        """One micro-batch's policy loss (the aggregate over it, with the KL term when it is in the loss),
+        its weighted value loss (None without a critic; a token mean) and its metric terms."""
+        a, loss_mask = self.cfg.algorithm, exp.loss_mask[micro]
         aggregation, max_new = a.aggregation, self.cfg.rollout.max_new_tokens
         with autocast_context(self.device, self.cfg.train.bf16):
             logprobs, entropy, values = self.update_forward(exp.sequences[micro], exp.attention_mask[micro],
@@ -181,15 +197,16 @@ class RLTrainer(Job):
                 kl = kl_estimate(logprobs.float(), exp.ref_logprobs[micro], a.kl_estimator, mask=loss_mask)
                 terms["loss/kl"] = aggregate(kl, loss_mask, aggregation, max_new)
                 loss = loss + self.kl_ctl.value * terms["loss/kl"]
+            value_part = None
             if values is not None:
                 # separate models share no parameters, so only a shared trunk weighs the value loss
-                vf_loss, vf_stats = value_loss(values.float(), exp.old_values[micro], exp.returns[micro], mask,
+                vf_loss, vf_stats = value_loss(values.float(), exp.old_values[micro], exp.returns[micro], loss_mask,
                                                a.cliprange_value)
-                loss = loss + self.value_weight * vf_loss
+                value_part = self.value_weight * vf_loss
                 terms.update({"loss/value": vf_loss, "value/clipfrac": vf_stats["clipfrac"]})
         if with_entropy:
-            terms["policy/entropy"] = masked_mean(entropy, mask)
-        return loss, {k: float(v.detach()) for k, v in terms.items()}
+            terms["policy/entropy"] = masked_mean(entropy, loss_mask)
+        return loss, value_part, {k: float(v.detach()) for k, v in terms.items()}
 
     def _clip_and_step(self) -> dict[str, float]:
         """Clip each trained model's gradients, then step when all are finite; the norms before clipping."""
@@ -337,6 +354,8 @@ def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     if not prompts:
         raise ValueError(f"{cfg.data.train}: no prompts left after loading")
     reward, reward_stats = build_reward_source(m, tokenizer, reward_fn)
+    if reward.functions is not None:  # a function that breaks the contract is named before any work
+        reward.functions.probe(prompt_examples[0].prompt, prompt_examples[0].columns)
     run.ranks.print(f"[{algorithm.name}] {len(prompts)} prompts; {stats.summary()}")
     actor, reference, critic = load_rl_models(cfg, algorithm, tokenizer)
     check_context_length(actor, max(len(ids) for ids, _ in prompts) + cfg.rollout.max_new_tokens,
