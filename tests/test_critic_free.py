@@ -88,3 +88,20 @@ def test_a_group_algorithm_with_one_sample_per_prompt_is_refused_before_any_work
                  "--output", str(out)])
     assert code == 2 and "set rollout.n to 2 or more" in capsys.readouterr().err
     assert not out.exists()
+
+
+def test_held_out_prompts_are_scored_during_training_and_a_token_budget_ends_the_run(fruit):
+    (fruit / "held_out.jsonl").write_text("".join(json.dumps({"prompt": "List some fruits:", "target": "apple"}) + "\n"
+                                                  for _ in range(6)))
+    cfg = _config(fruit, "cf_eval", "grpo", steps=50, reward_fn="rule_rewards:target_fraction", data="targets.jsonl",
+                  train={"eval_every": 2, "max_generated_tokens": 1500})
+    cfg.data.eval = str(fruit / "held_out.jsonl")
+    summary = run_rl(cfg)
+    records = read_metrics(fruit / "cf_eval" / "metrics.jsonl")
+    tokens = [r["tokens/generated"] for r in records if "tokens/generated" in r]
+    assert records[0]["step"] == 0 and "eval/reward/target_fraction/mean" in records[0]  # before any update
+    assert tokens == sorted(tokens) and tokens[-1] >= 1500 and tokens[-2] < 1500  # stopped once the budget was spent
+    assert summary["steps"] == len(tokens) < 50 and summary["generated_tokens"] == tokens[-1]
+    evaluated = [r["step"] for r in records if "eval/score/mean" in r]
+    assert evaluated == [0, *range(2, summary["steps"], 2), summary["steps"]] or evaluated == [0, *range(2, summary["steps"] + 1, 2)]
+    assert "initial_eval/score/mean" in summary and "eval/score/mean" in summary

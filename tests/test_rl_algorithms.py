@@ -194,11 +194,13 @@ def test_a_nan_score_stays_nan_so_the_step_is_skipped_as_non_finite():
     assert math.isnan(totals[0]) and totals[1] == 1.0
 
 
-def test_a_contract_break_is_named_before_the_run_directory_is_touched(fruit, tmp_path, capsys):
+def test_a_contract_break_stops_the_run_at_its_first_step_with_the_function_named(fruit, tmp_path, capsys):
+    """Reward functions are user code that may count calls or cost money per call: they are not probed
+    ahead of the run; the first step's scores are checked before any update."""
     from quartet.cli import main
 
     out = tmp_path / "run"
     code = main(["grpo", "--models.actor", str(fruit / "sft" / "final"), "--models.reward_fn", "rule_rewards:too_few",
                  "--data.train", str(fruit / "prompts.jsonl"), "--output", str(out)])
-    assert code == 2 and "reward function too_few returned 1 values for 2 responses" in capsys.readouterr().err
-    assert not out.exists()
+    assert code == 2 and "error: reward function too_few returned 1 values for 16 responses" in capsys.readouterr().err
+    assert not (out / "checkpoints").exists() and not (out / "final").exists()

@@ -310,11 +310,18 @@ class RLTrainConfig(LoopConfig):
     bf16: bool = Field(False, description="bf16 autocast for generation, scoring and updates (GPUs with bf16; see README).")
     compile: bool = Field(False, description="torch.compile the actor and critic forward of the updates "
                                              "(a one-time compile of about a minute; see README).")
+    eval_every: int = Field(10, gt=0, description="With held-out prompts (data.eval or data.eval_fraction): sample "
+                                                  "and score them before training, every N steps and at the end.")
+    max_generated_tokens: int | None = Field(
+        None, gt=0, description="Stop once this many response tokens were generated (a budget counted in tokens, "
+                                "as `quartet arena` compares algorithms), or at `steps`, whichever comes first.")
 
 
 class PromptDataConfig(DataConfig):
     """Online RL's prompt data: shorter prompts by default, leaving room for the response."""
 
+    eval_fraction: float = Field(0.0, ge=0.0, lt=1.0, description="Share of the prompts held out for evaluation "
+                                                                  "when there is no eval file (default: none).")
     max_prompt_length: int = Field(128, gt=0, description="Prompts keep their last this many tokens.")
 
 

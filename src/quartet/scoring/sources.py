@@ -92,18 +92,6 @@ class RewardFunctions:
                   for i in range(len(responses))]
         return totals, {name: [math.nan if v is None else v for v in part] for name, part in parts.items()}
 
-    def probe(self, prompt: str, columns: dict[str, Any]) -> None:
-        """Call every function once on one row (an empty response) before a run starts, so a function
-        that breaks the contract (a wrong number of values, a non-number) is named before any work.
-        A function that raises on the probe is left to the real call."""
-        responses = ["", ""]
-        for name, fn in zip(self.names, self.fns):
-            try:
-                out = RewardFunctions([fn])._call_all([prompt] * 2, responses, {k: [v] * 2 for k, v in columns.items()})[0]
-            except Exception:  # noqa: BLE001 - only the contract is checked here
-                continue
-            self._checked(name, out, len(responses))
-
     def _call_all(self, prompts: list[str], responses: list[str], columns: dict[str, list[Any]]) -> list[Any]:
         calls = [partial(fn, prompts, responses, **_columns_taken(fn, columns)) for fn in self.fns]
         outputs: list[Any] = [None] * len(calls)

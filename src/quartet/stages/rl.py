@@ -52,7 +52,7 @@ from quartet.runs.progress import format_postfix
 from quartet.runs.run import Run, seed_everything
 from quartet.runs.seeds import STEP_UPDATE, derive_seed
 from quartet.scoring import MetricFn, RewardFn, RewardSource, build_reward_source
-from quartet.stages.common import apply_lora, check_context_length, unwrap_lora
+from quartet.stages.common import apply_lora, check_context_length, split_held_out, unwrap_lora
 from quartet.stages.rl_experience import ExperienceMaker, PromptRow
 
 # Per-step metrics whose first and last fifth of the run go into summary.json.
@@ -67,7 +67,7 @@ class RLTrainer(Job):
     def __init__(self, cfg: RLConfig, actor: PreTrainedModel, reference: PreTrainedModel | None,
                  critic: PreTrainedModel | None, reward: RewardSource, tokenizer: PreTrainedTokenizerBase,
                  prompts: list[PromptRow], run: Run, reward_stats: tuple[float, float] | None = None,
-                 metric_fns: Sequence[MetricFn] = ()):
+                 metric_fns: Sequence[MetricFn] = (), eval_prompts: Sequence[PromptRow] = ()):
         self.cfg, self.algorithm = cfg, get_algorithm(cfg.algorithm.name)
         if self.algorithm.needs_critic != (critic is not None):
             raise ValueError(f"algorithm {self.algorithm.name!r} {'needs' if critic is None else 'takes no'} critic")
@@ -97,6 +97,10 @@ class RLTrainer(Job):
                        else FixedKLController(a.beta))
         self.history: list[dict[str, float]] = []  # every step's SUMMARY_KEYS, kept across resumes
         self.step, self.total_steps = 0, cfg.train.steps
+        self.generated_tokens = 0  # response tokens sampled so far: the budget train.max_generated_tokens counts them
+        self.eval_prompts = list(eval_prompts)
+        self.first_eval: dict[str, float] = {}
+        self.last_eval: dict[str, float] = {}
         for model in (actor, critic, reference, reward.model):
             if model is not None:
                 model.to(self.device)
@@ -225,6 +229,9 @@ class RLTrainer(Job):
         # the update's forward and backward, optionally compiled (generation and scoring stay eager)
         self.update_forward = torch.compile(self.trained) if self.cfg.train.compile else self.trained
         self.clipped = self._clipped_parameters()
+        if self.step == 0 and self.eval_prompts:  # the starting point of the held-out curves
+            self.first_eval = self.last_eval = self.experience.evaluate(self.trained, self.eval_prompts)
+            self.run.metrics.log(0, self.first_eval)
 
     def train_step(self) -> StepOutcome:
         started = time.perf_counter()
@@ -241,11 +248,19 @@ class RLTrainer(Job):
             self.kl_ctl.update(metrics["kl/ref"], self.cfg.batch.rollout_batch_size)
         self.step += 1
         t = self.cfg.train
+        self.generated_tokens += int(exp.mask.sum())
+        metrics["tokens/generated"] = self.generated_tokens
+        if t.max_generated_tokens and self.generated_tokens >= t.max_generated_tokens:
+            self.total_steps = self.step  # the token budget is spent: this is the last step
+        evaluated = bool(self.eval_prompts) and (self.step % t.eval_every == 0 or self.step == self.total_steps)
+        if evaluated:
+            self.last_eval = self.experience.evaluate(self.trained, self.eval_prompts)
+            metrics.update(self.last_eval)
         if t.n_samples and self.ranks.is_main and (self.step % t.sample_every == 0 or self.step in (1, t.steps)):
             write_samples(self.run.dir / "samples.jsonl", self.step,
                           sample_records(exp, self.tokenizer, self.step, t.n_samples))
         self.history.append({k: float(metrics[k]) for k in SUMMARY_KEYS if k in metrics})
-        return StepOutcome(metrics, finite)
+        return StepOutcome(metrics, finite, log=evaluated)
 
     def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
         return format_postfix(metrics, ["score/mean", "kl/ref", "response/length"])
@@ -270,7 +285,8 @@ class RLTrainer(Job):
     def training_state(self) -> dict[str, Any]:
         # a sharded optimizer's state lives on every rank; it is not gathered
         return {"optimizer": None if self.ranks.shards_parameters else self.optimizer.state_dict(),
-                "kl_ctl": self.kl_ctl.state_dict(), "history": self.history, **self.experience.state_dict()}
+                "kl_ctl": self.kl_ctl.state_dict(), "history": self.history, "generated_tokens": self.generated_tokens,
+                "first_eval": self.first_eval, "last_eval": self.last_eval, **self.experience.state_dict()}
 
     def load_models(self, checkpoint: Path) -> None:
         load_weights(self.actor, checkpoint / "actor")
@@ -282,10 +298,14 @@ class RLTrainer(Job):
         self.kl_ctl.load_state_dict(state["kl_ctl"])
         self.experience.load_state_dict(state)
         self.history = list(state["history"])
+        self.generated_tokens = state.get("generated_tokens", 0)  # checkpoints of earlier versions have none
+        self.first_eval, self.last_eval = state.get("first_eval", {}), state.get("last_eval", {})
 
     def train(self) -> dict[str, Any]:
         seconds = RunLoop(self, self.run, self.cfg.train).run_to_end()
-        return {"steps": self.step, "seconds": seconds, "history": list(self.history)}
+        return {"steps": self.step, "seconds": seconds, "generated_tokens": self.generated_tokens,
+                **{f"initial_{k}": v for k, v in self.first_eval.items()}, **self.last_eval,
+                "history": list(self.history)}
 
     def final_models(self) -> tuple[tuple[PreTrainedModel, dict | None], tuple[PreTrainedModel | None, dict | None]]:
         """(actor, its gathered weights or None), (critic or None, likewise): `final/` and `final_critic/`."""
@@ -351,17 +371,22 @@ def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = Non
         prompt_examples = prompt_examples[: cfg.data.limit]
     kept, stats = tokenize_prompt_examples(prompt_examples, tokenizer, cfg.data.max_prompt_length)
     prompts = [(ids, example.columns) for ids, example in kept]
+    if cfg.data.eval:
+        held_out, _ = tokenize_prompt_examples(load_prompts(cfg.data.eval, tokenizer), tokenizer, cfg.data.max_prompt_length)
+        eval_prompts = [(ids, example.columns) for ids, example in held_out]
+    else:
+        prompts, eval_prompts = split_held_out(prompts, cfg.data.eval_fraction, cfg.run.seed)
     if not prompts:
         raise ValueError(f"{cfg.data.train}: no prompts left after loading")
     reward, reward_stats = build_reward_source(m, tokenizer, reward_fn)
-    if reward.functions is not None:  # a function that breaks the contract is named before any work
-        reward.functions.probe(prompt_examples[0].prompt, prompt_examples[0].columns)
-    run.ranks.print(f"[{algorithm.name}] {len(prompts)} prompts; {stats.summary()}")
+    run.ranks.print(f"[{algorithm.name}] {len(prompts)} prompts" + (f", {len(eval_prompts)} held out" if eval_prompts else "")
+                    + f"; {stats.summary()}")
     actor, reference, critic = load_rl_models(cfg, algorithm, tokenizer)
     check_context_length(actor, max(len(ids) for ids, _ in prompts) + cfg.rollout.max_new_tokens,
                          "prompt + generated tokens", "data.max_prompt_length and rollout.max_new_tokens")
     run.start()  # inputs are valid: only now is the output directory touched
-    trainer = RLTrainer(cfg, actor, reference, critic, reward, tokenizer, prompts, run, reward_stats, metric_fns)
+    trainer = RLTrainer(cfg, actor, reference, critic, reward, tokenizer, prompts, run, reward_stats, metric_fns,
+                        eval_prompts)
     result = trainer.train()
     (actor, actor_state), (critic, critic_state) = trainer.final_models()
     if critic is not None:

@@ -97,6 +97,33 @@ class ExperienceMaker:
             metrics.update(metric_fn(exp.prompts, exp.responses))
         return exp, metrics
 
+    @torch.no_grad()
+    def evaluate(self, trained: torch.nn.Module, rows: list[PromptRow]) -> dict[str, float]:
+        """One response per held-out prompt (the same random draws at every evaluation, so steps compare),
+        scored by the reward source and the metric functions: `eval/...` metrics."""
+        ranks, n_rows = self.ranks, len(rows)
+        start, end = ranks.share(rows)
+        batch = collate_prompts([{"input_ids": ids} for ids, _ in rows[start:end]], self.pad_id)
+        generator = torch.Generator(device=self.device).manual_seed(derive_seed(self.cfg.run.seed, "evaluation"))
+        with ranks.full_parameters(trained) as pair, autocast_context(self.device, self.cfg.train.bf16):
+            self.backend.load_weights(pair.actor)
+            rollout = self.backend.generate(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
+                                            self.cfg.rollout, generator=generator, row_offset=start, total_rows=n_rows)
+        prompts, responses = decode_texts(self.tokenizer, rollout.prompt_ids, rollout.prompt_mask,
+                                          rollout.response_ids, rollout.response_mask)
+        names = sorted({k for _, columns in rows for k in columns})
+        columns = {k: [c.get(k) for _, c in rows[start:end]] for k in names}
+        with autocast_context(self.device, self.cfg.train.bf16):
+            scores, parts = self.reward(rollout, prompts, responses, None, columns)
+        scores, lengths = ranks.gather_rows(scores.float()), ranks.gather_rows(rollout.response_mask.sum(1).float())
+        parts = {k: ranks.gather_rows(v) for k, v in sorted(parts.items())}
+        prompts, responses = ranks.gather_objects(prompts), ranks.gather_objects(responses)
+        metrics = {"score/mean": float(scores.mean()), "response/length": float(lengths.mean()),
+                   **score_part_metrics(parts, self.reward.functions.verifiers() if self.reward.functions else [])}
+        for metric_fn in self.metric_fns:
+            metrics.update(metric_fn(prompts, responses))
+        return {f"eval/{k}": v for k, v in metrics.items()}
+
     def _sample_batch(self, timings: dict[str, float]) -> tuple[ScoredRollout, dict[str, float]]:
         """One sampling round of the step's prompts; with dynamic sampling (DAPO), more rounds of new
         prompts until the groups whose scores differ fill the batch (or the rounds run out: then the
