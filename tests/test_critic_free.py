@@ -5,6 +5,7 @@ reach the reward function, and dynamic sampling fills the batch with groups that
 import json
 
 import pytest
+import torch
 
 from quartet.config import RLConfig, build_config
 from quartet.runs.metrics import read_metrics
@@ -105,3 +106,28 @@ def test_held_out_prompts_are_scored_during_training_and_a_token_budget_ends_the
     evaluated = [r["step"] for r in records if "eval/score/mean" in r]
     assert evaluated == [0, *range(2, summary["steps"], 2), summary["steps"]] or evaluated == [0, *range(2, summary["steps"] + 1, 2)]
     assert "initial_eval/score/mean" in summary and "eval/score/mean" in summary
+
+
+def test_sharing_each_prompt_across_its_group_trains_as_computing_it_per_row(fruit, capsys):
+    """One mini-batch of the whole batch, so both runs see the same rows: computing the prompt once per
+    group (reference and training forwards) gives the per-row numbers. (Two steps: later rollouts of
+    actors that differ by rounding may sample a different token somewhere.)"""
+    from safetensors.torch import load_file
+
+    runs = {}
+    for share in (False, True):
+        name = f"cf_share_{share}"
+        cfg = _config(fruit, name, "grpo", steps=2, rollout={"n": 4})
+        cfg.batch.mini_batch_size, cfg.batch.rollout_batch_size, cfg.batch.share_prompts = 16, 16, share
+        run_rl(cfg)
+        runs[share] = (read_metrics(fruit / name / "metrics.jsonl"), load_file(fruit / name / "final" / "model.safetensors"))
+    (per_row, w_row), (shared, w_shared) = runs[False], runs[True]
+    for a, b in zip(per_row, shared):
+        for key in ("score/mean", "kl/ref", "loss/policy", "loss/kl", "policy/entropy"):
+            assert b[key] == pytest.approx(a[key], rel=1e-4, abs=1e-6), key
+    assert all(torch.allclose(w_row[k], w_shared[k], atol=1e-5, rtol=0) for k in w_row)
+    # a micro-batch that is not whole groups falls back to per-row forwards, with a note
+    cfg = _config(fruit, "cf_share_fallback", "grpo", steps=1, rollout={"n": 4})
+    cfg.batch.rollout_batch_size, cfg.batch.mini_batch_size, cfg.batch.grad_accum = 16, 6, 1
+    run_rl(cfg)
+    assert "note: prompts are computed per row, not once per group: a micro-batch (6 rows per process)" in capsys.readouterr().out

@@ -289,6 +289,11 @@ class BatchConfig(Section):
         None, gt=0, description="Rows per scoring forward (reference, critic, reward model) on each process; "
                                 "default: the training micro-batch (mini_batch_size / grad_accum / processes), "
                                 "or more rows while one forward's float32 logits stay within 64 MiB.")
+    share_prompts: bool | None = Field(
+        None, description="Compute each prompt once per group in the reference and training forwards (its keys and "
+                          "values reused by the group's samples; the same numbers, less arithmetic). Mini-batches are "
+                          "then whole groups. Default: on for group algorithms (rollout.n > 1) without a critic, "
+                          "where the model can take it (else a one-line note and per-row forwards).")
 
 
 class OptimConfig(Section):

@@ -9,6 +9,7 @@ and right padding give the same numbers.
 
 from __future__ import annotations
 
+import inspect
 from collections.abc import Callable
 
 import torch
@@ -70,6 +71,16 @@ class TokenValueModel(torch.nn.Module):
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         return token_values(self.model, input_ids, attention_mask)
+
+
+def cache_kwarg(model: PreTrainedModel) -> str:
+    """`cache` on transformers versions that renamed it, else `past_key_values`.
+
+    An unknown keyword would vanish into the model's **kwargs and silently decode without a
+    cache, so the name is read from the forward signature (of the wrapped model under PEFT).
+    """
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
 
 
 def causal_lm_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -11,29 +11,34 @@ import torch
 from transformers import PreTrainedModel
 
 from quartet.models.forward import TokenValueModel, causal_lm_logits, position_ids_from_mask, score_head
+from quartet.models.shared_prompt import grouped_response_logits
 from quartet.rl import token_logprobs, token_logprobs_and_entropy, token_logprobs_inplace
 
 
 def response_logits(model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
-                    response_ids: torch.Tensor) -> torch.Tensor:
+                    response_ids: torch.Tensor, group_size: int = 1) -> torch.Tensor:
     """Logits that predicted each response token: [batch, response_len, vocab].
 
     The last position is left out of the forward pass: its logits would predict a token after
-    the response, and a causal model's earlier positions do not depend on it.
+    the response, and a causal model's earlier positions do not depend on it. With `group_size`
+    n > 1 the rows come in groups of n sharing their prompt, and each prompt is computed once
+    (models/shared_prompt.py: the same numbers, a fraction of the prompt's arithmetic).
     """
+    if group_size > 1:
+        return grouped_response_logits(model, sequences, attention_mask, response_ids, group_size)
     response_len = response_ids.shape[1]
     return causal_lm_logits(model, sequences[:, :-1], attention_mask[:, :-1], logits_to_keep=response_len)
 
 
 @torch.no_grad()
 def response_logprobs(model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
-                      response_ids: torch.Tensor, temperature: float) -> torch.Tensor:
+                      response_ids: torch.Tensor, temperature: float, group_size: int = 1) -> torch.Tensor:
     """Log-probs of the response tokens [batch, response_len], for scoring (no gradients).
 
     The LM head runs on response positions only, and the log-softmax overwrites the fresh
     logits: one vocabulary-sized tensor per forward instead of three.
     """
-    logits = response_logits(model, sequences, attention_mask, response_ids)
+    logits = response_logits(model, sequences, attention_mask, response_ids, group_size)
     return token_logprobs_inplace(logits, response_ids, temperature)
 
 
@@ -73,13 +78,14 @@ class ActorCritic(torch.nn.Module):
         self.shared_trunk = shared_trunk
 
     def forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
-                temperature: float, with_entropy: bool = True
+                temperature: float, with_entropy: bool = True, group_size: int = 1
                 ) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
         """Response log-probs [b, r], the policy's entropy at each response position [b, r]
-        (no gradient; None unless `with_entropy`) and values V(S_t) [b, r] (None without a critic)."""
+        (no gradient; None unless `with_entropy`) and values V(S_t) [b, r] (None without a critic).
+        `group_size` > 1: whole groups of rows sharing a prompt, each prompt computed once."""
         if self.shared_trunk:
             return self._shared_trunk_forward(sequences, attention_mask, response_ids, temperature, with_entropy)
-        logits = response_logits(self.actor, sequences, attention_mask, response_ids)
+        logits = response_logits(self.actor, sequences, attention_mask, response_ids, group_size)
         values = (response_values(self.critic, sequences, attention_mask, response_ids.shape[1])
                   if self.critic is not None else None)
         return (*logprobs_and_entropy(logits, response_ids, temperature, with_entropy), values)

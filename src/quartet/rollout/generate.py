@@ -9,7 +9,6 @@ PPO's old log-probs can come from here instead of an extra actor forward.
 
 from __future__ import annotations
 
-import inspect
 from dataclasses import dataclass
 
 import torch
@@ -18,7 +17,7 @@ from transformers.cache_utils import DynamicLayer
 
 from quartet.config import SamplingConfig
 from quartet.data.collate import collate_prompts
-from quartet.models.forward import position_ids_from_mask
+from quartet.models.forward import cache_kwarg, position_ids_from_mask
 from quartet.rl.masks import response_mask
 
 
@@ -127,16 +126,6 @@ def _rollout_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:
     return cache
 
 
-def _cache_kwarg(model: PreTrainedModel) -> str:
-    """`cache` on transformers versions that renamed it, else `past_key_values`.
-
-    An unknown keyword would vanish into the model's **kwargs and silently decode without a
-    cache, so the name is read from the forward signature (of the wrapped model under PEFT).
-    """
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
 @torch.no_grad()
 def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                      cfg: SamplingConfig, eos_token_id: int, pad_token_id: int,
@@ -182,12 +171,12 @@ def _sample_loop(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: 
     device = prompt_ids.device
     max_new = cfg.max_new_tokens
     cache = _rollout_cache(model, prompt_len + max_new)
-    cache_kwarg = _cache_kwarg(model)
+    cache_key = cache_kwarg(model)
     prefill_positions = position_ids_from_mask(prompt_mask)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prefill_positions,
-                use_cache=True, logits_to_keep=1, **{cache_kwarg: cache})
+                use_cache=True, logits_to_keep=1, **{cache_key: cache})
     if cache.get_seq_length() != prompt_len:
-        raise RuntimeError(f"{type(model).__name__} did not fill the KV cache passed as {cache_kwarg!r}")
+        raise RuntimeError(f"{type(model).__name__} did not fill the KV cache passed as {cache_key!r}")
     next_logits = out.logits[:, -1].float()  # [prompts, vocab]
     if n > 1:  # the group's samples continue from one prefill
         cache.batch_repeat_interleave(n)
@@ -223,7 +212,7 @@ def _sample_loop(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: 
         if t == max_new - 1 or bool(finished.all()):
             return tokens, logprobs, t + 1
         out = model(input_ids=token[:, None], attention_mask=attention[:, : prompt_len + t + 1],
-                    position_ids=decode_positions[:, t : t + 1], use_cache=True, **{cache_kwarg: cache})
+                    position_ids=decode_positions[:, t : t + 1], use_cache=True, **{cache_key: cache})
         next_logits = out.logits[:, -1].float()
     return tokens, logprobs, max_new  # only with max_new_tokens == 0 (configs require > 0): an empty response
 

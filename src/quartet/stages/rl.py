@@ -24,9 +24,8 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quartet.config import RLConfig
-from quartet.data import load_prompts, tokenize_prompt_examples
 from quartet.models.forward import head_parameters, share_trunk
-from quartet.models.loading import check_model_dir, load_causal_lm, load_scalar_model, save_model
+from quartet.models.loading import check_model_dir, save_model
 from quartet.models.policy import ActorCritic
 from quartet.models.tokenizer import load_tokenizer
 from quartet.report.samples import sample_records, write_samples
@@ -40,10 +39,9 @@ from quartet.rl import (
     masked_mean,
     value_loss,
 )
-from quartet.rl.algorithms import Algorithm, get_algorithm
+from quartet.rl.algorithms import get_algorithm
 from quartet.rl.experience import Experience
 from quartet.runs.checkpoint import load_weights
-from quartet.runs.distributed import Ranks
 from quartet.runs.faults import NonFiniteGuard
 from quartet.runs.loop import Job, RunLoop, StepOutcome
 from quartet.runs.optim import load_optimizer_state, make_optimizer
@@ -52,8 +50,9 @@ from quartet.runs.progress import format_postfix
 from quartet.runs.run import Run, seed_everything
 from quartet.runs.seeds import STEP_UPDATE, derive_seed
 from quartet.scoring import MetricFn, RewardFn, RewardSource, build_reward_source
-from quartet.stages.common import apply_lora, check_context_length, split_held_out, unwrap_lora
-from quartet.stages.rl_experience import ExperienceMaker, PromptRow
+from quartet.stages.common import check_context_length, unwrap_lora
+from quartet.stages.rl_experience import ExperienceMaker
+from quartet.stages.rl_setup import PromptRow, check_batches_split, load_rl_models, load_rl_prompts, prompt_sharing
 
 # Per-step metrics whose first and last fifth of the run go into summary.json.
 SUMMARY_KEYS = ("score/mean", "kl/ref", "reward/total", "response/length")
@@ -75,8 +74,9 @@ class RLTrainer(Job):
         self.tokenizer, self.run, self.ranks, self.device = tokenizer, run, run.ranks, run.device
         check_batches_split(cfg, self.ranks)
         o = cfg.optim
+        self.group_size = prompt_sharing(cfg, actor, critic, self.ranks)  # 1: every row computes its prompt
         self.experience = ExperienceMaker(cfg, self.algorithm, actor, reference, reward, tokenizer, prompts, self.ranks,
-                                          reward_stats, metric_fns)
+                                          reward_stats, metric_fns, self.group_size)
         if cfg.models.shared_trunk:
             if self.ranks.shards_parameters:
                 raise ValueError("models.shared_trunk runs on one process or with DDP; FSDP and DeepSpeed would "
@@ -139,7 +139,7 @@ class RLTrainer(Job):
             # the entropy (a metric only) is measured in the first pass over the batch: a vocab-wide
             # exp and sum per token, which later epochs would repeat for a near-identical number
             with_entropy = epoch == 0
-            order = torch.randperm(exp.mask.shape[0], generator=shuffle, device=self.device)
+            order = self._shuffled_rows(exp.mask.shape[0], shuffle)
             for mini in order.split(b.mini_batch_size):
                 micros = self._micro_batches(exp, mini)
                 for i, (micro, weight, token_weight) in enumerate(micros):
@@ -159,6 +159,14 @@ class RLTrainer(Job):
         if exp.returns is not None:
             metrics["value/explained_variance"] = float(explained_variance(exp.old_values, exp.returns, exp.mask))
         return metrics
+
+    def _shuffled_rows(self, n_rows: int, generator: torch.Generator) -> torch.Tensor:
+        """A seeded order of the batch's rows; whole groups, kept together, when prompts are shared."""
+        n = self.group_size
+        if n == 1:
+            return torch.randperm(n_rows, generator=generator, device=self.device)
+        groups = torch.randperm(n_rows // n, generator=generator, device=self.device)
+        return (groups[:, None] * n + torch.arange(n, device=self.device)).flatten()
 
     def _micro_batches(self, exp: Experience, mini: torch.Tensor) -> list[tuple[torch.Tensor, float, float]]:
         """This rank's micro-batches of a mini-batch, each with its share of the mini-batch's units (per
@@ -192,7 +200,7 @@ class RLTrainer(Job):
         with autocast_context(self.device, self.cfg.train.bf16):
             logprobs, entropy, values = self.update_forward(exp.sequences[micro], exp.attention_mask[micro],
                                                             exp.response_ids[micro], self.cfg.rollout.temperature,
-                                                            with_entropy)
+                                                            with_entropy, self.group_size)
             pg_losses, pg_stats = self.algorithm.policy_losses(logprobs.float(), exp.old_logprobs[micro],
                                                                exp.advantages[micro], loss_mask, a)
             loss = aggregate(pg_losses, loss_mask, aggregation, max_new)
@@ -316,36 +324,6 @@ class RLTrainer(Job):
 # ----------------------------------------------------------------------------- set-up
 
 
-def check_batches_split(cfg: RLConfig, ranks: Ranks) -> None:
-    """Every rank must get an equal share of the prompts (whole groups: a group never straddles two
-    ranks) and of each mini-batch's micro-batches."""
-    b, n = cfg.batch, cfg.rollout.n
-    ranks.check_divisible(b.rollout_batch_size // n, "batch.rollout_batch_size" if n == 1 else
-                          f"the prompts per step (batch.rollout_batch_size / rollout.n = {b.rollout_batch_size} / {n})")
-    ranks.check_divisible(b.mini_batch_size // b.grad_accum, "batch.mini_batch_size / batch.grad_accum")
-
-
-def load_rl_models(cfg: RLConfig, algorithm: Algorithm, tokenizer: PreTrainedTokenizerBase
-                   ) -> tuple[PreTrainedModel, PreTrainedModel | None, PreTrainedModel | None]:
-    """Actor (with LoRA when asked), frozen reference (None without a KL term, or with LoRA: the actor with
-    its adapters off), critic (None without)."""
-    m = cfg.models
-    actor = load_causal_lm(m.actor, m.trust_remote_code, m.allow_pickle)
-    reference = None
-    if cfg.lora.enabled:
-        actor = apply_lora(actor, cfg.lora)
-        if cfg.algorithm.uses_reference and (m.reference or m.actor) != m.actor:
-            reference = load_causal_lm(m.reference, m.trust_remote_code, m.allow_pickle)
-    elif cfg.algorithm.uses_reference:  # no KL term: no reference
-        reference = load_causal_lm(m.reference or m.actor, m.trust_remote_code, m.allow_pickle)
-    critic = None
-    if algorithm.needs_critic:
-        # a shared trunk is the actor's: the critic's score head starts fresh, as with critic_init=actor
-        source = m.actor if m.shared_trunk else m.critic or (m.reward if m.critic_init == "reward" else m.actor)
-        critic = load_scalar_model(source, m.trust_remote_code, m.allow_pickle, pad_token_id=tokenizer.pad_token_id)
-    return actor, reference, critic
-
-
 def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = None,
            metric_fns: Sequence[MetricFn] = ()) -> dict[str, Any]:
     """Run the online-RL stage described by `cfg` (its algorithm: `cfg.algorithm.name`).
@@ -366,18 +344,7 @@ def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = Non
             check_model_dir(path, role, m.allow_pickle)
     tokenizer = load_tokenizer(m.actor, m.trust_remote_code)
     tokenizer.padding_side = "left"
-    prompt_examples = load_prompts(cfg.data.train, tokenizer)
-    if cfg.data.limit:
-        prompt_examples = prompt_examples[: cfg.data.limit]
-    kept, stats = tokenize_prompt_examples(prompt_examples, tokenizer, cfg.data.max_prompt_length)
-    prompts = [(ids, example.columns) for ids, example in kept]
-    if cfg.data.eval:
-        held_out, _ = tokenize_prompt_examples(load_prompts(cfg.data.eval, tokenizer), tokenizer, cfg.data.max_prompt_length)
-        eval_prompts = [(ids, example.columns) for ids, example in held_out]
-    else:
-        prompts, eval_prompts = split_held_out(prompts, cfg.data.eval_fraction, cfg.run.seed)
-    if not prompts:
-        raise ValueError(f"{cfg.data.train}: no prompts left after loading")
+    prompts, eval_prompts, stats = load_rl_prompts(cfg, tokenizer)
     reward, reward_stats = build_reward_source(m, tokenizer, reward_fn)
     run.ranks.print(f"[{algorithm.name}] {len(prompts)} prompts" + (f", {len(eval_prompts)} held out" if eval_prompts else "")
                     + f"; {stats.summary()}")

@@ -34,8 +34,7 @@ from quartet.runs.distributed import Ranks
 from quartet.runs.precision import autocast_context
 from quartet.runs.seeds import STEP_MORE_ROLLOUTS, STEP_ROLLOUT, derive_seed
 from quartet.scoring import MetricFn, RewardSource
-
-PromptRow = tuple[list[int], dict[str, Any]]  # a prompt's token ids and its row's other dataset columns
+from quartet.stages.rl_setup import PromptRow
 
 
 class ExperienceMaker:
@@ -43,7 +42,8 @@ class ExperienceMaker:
 
     def __init__(self, cfg: RLConfig, algorithm: Algorithm, actor: PreTrainedModel, reference: PreTrainedModel | None,
                  reward: RewardSource, tokenizer: PreTrainedTokenizerBase, prompts: list[PromptRow], ranks: Ranks,
-                 reward_stats: tuple[float, float] | None = None, metric_fns: Sequence[MetricFn] = ()):
+                 reward_stats: tuple[float, float] | None = None, metric_fns: Sequence[MetricFn] = (),
+                 group_size: int = 1):
         b = cfg.batch
         self.cfg, self.algorithm, self.actor, self.reference, self.reward = cfg, algorithm, actor, reference, reward
         self.tokenizer, self.ranks, self.device = tokenizer, ranks, ranks.device
@@ -61,6 +61,7 @@ class ExperienceMaker:
         self.backend = make_rollout_backend(cfg.rollout.backend, tokenizer.eos_token_id, self.pad_id)
         self.uses_reference = cfg.algorithm.uses_reference
         self.recompute_logprobs = not (cfg.rollout.logprobs_from_generation and self.backend.logprobs_match_trainer)
+        self.group_size = group_size  # > 1: scoring forwards compute each group's prompt once
         self.trained: torch.nn.Module | None = None  # the trained models, as wrapped, during make()
         self.step, self.beta = 0, 0.0
 
@@ -185,20 +186,21 @@ class ExperienceMaker:
         seq, attn, resp = rollout.sequences, rollout.attention_mask, rollout.response_ids
         temperature = self.cfg.rollout.temperature
         rows = self.cfg.batch.forward_batch_size or scoring_rows(self.micro_rows, resp.shape[1], self.vocab_size)
+        n = self.group_size
+        rows = max(n, rows // n * n)  # chunks of whole groups when they share their prompt
+        logprobs = partial(response_logprobs, temperature=temperature, group_size=n)
         scored = {"old_logprobs": rollout.logprobs, "ref_logprobs": None, "old_values": None}
         with autocast_context(self.device, self.cfg.train.bf16):
             with self.ranks.full_parameters(self.trained) as pair:
                 if self.recompute_logprobs:
-                    scored["old_logprobs"] = in_row_chunks(partial(response_logprobs, pair.actor, temperature=temperature),
-                                                           rows, seq, attn, resp)
+                    scored["old_logprobs"] = in_row_chunks(partial(logprobs, pair.actor), rows, seq, attn, resp)
                 if pair.critic is not None:
                     scored["old_values"] = in_row_chunks(partial(response_values, pair.critic, response_len=resp.shape[1]),
                                                          rows, seq, attn)
             if self.uses_reference:
                 with self.reference_context():
                     ref_model = self.reference if self.reference is not None else self.actor
-                    scored["ref_logprobs"] = in_row_chunks(partial(response_logprobs, ref_model, temperature=temperature),
-                                                           rows, seq, attn, resp)
+                    scored["ref_logprobs"] = in_row_chunks(partial(logprobs, ref_model), rows, seq, attn, resp)
             scored["scores"], scored["score_parts"] = self.reward(rollout, prompts, responses, rows, columns)
         return {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in scored.items()}
 
