@@ -272,8 +272,8 @@ CHAINS = ArithSettings(level=2, sft_steps=600, max_new_tokens=32)
 # 0..5 (57 expressions, so RL meets each one many times) and 40% of the SFT answers off by one: the
 # model learns the format and mostly the right answers, but samples a wrong one about half the time
 # (held-out accuracy about 0.53 at temperature 1); a verifier's reward then tells right from wrong.
-# Measured (150 steps, 8 prompts x 8 samples, lr 3e-4, 2 cores): GRPO 0.53 -> 0.75, RLOO -> 0.73,
-# REINFORCE++ -> 0.78 held-out accuracy, each in about 30 s after a 15 s SFT.
+# Measured (tests/test_verifiable_rl.py: 150 steps of 64 samples, lr 3e-4, each algorithm's preset):
+# held-out accuracy 0.53 -> GRPO 0.69, RLOO 0.68, REINFORCE++ 0.84, each in about 30 s after a 15 s SFT.
 CARELESS_TEACHER = ArithSettings(max_operand=5, p_wrong=0.4, sft_steps=300)
 
 
