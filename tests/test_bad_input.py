@@ -77,6 +77,12 @@ def test_missing_field(tmp_path, earlier_run, capsys):
                    "line 21", "rejected")
 
 
+def test_missing_field_in_dpo_preferences(tmp_path, earlier_run, capsys):
+    data = _jsonl(tmp_path / "p.jsonl", [*GOOD_PREFS, {"prompt": "a", "rejected": "b"}])
+    _fails_cleanly(["dpo", "--data.train", data, "--model.preset", "nano"], earlier_run, capsys,
+                   "p.jsonl", "line 21", "'chosen'")
+
+
 def test_empty_text(tmp_path, earlier_run, capsys):
     data = _jsonl(tmp_path / "d.jsonl", [*GOOD_SFT, {"prompt": "a", "completion": "   "}])
     _fails_cleanly(_sft(data), earlier_run, capsys, "line 21", "empty")

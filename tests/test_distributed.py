@@ -137,6 +137,12 @@ def work(tmp_path_factory) -> Path:
     (root / "reward.yaml").write_text("model: {preset: nano, vocab_size: 300}\n"
                                       "data: {train: prefs.jsonl, eval: prefs-eval.jsonl, max_length: 32}\n"
                                       f"train: {train}\n")
+    # DPO with the reference log-probs precomputed: each rank scores its share of the pairs, the
+    # shares are summed; the one-process resume reads the two-process run's stored file
+    (root / "dpo.yaml").write_text("model: {path: actor}\n"
+                                   "data: {train: prefs.jsonl, eval: prefs-eval.jsonl, max_length: 32}\n"
+                                   "dpo: {precompute_ref_logprobs: true}\n"
+                                   f"train: {train}\n")
     from quartet.models.tokenizer import train_bpe_tokenizer
 
     tokenizer = train_bpe_tokenizer([r["prompt"] + r["completion"] for r in sft], vocab_size=300)
@@ -164,7 +170,7 @@ def work(tmp_path_factory) -> Path:
 
 # --------------------------------------------------------------------------- tests
 
-@pytest.mark.parametrize("stage", ["sft", "reward"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
 def test_supervised_stage_on_two_processes_matches_one_and_resumes_on_one(work, stage):
     one_process(work, stage, "--config", f"{stage}.yaml", "--output", f"{stage}-1proc")
     dump = two_processes(work, stage, "--config", f"{stage}.yaml", "--output", f"{stage}-2proc")

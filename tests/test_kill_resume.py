@@ -105,6 +105,7 @@ SFT_STEPS = 200
 REWARD_STEPS = 150
 PPO_STEPS = 40
 GRPO_STEPS = 30
+DPO_STEPS = 80
 
 
 @pytest.fixture(scope="module")
@@ -151,13 +152,20 @@ def work(tmp_path_factory) -> Path:
         "batch: {rollout_batch_size: 16, mini_batch_size: 8}\n"
         "optim: {actor_lr: 1.0e-3}\n"
         f"train: {{steps: {GRPO_STEPS}, log_every: 1, save_every: 1, sample_every: 5, n_samples: 2}}\n")
+    # DPO from the saved actor on the reward model's preference pairs; the live reference is a copy
+    # of the starting model, which a resumed run must rebuild from model.path, not from the checkpoint
+    (root / "dpo.yaml").write_text(
+        "model: {path: actor}\n"
+        "data: {train: prefs.jsonl, eval_fraction: 0.1, max_length: 32}\n"
+        f"train: {{lr: 0.001, max_steps: {DPO_STEPS}, batch_size: 8, grad_accum: 2, eval_every: 20, log_every: 1,"
+        " save_every: 1, keep_checkpoints: 1}\n")
     return root
 
 
 @pytest.fixture(scope="module")
 def straight(work) -> dict[str, Path]:
     """Each stage run once, uninterrupted."""
-    stages = ("sft", "reward", "ppo", "grpo")
+    stages = ("sft", "reward", "ppo", "grpo", "dpo")
     for stage in stages:
         done = _run(_quartet(stage, "--config", f"{stage}.yaml", "--output", f"{stage}-straight"), work, f"{stage}.log")
         assert done.returncode == 0, (work / f"{stage}.log").read_text()[-3000:]
@@ -169,6 +177,7 @@ def straight(work) -> dict[str, Path]:
     ("reward", REWARD_STEPS, ("final",)),
     ("ppo", PPO_STEPS, ("final", "final_critic")),
     ("grpo", GRPO_STEPS, ("final",)),
+    ("dpo", DPO_STEPS, ("final",)),
 ])
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(work, straight, stage, last_step, models):
     out = work / f"{stage}-killed"
@@ -183,6 +192,8 @@ def test_sigkill_at_a_random_step_then_resume_is_bit_identical(work, straight, s
         a = (straight[stage] / "samples.jsonl").read_text().splitlines()
         b = (out / "samples.jsonl").read_text().splitlines()
         assert [json.loads(x)["step"] for x in a] == [json.loads(x)["step"] for x in b]
+    if stage == "dpo":  # the held-out pairs' implicit rewards, written at the end
+        assert (straight[stage] / "dpo_samples.jsonl").read_text() == (out / "dpo_samples.jsonl").read_text()
 
 
 def test_sigterm_saves_a_checkpoint_exits_cleanly_and_resumes(work, straight):

@@ -50,6 +50,13 @@ def _cmd_reward(args, overrides: list[str]) -> None:
     run_reward(_stage_config(RewardConfig, args, overrides), resume=args.resume)
 
 
+def _cmd_dpo(args, overrides: list[str]) -> None:
+    from quartet.config import DPOConfig
+    from quartet.stages.dpo import run_dpo
+
+    run_dpo(_stage_config(DPOConfig, args, overrides), resume=args.resume)
+
+
 # online-RL subcommands: the algorithm each one runs (`quartet rl` takes --algorithm.name, default ppo)
 RL_COMMANDS = {
     "ppo": ("ppo", "stage 3: PPO with actor, critic, reward model and reference"),
@@ -87,7 +94,7 @@ def _cmd_pipeline(args, overrides: list[str]) -> None:
     from quartet.stages.pipeline import run_pipeline
 
     if not args.config:
-        raise ValueError("quartet pipeline needs --config FILE with sft:, reward: and ppo: sections")
+        raise ValueError("quartet pipeline needs --config FILE with sft:, reward: and ppo: sections (or sft: and dpo:)")
     if args.output:
         overrides = [*overrides, "--output_dir", args.output]
     run_pipeline(args.config, overrides, resume=args.resume)
@@ -135,13 +142,18 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     handlers["sft"] = _cmd_sft
     _add_stage(sub, "reward", "stage 2: reward model on chosen/rejected pairs", "RewardConfig")
     handlers["reward"] = _cmd_reward
+    _add_stage(sub, "dpo", "offline preference optimisation (DPO, IPO, hinge, robust; RPO's NLL term) from an SFT "
+                           "model on chosen/rejected pairs, no reward model", "DPOConfig")
+    handlers["dpo"] = _cmd_dpo
     for command, (algorithm, help_text) in RL_COMMANDS.items():
         rl_parser = _add_stage(sub, command, help_text)
         rl_parser.epilog = _rl_epilog(algorithm)
         handlers[command] = partial(_cmd_rl, algorithm)
-    pipeline = _add_stage(sub, "pipeline", "all three stages in order from one config file")
-    pipeline.epilog = ("the file has sections sft:, reward: and ppo:, each a stage config (see quartet sft|reward|ppo "
-                       "--help), plus output_dir and seed; override a stage's key as --ppo.train.steps 10")
+    pipeline = _add_stage(sub, "pipeline", "the stages in order from one config file: SFT -> reward model -> PPO, "
+                                           "or SFT -> DPO")
+    pipeline.epilog = ("the file has sections sft:, reward: and ppo: (or sft: and dpo:), each a stage config (see "
+                       "quartet sft|reward|ppo|dpo --help), plus output_dir and seed; each stage starts from the "
+                       "previous one's final/; override a stage's key as --ppo.train.steps 10")
     handlers["pipeline"] = _cmd_pipeline
     score = sub.add_parser("score", help="score prompt/response pairs with a reward model",
                            description="Score a JSONL/JSON/CSV/Parquet file of prompt + response (or completion) "
@@ -164,7 +176,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
                                                  "policy game the reward model)")
     demo.add_argument("--ppo-steps", type=int, help="PPO steps (default 150, quick 50)")
     handlers["demo"] = _cmd_demo
-    report = sub.add_parser("report", help="render report.html for a PPO run or a demo directory")
+    report = sub.add_parser("report", help="render report.html for an RL run, a DPO run or a demo directory")
     report.add_argument("run_dir")
     report.add_argument("--output", help="HTML path (default: RUN_DIR/report.html)")
     handlers["report"] = _cmd_report

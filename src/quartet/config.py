@@ -151,6 +151,56 @@ class RewardConfig(StageConfig):
         return self
 
 
+class DPOLossConfig(Section):
+    """The DPO-family objective (quartet.rl.dpo) and the frozen reference it is measured against."""
+
+    beta: float = Field(0.1, gt=0, description="Implicit-reward scale beta in r = beta * (log pi - log pi_ref): smaller "
+                                               "lets the policy move further from the reference (ipo: tau; hinge: "
+                                               "1 / margin).")
+    loss_type: Literal["sigmoid", "ipo", "hinge", "robust"] = Field(
+        "sigmoid", description="sigmoid: DPO (Rafailov et al. 2023); ipo: IPO on length-normalised log-probs (Azar "
+                               "et al. 2023); hinge: SLiC (Zhao et al. 2023); robust: rDPO for noisy labels "
+                               "(Chowdhury et al. 2024). TRL's loss_type names.")
+    label_smoothing: float = Field(0.0, ge=0.0, lt=0.5, description="Assumed share of pairs whose labels are flipped: "
+                                                                    "conservative DPO (sigmoid) or rDPO (robust); "
+                                                                    "not defined for ipo or hinge.")
+    rpo_alpha: float | None = Field(None, ge=0, description="Weight of RPO's NLL term on the chosen answer (Pang et al. "
+                                                            "2024; TRL's rpo_alpha, e.g. 1.0), here per pair: the mean "
+                                                            "token NLL of each chosen answer; null or 0: no NLL term.")
+    reference: str | None = Field(None, description="Frozen reference model directory; default the starting model "
+                                                    "(a frozen copy of it, or with LoRA the model with adapters off).")
+    precompute_ref_logprobs: bool = Field(False, description="Compute the reference log-probs once before training, "
+                                                             "store them in the run directory (reused on --resume) "
+                                                             "and keep no reference model in memory.")
+
+
+class DPOConfig(StageConfig):
+    """`quartet dpo`: offline preference optimisation (DPO and variants) from an SFT model on chosen/rejected pairs.
+
+    The default learning rate, 5e-6, is for real pretrained SFT models (TRL's DPO examples use 5e-7 to 5e-6 for
+    full fine-tuning; LoRA takes about ten times more). A tiny model trained from scratch (the presets, the demo)
+    needs far more: 1e-4 to 1e-3.
+    """
+
+    run: RunSection = RunSection(output_dir="runs/dpo")
+    model: ModelConfig = ModelConfig()
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig(lr=5e-6)
+    lora: LoraConfig = LoraConfig()
+    dpo: DPOLossConfig = DPOLossConfig()
+
+    @model_validator(mode="after")
+    def _check(self) -> "DPOConfig":
+        if not self.model.path and not self.model.preset:
+            raise ValueError("model.path is required: the SFT model directory DPO starts from (e.g. runs/sft/final); "
+                             "model.preset builds a fresh model, for tests")
+        d = self.dpo
+        if d.label_smoothing > 0 and d.loss_type not in ("sigmoid", "robust"):
+            raise ValueError(f"dpo.label_smoothing ({d.label_smoothing}) is not defined for dpo.loss_type "
+                             f"'{d.loss_type}'; use it with sigmoid or robust, or set dpo.label_smoothing to 0")
+        return self
+
+
 class RLModelsConfig(Section):
     """The models of online RL. Reference defaults to the actor's checkpoint; critic per critic_init."""
 

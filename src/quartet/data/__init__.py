@@ -1,6 +1,12 @@
 """Data layer: local files -> validated examples -> tokenized ids -> padded batches."""
 
-from quartet.data.collate import collate_preferences, collate_prompts, collate_sft, pad_sequences
+from quartet.data.collate import (
+    collate_preference_answers,
+    collate_preferences,
+    collate_prompts,
+    collate_sft,
+    pad_sequences,
+)
 from quartet.data.errors import DataError
 from quartet.data.formats import (
     PreferenceExample,
@@ -32,6 +38,7 @@ __all__ = [
     "Row",
     "SFTExample",
     "TruncationStats",
+    "collate_preference_answers",
     "collate_preferences",
     "collate_prompts",
     "collate_sft",

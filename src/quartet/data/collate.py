@@ -64,6 +64,31 @@ def collate_preferences(batch: list[dict[str, Any]], pad_token_id: int) -> dict[
     }
 
 
+def collate_preference_answers(batch: list[dict[str, Any]], pad_token_id: int, side: str = "right") -> dict[str, Any]:
+    """The 2n rows of `collate_preferences` (chosen [0, n), rejected [n, 2n)) with the mask of answer tokens.
+
+    `answer_mask` [2n, T] is 1 on each row's answer tokens (after its pair's `prompt_len` prompt
+    tokens, EOS included) and 0 on prompt tokens and padding. Rows are padded on `side` (the
+    answer tokens keep their place in the row). When every pair carries precomputed reference
+    log-probs (`ref_chosen_logp`, `ref_rejected_logp`), `ref_logps` [2n] holds them in row order.
+    """
+    seqs = [b["chosen_ids"] for b in batch] + [b["rejected_ids"] for b in batch]
+    prompt_lens = [b["prompt_len"] for b in batch] * 2
+    answers = [[0] * p + [1] * (len(s) - p) for s, p in zip(seqs, prompt_lens)]
+    out: dict[str, Any] = {
+        "input_ids": pad_sequences(seqs, pad_token_id, side),
+        "attention_mask": _masks(seqs, side),
+        "answer_mask": pad_sequences(answers, 0, side),
+    }
+    refs = [("ref_chosen_logp" in b, "ref_rejected_logp" in b) for b in batch]
+    if any(any(r) for r in refs):
+        if not all(all(r) for r in refs):
+            raise ValueError("some pairs in the batch carry precomputed reference log-probs and some do not")
+        out["ref_logps"] = torch.tensor([b["ref_chosen_logp"] for b in batch] + [b["ref_rejected_logp"] for b in batch],
+                                        dtype=torch.float)
+    return out
+
+
 def collate_prompts(batch: list[dict[str, Any] | Sequence[int]], pad_token_id: int) -> dict[str, torch.Tensor]:
     """Left-padded input_ids and attention_mask (items: {'input_ids': ids} or the ids themselves)."""
     ids = [b["input_ids"] if isinstance(b, dict) else b for b in batch]

@@ -133,7 +133,11 @@ def tokenize_sft(examples: list[SFTExample], tokenizer: Any, max_length: int, ma
 
 def tokenize_preferences(examples: list[PreferenceExample], tokenizer: Any, max_length: int,
                          max_prompt_length: int) -> tuple[list[dict[str, Any]], TruncationStats]:
-    """[{chosen_ids, rejected_ids, margin}]: prompt + answer + EOS for each answer, same policy as SFT."""
+    """[{chosen_ids, rejected_ids, prompt_len, margin}]: prompt + answer + EOS for each answer, same policy as SFT.
+
+    Both sequences start with the same `prompt_len` prompt tokens (BOS included, if used); the
+    answer tokens are the rest.
+    """
     _check_lengths(max_length, max_prompt_length)
     eos = _eos_ids(tokenizer)
     trunc = _Truncator(tokenizer, max_prompt_length)
@@ -153,7 +157,8 @@ def tokenize_preferences(examples: list[PreferenceExample], tokenizer: Any, max_
             continue
         stats.n_prompt_truncated += p_cut
         stats.n_completion_truncated += a_cut
-        out.append({"chosen_ids": p_ids + c_ids, "rejected_ids": p_ids + r_ids, "margin": ex.margin})
+        out.append({"chosen_ids": p_ids + c_ids, "rejected_ids": p_ids + r_ids, "prompt_len": len(p_ids),
+                    "margin": ex.margin})
     return out, stats
 
 

@@ -1,7 +1,8 @@
-"""A self-contained HTML report of a PPO run or a demo directory, written as a teaching view of RLHF-PPO.
+"""A self-contained HTML report of a PPO run, a DPO run or a demo directory, written as a teaching view of RLHF.
 
-Layouts: (A) a PPO run directory (metrics.jsonl, samples.jsonl, summary.json, config.yaml);
-(B) a demo directory with ppo/ laid out as (A), plus summary.json, comparison.jsonl, sft/ and reward/.
+Layouts: (A) an online-RL run directory (metrics.jsonl, samples.jsonl, summary.json, config.yaml);
+(B) a demo directory with ppo/ laid out as (A), plus summary.json, comparison.jsonl, sft/ and reward/;
+(C) a DPO run directory (summary.json with stage "dpo", metrics.jsonl, dpo_samples.jsonl, config.yaml).
 Images are inlined as base64 data URIs and the CSS is inline: the file opens offline, with no JavaScript.
 """
 
@@ -15,12 +16,14 @@ from pathlib import Path
 from typing import Any, Sequence
 
 from quartet.report.plots import (
+    DPO_PLOTS,
     PPO_PLOTS,
     REWARD_PLOTS,
     SFT_PLOTS,
     PlotSpec,
     load_jsonl,
     reward_function_specs,
+    run_stage,
     to_float,
     write_pngs,
 )
@@ -86,6 +89,14 @@ INTRO_CRITIC_FREE = ("This run trains the <b>actor</b> without a critic: it samp
 ADVANTAGE_LEGEND = ("advantage", "A_t: how much better this answer did than its baseline (GRPO: the group's mean, "
                                  "divided by its std; RLOO: the other samples' mean; REINFORCE++: whitened returns). "
                                  "Positive = the update makes these tokens more likely.")
+
+
+INTRO_DPO = ("DPO trains the <b>policy</b> on preference pairs directly, with no reward model and no sampling. "
+             "A frozen <b>reference</b> (the SFT model it started from) sets the zero point: the <i>implicit "
+             "reward</i> of an answer is β·(log π(answer) − log π_ref(answer)), summed over the answer's tokens. "
+             "The loss raises the chosen answer's implicit reward above the rejected one's; β sets how far the "
+             "policy may drift from the reference to do so.")
+MAX_DPO_PAIRS = 8
 
 
 def esc(value: Any) -> str:
@@ -260,12 +271,63 @@ def read_json(path: Path) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
+def dpo_cards(summary: dict[str, Any], metrics: list[dict[str, Any]]) -> str:
+    def before_after(key: str) -> tuple[Any, Any]:
+        return (summary.get(f"initial_eval/{key}", first_value(metrics, f"eval/{key}")),
+                summary.get(f"eval/{key}", last_value(metrics, f"eval/{key}")))
+
+    steps = summary.get("steps", metrics[-1].get("step") if metrics else None)
+    cards = [change_card("Held-out accuracy", *before_after("rewards/accuracies"), "chosen reward > rejected, start → end"),
+             change_card("Held-out margin", *before_after("rewards/margins"), "chosen − rejected implicit reward"),
+             change_card("Held-out loss", *before_after("loss"), f"{summary.get('loss_type', 'sigmoid')} loss"),
+             card("Steps", "–" if steps is None else str(steps), f"β = {fmt(summary.get('beta'))}"),
+             card("Time", f"{fmt(summary.get('seconds'), 0)} s", "DPO training")]
+    return f'<div class="cards">{"".join(cards)}</div>'
+
+
+def dpo_pairs_table(rows: list[dict[str, Any]]) -> str:
+    shown = rows[:MAX_DPO_PAIRS]
+    body = "".join(
+        f'<tr><td class="resp">{esc(r.get("prompt", ""))}</td>'
+        f'<td><div class="resp">{esc(r.get("chosen", ""))}</div><span class="badge">reward '
+        f'{fmt(r.get("chosen_reward"))}</span></td>'
+        f'<td><div class="resp">{esc(r.get("rejected", ""))}</div><span class="badge">reward '
+        f'{fmt(r.get("rejected_reward"))}</span></td>'
+        f'<td class="num"{cell_color(r.get("margin"), max(abs(to_float(x.get("margin"))) for x in shown) or 1.0)}>'
+        f'{fmt(r.get("margin"))}</td></tr>' for r in shown)
+    return ('<p>Held-out pairs with the implicit rewards the trained policy gives their answers (β·log π/π_ref). '
+            'A positive margin (green) means the policy now prefers the chosen answer, relative to the reference.</p>'
+            '<table><tr><th style="width:26%">prompt</th><th>chosen</th><th>rejected</th><th>margin</th></tr>'
+            f'{body}</table>')
+
+
+def dpo_page(run_dir: Path, summary: dict[str, Any], pngs: dict[str, Path]) -> list[str]:
+    """The parts of a DPO run's report."""
+    metrics = load_jsonl(run_dir / "metrics.jsonl")
+    parts = ["<h1>Quartet report · DPO run</h1>", f'<p class="sub">{esc(run_dir.resolve())}</p>',
+             f'<p class="intro">{INTRO_DPO}</p>', "<h2>1. Summary</h2>", dpo_cards(summary, metrics)]
+    if summary.get("reference"):
+        parts.append(f"<p>Reference: {esc(summary['reference'])}.</p>")
+    parts.append("<h2>2. Training curves</h2>")
+    curves = figures(DPO_PLOTS, pngs)
+    parts.append(("<p>Train values are the logged steps' batches; eval values the held-out pairs, at step 0 and "
+                  "every eval_every steps.</p>" + curves) if curves else note("No DPO metrics (metrics.jsonl) found."))
+    parts.append("<h2>3. Held-out pairs</h2>")
+    rows = load_jsonl(run_dir / "dpo_samples.jsonl")
+    parts.append(dpo_pairs_table(rows) if rows else note("No dpo_samples.jsonl found (a run without held-out pairs)."))
+    parts.append("<h2>4. Configuration</h2>")
+    parts.append((config_block(run_dir / "config.yaml") + summary_block(summary)) or note("No config.yaml found."))
+    return parts
+
+
 def render_report(run_dir: str | Path, output: str | Path | None = None) -> Path:
     """Write a self-contained report.html (default: inside run_dir) and PNGs in run_dir/plots/.
 
     Returns the HTML path.
     """
     run_dir = Path(run_dir)
+    if run_stage(run_dir) == "dpo":
+        return _write_page(run_dir, dpo_page(run_dir, read_json(run_dir / "summary.json"), write_pngs(run_dir)), output)
     demo = (run_dir / "ppo" / "metrics.jsonl").is_file()
     ppo_dir = run_dir / "ppo" if demo else run_dir
     metrics = load_jsonl(ppo_dir / "metrics.jsonl")
@@ -281,7 +343,7 @@ def render_report(run_dir: str | Path, output: str | Path | None = None) -> Path
     if not summary:
         parts.append(note("No summary.json found; numbers above come from metrics.jsonl where possible."))
 
-    parts.append("<h2>2. Training curves</h2>")
+    parts.append(f"<h2>2. {esc(algorithm.upper())} training curves</h2>")
     curves = figures(PPO_PLOTS + reward_function_specs(metrics), pngs)
     parts.append(("<p>Faint dots are the logged values at each step; the solid line is a moving average.</p>"
                   + curves) if curves else note("No PPO metrics (metrics.jsonl) found."))
@@ -319,6 +381,10 @@ def render_report(run_dir: str | Path, output: str | Path | None = None) -> Path
     config = config_block(ppo_dir / "config.yaml") or config_block(run_dir / "config.yaml")
     parts.append((config + summary_block(summary)) or note("No config.yaml found."))
 
+    return _write_page(run_dir, parts, output)
+
+
+def _write_page(run_dir: Path, parts: list[str], output: str | Path | None) -> Path:
     page = (f'<!DOCTYPE html><html lang="en"><head><meta charset="utf-8"><meta name="viewport" '
             f'content="width=device-width,initial-scale=1"><title>Quartet report · {esc(run_dir.name)}</title>'
             f'<style>{CSS}</style></head><body><main>{"".join(parts)}</main></body></html>\n')

@@ -96,6 +96,29 @@ REWARD_PLOTS: list[PlotSpec] = [
              "Pairwise (Bradley–Terry) loss: −log σ(r_chosen − r_rejected).", "loss"),
 ]
 
+DPO_PLOTS: list[PlotSpec] = [
+    PlotSpec("dpo_margins", "Reward margin", ("train/rewards/margins", "eval/rewards/margins"), ("train", "eval"),
+             "The implicit reward of an answer is β·(log π − log π_ref): how much more likely the policy makes it "
+             "than the frozen reference does. The margin is chosen minus rejected, per pair; DPO pushes it up. It "
+             "starts at 0, where the policy is the reference.", "margin"),
+    PlotSpec("dpo_accuracies", "Preference accuracy", ("train/rewards/accuracies", "eval/rewards/accuracies"),
+             ("train", "eval"),
+             "The share of pairs whose chosen answer has the larger implicit reward. At step 0 every pair is a tie "
+             "(counted as wrong); the held-out curve is the one that says whether the preference generalises.",
+             "accuracy"),
+    PlotSpec("dpo_loss", "DPO loss", ("train/loss", "eval/loss"), ("train", "eval"),
+             "−log σ(margin) for the sigmoid loss (log 2 ≈ 0.693 at the start); the other loss types "
+             "(IPO, hinge, robust) have their own scale.", "loss"),
+    PlotSpec("dpo_rewards", "Implicit rewards of chosen and rejected answers",
+             ("train/rewards/chosen", "train/rewards/rejected", "eval/rewards/chosen", "eval/rewards/rejected"),
+             ("train chosen", "train rejected", "eval chosen", "eval rejected"),
+             "Both can fall: DPO only asks the chosen answer to gain on the rejected one. A chosen reward that "
+             "sinks far below 0 means the policy is making even the preferred answers less likely.", "reward"),
+    PlotSpec("dpo_logps", "Log-probabilities of the answers", ("train/logps/chosen", "train/logps/rejected"),
+             ("chosen", "rejected"),
+             "The policy's summed log-probability of each answer (answer tokens only), mean over pairs.", "log-prob"),
+]
+
 
 def load_jsonl(path: str | Path) -> list[dict[str, Any]]:
     """Records of a JSON-lines file; missing file -> [], unreadable lines (e.g. a torn last line) skipped."""
@@ -208,10 +231,21 @@ def reward_function_specs(records: Sequence[dict[str, Any]]) -> list[PlotSpec]:
     return specs
 
 
+def run_stage(run_dir: str | Path) -> str | None:
+    """The stage named in a run directory's summary.json ('dpo', 'ppo', ...), None without one."""
+    try:
+        summary = json.loads((Path(run_dir) / "summary.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    return summary.get("stage") if isinstance(summary, dict) else None
+
+
 def write_pngs(run_dir: str | Path) -> dict[str, Path]:
-    """Write all plots of a PPO run or demo directory into run_dir/plots/; returns name -> PNG path."""
+    """Write all plots of a PPO run, DPO run or demo directory into run_dir/plots/; returns name -> PNG path."""
     run_dir = Path(run_dir)
     out = run_dir / "plots"
+    if run_stage(run_dir) == "dpo":
+        return plot_specs(load_jsonl(run_dir / "metrics.jsonl"), DPO_PLOTS, out)
     demo = (run_dir / "ppo" / "metrics.jsonl").is_file()
     ppo_dir = run_dir / "ppo" if demo else run_dir
     records = load_jsonl(ppo_dir / "metrics.jsonl")
