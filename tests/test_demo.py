@@ -8,7 +8,7 @@ from quartet.demo import world
 from quartet.demo.run import gold_metric, render_prompt, request_text, run_demo
 
 TINY = dict(n_sft=200, sft_epochs=1.0, n_rm_prompts=60, rm_epochs=1.0, n_rm_eval_prompts=20, ppo_steps=2,
-            rollout_batch_size=8, mini_batch_size=4, n_eval_prompts=16, preset="nano")
+            rollout_batch_size=8, mini_batch_size=4, n_eval_prompts=16, preset="nano", dpo_epochs=1.0)
 
 
 @pytest.fixture(scope="module")
@@ -26,12 +26,18 @@ def test_ppo_beats_sft_on_the_hidden_gold_judge(quick_demo):
     assert summary["kl_final"] is not None and summary["kl_final"] < 5.0
 
 
+def test_dpo_on_the_reward_models_pairs_beats_sft_on_gold(quick_demo):
+    _, summary = quick_demo
+    assert summary["gold_dpo"] > summary["gold_sft"] + 0.15
+    assert summary["dpo_steps"] > 0
+
+
 def test_demo_writes_every_artifact(quick_demo):
     out, summary = quick_demo
     for key in ("gold_sft", "gold_ppo", "proxy_sft", "proxy_ppo", "rm_accuracy_gold", "kl_final", "seconds"):
         assert key in summary
-    assert set(summary["seconds"]) >= {"sft", "reward", "ppo"}
-    for stage in ("sft", "reward", "ppo"):
+    assert set(summary["seconds"]) >= {"sft", "reward", "ppo", "dpo"}
+    for stage in ("sft", "reward", "ppo", "dpo"):
         assert (out / stage / "final" / "model.safetensors").exists()
         assert (out / stage / "metrics.jsonl").exists()
     html = (out / "report.html").read_text()
@@ -46,7 +52,7 @@ def test_demo_writes_every_artifact(quick_demo):
 def test_same_seed_same_numbers(tmp_path):
     a = run_demo(tmp_path / "a", seed=3, overrides=TINY)
     b = run_demo(tmp_path / "b", seed=3, overrides=TINY)
-    for key in ("gold_sft", "gold_ppo", "proxy_sft", "proxy_ppo", "rm_accuracy_gold", "kl_final"):
+    for key in ("gold_sft", "gold_ppo", "gold_dpo", "proxy_sft", "proxy_ppo", "proxy_dpo", "rm_accuracy_gold", "kl_final"):
         assert a[key] == b[key], key
 
 

@@ -96,7 +96,8 @@ def assert_same_run(straight: Path, resumed: Path, model_dirs: tuple[str, ...] =
         assert _without_timings(ra) == _without_timings(rb), f"metrics differ at step {ra['step']}"
     sa = json.loads((straight / "summary.json").read_text())
     sb = json.loads((resumed / "summary.json").read_text())
-    assert _without_timings(sa) == _without_timings({**sb, "final_dir": sa["final_dir"]})
+    paths = {k: sa[k] for k in ("final_dir", "reference") if k in sa}  # name the run's own directories
+    assert _without_timings(sa) == _without_timings({**sb, **paths})
 
 
 # --------------------------------------------------------------------------- stage set-ups
@@ -225,7 +226,8 @@ def test_sigterm_exit_status_is_128_plus_the_signal(work):
 def test_demo_killed_in_any_stage_resumes_to_the_same_result(tmp_path):
     """The demo (tiny sizes) killed while a random stage trains; `--resume` keeps finished stages."""
     tiny = {"n_sft": 200, "sft_epochs": 1.0, "n_rm_prompts": 60, "rm_epochs": 1.0, "n_rm_eval_prompts": 20,
-            "ppo_steps": 3, "rollout_batch_size": 8, "mini_batch_size": 4, "n_eval_prompts": 16, "preset": "nano"}
+            "ppo_steps": 3, "rollout_batch_size": 8, "mini_batch_size": 4, "n_eval_prompts": 16, "preset": "nano",
+            "dpo_epochs": 1.0}
     script = ("import json, sys; from quartet.demo.run import run_demo; "
               "run_demo(sys.argv[1], seed=2, overrides=json.loads(sys.argv[2]), resume=sys.argv[3] == '1')")
 
@@ -233,7 +235,7 @@ def test_demo_killed_in_any_stage_resumes_to_the_same_result(tmp_path):
         return [sys.executable, "-c", script, out, json.dumps(tiny), "1" if resume else "0"]
 
     assert _run(demo("straight", False), tmp_path, "straight.log").returncode == 0
-    stage = random.choice(["sft", "reward", "ppo"])
+    stage = random.choice(["sft", "reward", "ppo", "dpo"])
     print(f"killing the demo during {stage}")
     # the tiny stages log few steps: kill soon after the stage's first record, at a random moment
     _interrupt(demo("killed", False), tmp_path, tmp_path / "killed" / stage / "metrics.jsonl", 1, signal.SIGKILL,
@@ -245,5 +247,5 @@ def test_demo_killed_in_any_stage_resumes_to_the_same_result(tmp_path):
     a = json.loads((tmp_path / "straight" / "summary.json").read_text())
     b = json.loads((tmp_path / "killed" / "summary.json").read_text())
     assert _without_timings(a) == _without_timings(b)
-    for name in ("sft", "reward", "ppo"):
+    for name in ("sft", "reward", "ppo", "dpo"):
         assert_same_run(tmp_path / "straight" / name, tmp_path / "killed" / name)

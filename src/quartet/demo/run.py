@@ -4,7 +4,8 @@
 2. preference pairs: two SFT answers per request, labelled by a simulated, noisy diner;
 3. reward model on those pairs (its accuracy against gold labels is measured on held-out pairs);
 4. PPO against the reward model, with the gold judge watching every step;
-5. SFT and PPO actors compared on held-out requests, gold and proxy; report.html.
+5. DPO on the same preference pairs (no reward model);
+6. SFT, PPO and DPO actors compared on held-out requests, gold and proxy; report.html.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from typing import Any
 
 import torch
 
-from quartet.config import RewardConfig, RLConfig, SamplingConfig, SFTConfig, build_config
+from quartet.config import DPOConfig, RewardConfig, RLConfig, SamplingConfig, SFTConfig, build_config
 from quartet.demo import world
 from quartet.models.loading import load_causal_lm, load_scalar_model
 from quartet.models.tokenizer import load_tokenizer
@@ -49,6 +50,11 @@ class DemoSettings:
     actor_lr: float = 2e-5
     critic_lr: float = 1e-4
     beta: float = 0.05
+    # DPO on the reward model's preference pairs (lr 3e-4, beta 0.1, 3 epochs: the best of a sweep on the
+    # quick town, where more epochs or a higher rate push the chosen answers' log-probs down too)
+    dpo_epochs: float = 3.0
+    dpo_lr: float = 3e-4
+    dpo_beta: float = 0.1
     n_eval_prompts: int = 500
     max_new_tokens: int = 24
 
@@ -111,32 +117,27 @@ def _preference_rows(labelled: list[dict]) -> list[dict]:
              "rejected": " " + row["rejected"]} for row in labelled]
 
 
-def run_demo(output: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
-             overrides: dict[str, Any] | None = None, resume: bool = False) -> dict[str, Any]:
-    """Run the demo end to end into `output`; returns (and writes) summary.json.
+@dataclass
+class TownStart:
+    """What every algorithm in the town starts from: the SFT model, the preference pairs, the reward model."""
 
-    With `resume`, stages that finished (their final/ exists) are kept and the interrupted one
-    continues from its latest checkpoint; the result is the same as an uninterrupted run.
-    """
-    from quartet.report import render_report
+    town: world.Town
+    sft_dir: Path
+    preferences: Path
+    reward_dir: Path
+    prompts: Path  # online RL's prompt file
+    rm_accuracy_gold: float
+    rm_eval_pairs: int
+
+
+def prepare_town(out: Path, settings: DemoSettings, seed: int, resume: bool, seconds: dict[str, float]) -> TownStart:
+    """Generate the town, then SFT, preference pairs and the reward model (stages already finished in
+    `out` are kept with `resume`); the reward model's agreement with the gold judge on held-out pairs."""
     from quartet.stages.reward import run_reward, score_texts
-    from quartet.stages.rl import run_rl
     from quartet.stages.sft import run_sft
-
-    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
-        raise ValueError("quartet demo runs on one process (it writes its own data and report); "
-                         "launch quartet sft | reward | ppo | pipeline under torchrun instead")
-    settings = replace(QUICK if quick else FULL, **(overrides or {}))
-    out = Path(output)
-    if (out / "summary.json").exists():
-        raise FileExistsError(f"{out} already holds a finished demo; choose another --output or delete it")
-    if out.exists() and any(out.iterdir()) and not resume:
-        raise FileExistsError(f"{out} holds an unfinished demo; continue it with --resume, or choose another --output")
 
     def finished(stage: str) -> bool:  # a stage writes summary.json last, after final/
         return resume and (out / stage / "summary.json").exists()
-    out.mkdir(parents=True, exist_ok=True)
-    seconds: dict[str, float] = {}
     torch.manual_seed(seed)
     town = world.Town.generate(seed, settings.n_restaurants)
     (out / "town.json").write_text(json.dumps(town.to_dict(), indent=1), encoding="utf-8")
@@ -177,8 +178,7 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, seed: int = 
     if not finished("reward"):
         run_reward(reward_cfg, resume=resume)
     reward_dir = out / "reward" / "final"
-    rm_tokenizer = load_tokenizer(reward_dir)
-    rm_model = load_scalar_model(reward_dir, pad_token_id=rm_tokenizer.pad_token_id)
+    rm_tokenizer, rm_model = load_reward_model(reward_dir)
     eval_requests = world.prompts(town, settings.n_rm_eval_prompts, world.SEED_EVAL + 17 + seed)
     agree = total = 0
     for request, a, b in _preference_triples(sft_dir, eval_requests, settings, seed + 7):
@@ -189,56 +189,134 @@ def run_demo(output: str | Path = "runs/demo", quick: bool = False, seed: int = 
         score_a, score_b = score_texts(rm_model, rm_tokenizer, [prompt + " " + a, prompt + " " + b])
         agree += (score_a > score_b) == (gold_a > gold_b)
         total += 1
-    rm_accuracy_gold = agree / max(total, 1)
     seconds["reward"] = time.perf_counter() - t
+    ppo_requests = world.prompts(town, 2000, world.SEED_PPO + seed)
+    prompt_file = _write_jsonl(out / "data" / "prompts.jsonl", [{"prompt": render_prompt(r)} for r in ppo_requests])
+    return TownStart(town, sft_dir, pref_file, reward_dir, prompt_file, agree / max(total, 1), total)
+
+
+def load_reward_model(reward_dir: Path):
+    """The reward model's tokenizer and model, for scoring texts."""
+    tokenizer = load_tokenizer(reward_dir)
+    return tokenizer, load_scalar_model(reward_dir, pad_token_id=tokenizer.pad_token_id)
+
+
+def town_rl_config(start: TownStart, output_dir: Path, settings: DemoSettings, seed: int, algorithm: str = "ppo",
+                   **sections: dict[str, Any]) -> RLConfig:
+    """The demo's online RL against the reward model: PPO with the demo's constants, or another
+    algorithm with its preset's; `sections` add to it (held-out prompts, a budget...)."""
+    data: dict[str, dict[str, Any]] = {
+        "run": {"output_dir": str(output_dir), "seed": seed},
+        "models": {"actor": str(start.sft_dir), "reward": str(start.reward_dir)},
+        "data": {"train": str(start.prompts), "max_prompt_length": 40},
+        "algorithm": {"name": algorithm},
+        "rollout": {"max_new_tokens": settings.max_new_tokens, "min_new_tokens": MIN_NEW_TOKENS, "temperature": 1.0},
+        "batch": {"rollout_batch_size": settings.rollout_batch_size, "mini_batch_size": settings.mini_batch_size},
+        "optim": {"actor_lr": settings.actor_lr},
+        "train": {"steps": settings.ppo_steps, "sample_every": max(1, settings.ppo_steps // 5), "n_samples": 3,
+                  "save_every": 10},
+    }
+    if algorithm == "ppo":
+        data["algorithm"]["beta"] = settings.beta
+        data["batch"]["ppo_epochs"] = settings.ppo_epochs
+        data["optim"]["critic_lr"] = settings.critic_lr
+    for section, values in sections.items():
+        data[section] = {**data.get(section, {}), **values}
+    return build_config(RLConfig, data)
+
+
+def town_dpo_config(start: TownStart, output_dir: Path, settings: DemoSettings, seed: int) -> DPOConfig:
+    """DPO from the SFT model on the pairs the reward model learnt from."""
+    return build_config(DPOConfig, {
+        "run": {"output_dir": str(output_dir), "seed": seed},
+        "model": {"path": str(start.sft_dir)},
+        "data": {"train": str(start.preferences), "eval_fraction": 0.1, "max_length": 64, "max_prompt_length": 40},
+        "train": {"lr": settings.dpo_lr, "epochs": settings.dpo_epochs, "batch_size": 32, "eval_every": 50,
+                  "log_every": 10, "save_every": 50},
+        "dpo": {"beta": settings.dpo_beta},
+    })
+
+
+def judge_actors(start: TownStart, actors: dict[str, Path], settings: DemoSettings, seed: int
+                 ) -> tuple[list[world.Request], dict[str, dict[str, list]]]:
+    """Each actor's answers to the held-out requests (the same sampling draws), their gold and proxy scores."""
+    from quartet.stages.reward import score_texts
+
+    held_out = world.prompts(start.town, settings.n_eval_prompts, world.SEED_EVAL + seed)
+    prompts = [render_prompt(r) for r in held_out]
+    rm_tokenizer, rm_model = load_reward_model(start.reward_dir)
+    judged = {}
+    for name, actor_dir in actors.items():
+        answers = _answers(actor_dir, prompts, settings, seed + 11)
+        judged[name] = {"answers": answers,
+                        "gold": [world.gold_score(r, a, start.town) for r, a in zip(held_out, answers)],
+                        "proxy": score_texts(rm_model, rm_tokenizer, [p + " " + a for p, a in zip(prompts, answers)])}
+    return held_out, judged
+
+
+def run_demo(output: str | Path = "runs/demo", quick: bool = False, seed: int = 0,
+             overrides: dict[str, Any] | None = None, resume: bool = False) -> dict[str, Any]:
+    """Run the demo end to end into `output`; returns (and writes) summary.json.
+
+    With `resume`, stages that finished (their final/ exists) are kept and the interrupted one
+    continues from its latest checkpoint; the result is the same as an uninterrupted run.
+    """
+    from quartet.report import render_report
+    from quartet.stages.dpo import run_dpo
+    from quartet.stages.rl import run_rl
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("quartet demo runs on one process (it writes its own data and report); "
+                         "launch quartet sft | reward | ppo | pipeline under torchrun instead")
+    settings = replace(QUICK if quick else FULL, **(overrides or {}))
+    out = Path(output)
+    if (out / "summary.json").exists():
+        raise FileExistsError(f"{out} already holds a finished demo; choose another --output or delete it")
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise FileExistsError(f"{out} holds an unfinished demo; continue it with --resume, or choose another --output")
+
+    def finished(stage: str) -> bool:  # a stage writes summary.json last, after final/
+        return resume and (out / stage / "summary.json").exists()
+    out.mkdir(parents=True, exist_ok=True)
+    seconds: dict[str, float] = {}
+    start = prepare_town(out, settings, seed, resume, seconds)
 
     # 4. PPO against the reward model; the gold judge watches
     t = time.perf_counter()
-    ppo_requests = world.prompts(town, 2000, world.SEED_PPO + seed)
-    prompt_file = _write_jsonl(out / "data" / "prompts.jsonl", [{"prompt": render_prompt(r)} for r in ppo_requests])
-    ppo_cfg = build_config(RLConfig, {
-        "run": {"output_dir": str(out / "ppo"), "seed": seed},
-        "models": {"actor": str(sft_dir), "reward": str(reward_dir)},
-        "data": {"train": str(prompt_file), "max_prompt_length": 40},
-        "algorithm": {"name": "ppo", "beta": settings.beta},
-        "rollout": {"max_new_tokens": settings.max_new_tokens, "min_new_tokens": MIN_NEW_TOKENS, "temperature": 1.0},
-        "batch": {"rollout_batch_size": settings.rollout_batch_size, "mini_batch_size": settings.mini_batch_size,
-                  "ppo_epochs": settings.ppo_epochs},
-        "optim": {"actor_lr": settings.actor_lr, "critic_lr": settings.critic_lr},
-        "train": {"steps": settings.ppo_steps, "sample_every": max(1, settings.ppo_steps // 5), "n_samples": 3,
-                  "save_every": 10},
-    })
     if finished("ppo"):
         ppo_summary = json.loads((out / "ppo" / "summary.json").read_text(encoding="utf-8"))
     else:
-        ppo_summary = run_rl(ppo_cfg, resume=resume, metric_fns=[gold_metric(town)])
-    ppo_dir = out / "ppo" / "final"
+        ppo_summary = run_rl(town_rl_config(start, out / "ppo", settings, seed), resume=resume,
+                             metric_fns=[gold_metric(start.town)])
     seconds["ppo"] = time.perf_counter() - t
 
-    # 5. held-out comparison of the SFT and PPO actors
+    # 5. DPO on the same preference pairs, no reward model
     t = time.perf_counter()
-    held_out = world.prompts(town, settings.n_eval_prompts, world.SEED_EVAL + seed)
-    prompts = [render_prompt(r) for r in held_out]
-    sft_answers = _answers(sft_dir, prompts, settings, seed + 11)
-    ppo_answers = _answers(ppo_dir, prompts, settings, seed + 11)
-    sft_proxy = score_texts(rm_model, rm_tokenizer, [p + " " + a for p, a in zip(prompts, sft_answers)])
-    ppo_proxy = score_texts(rm_model, rm_tokenizer, [p + " " + a for p, a in zip(prompts, ppo_answers)])
-    sft_gold = [world.gold_score(r, a, town) for r, a in zip(held_out, sft_answers)]
-    ppo_gold = [world.gold_score(r, a, town) for r, a in zip(held_out, ppo_answers)]
-    oracle = [world.oracle_gold(r, town) for r in held_out]
-    comparison = [{"prompt": r.text, "sft_response": sa, "sft_gold": sg, "sft_proxy": sp,
-                   "ppo_response": pa, "ppo_gold": pg, "ppo_proxy": pp}
-                  for r, sa, sg, sp, pa, pg, pp in zip(held_out, sft_answers, sft_gold, sft_proxy,
-                                                       ppo_answers, ppo_gold, ppo_proxy)]
+    if finished("dpo"):
+        dpo_summary = json.loads((out / "dpo" / "summary.json").read_text(encoding="utf-8"))
+    else:
+        dpo_summary = run_dpo(town_dpo_config(start, out / "dpo", settings, seed), resume=resume)
+    seconds["dpo"] = time.perf_counter() - t
+
+    # 6. held-out comparison of the SFT, PPO and DPO actors
+    t = time.perf_counter()
+    held_out, judged = judge_actors(start, {"sft": start.sft_dir, "ppo": out / "ppo" / "final",
+                                            "dpo": out / "dpo" / "final"}, settings, seed)
+    oracle = [world.oracle_gold(r, start.town) for r in held_out]
+    comparison = [{"prompt": r.text, **{f"{name}_{field}": judged[name][key][i] for name in judged
+                                        for field, key in (("response", "answers"), ("gold", "gold"), ("proxy", "proxy"))}}
+                  for i, r in enumerate(held_out)]
     _write_jsonl(out / "comparison.jsonl", comparison)
     seconds["evaluation"] = time.perf_counter() - t
 
     mean = lambda xs: sum(xs) / max(len(xs), 1)  # noqa: E731
     summary = {
-        "gold_sft": mean(sft_gold), "gold_ppo": mean(ppo_gold), "gold_oracle": mean(oracle),
-        "proxy_sft": mean(sft_proxy), "proxy_ppo": mean(ppo_proxy),
-        "rm_accuracy_gold": rm_accuracy_gold, "rm_eval_pairs": total,
-        "kl_final": ppo_summary.get("last/kl/ref"), "ppo_steps": ppo_summary["steps"],
+        "gold_sft": mean(judged["sft"]["gold"]), "gold_ppo": mean(judged["ppo"]["gold"]),
+        "gold_dpo": mean(judged["dpo"]["gold"]), "gold_oracle": mean(oracle),
+        "proxy_sft": mean(judged["sft"]["proxy"]), "proxy_ppo": mean(judged["ppo"]["proxy"]),
+        "proxy_dpo": mean(judged["dpo"]["proxy"]),
+        "rm_accuracy_gold": start.rm_accuracy_gold, "rm_eval_pairs": start.rm_eval_pairs,
+        "kl_final": ppo_summary.get("last/kl/ref"), "ppo_steps": ppo_summary["steps"], "dpo_steps": dpo_summary["steps"],
         "seconds": {**seconds, "total": sum(seconds.values())},
         "settings": {**asdict(settings), "quick": quick, "seed": seed},
     }
@@ -254,6 +332,7 @@ def print_summary(summary: dict[str, Any], report: Path) -> None:
     print(f"gold (hidden judge), held-out requests: SFT {s['gold_sft']:+.3f} -> PPO {s['gold_ppo']:+.3f} "
           f"(best possible {s['gold_oracle']:+.3f})")
     print(f"proxy (reward model):                   SFT {s['proxy_sft']:+.3f} -> PPO {s['proxy_ppo']:+.3f}")
+    print(f"DPO on the same pairs (no reward model): gold {s['gold_dpo']:+.3f}, proxy {s['proxy_dpo']:+.3f}")
     print(f"reward model accuracy vs gold labels:   {s['rm_accuracy_gold']:.3f} on {s['rm_eval_pairs']} held-out pairs")
     if s["kl_final"] is not None:
         print(f"KL(actor || reference) at the end:      {s['kl_final']:.3f} nats per response")

@@ -173,6 +173,8 @@ def summary_cards(demo: bool, summary: dict[str, Any], metrics: list[dict[str, A
                         "SFT → PPO, mean on held-out requests"),
             change_card("Proxy (reward model)", summary.get("proxy_sft"), summary.get("proxy_ppo"),
                         "SFT → PPO, what PPO optimised"),
+            *([change_card("Gold, DPO", summary.get("gold_sft"), summary.get("gold_dpo"),
+                           "SFT → DPO on the same pairs, no reward model")] if "gold_dpo" in summary else []),
             card("Reward model vs gold", "–" if math.isnan(acc) else f"{100 * acc:.1f}%",
                  "pairs where the RM agrees with the gold judge"),
             card("Final KL", fmt(kl), "nats per response, actor ‖ reference"),
@@ -199,17 +201,20 @@ def summary_cards(demo: bool, summary: dict[str, Any], metrics: list[dict[str, A
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
     shown = rows[:MAX_COMPARISON_ROWS]
-    body = "".join(
-        f'<tr><td class="resp">{esc(r.get("prompt", ""))}</td>'
-        f'<td><div class="resp">{esc(r.get("sft_response", ""))}</div><span class="badge">gold {fmt(r.get("sft_gold"))}'
-        f'</span><span class="badge">proxy {fmt(r.get("sft_proxy"))}</span></td>'
-        f'<td><div class="resp">{esc(r.get("ppo_response", ""))}</div><span class="badge">gold {fmt(r.get("ppo_gold"))}'
-        f'</span><span class="badge">proxy {fmt(r.get("ppo_proxy"))}</span></td></tr>' for r in shown)
+    actors = [(name, label) for name, label in (("sft", "SFT answer (before)"), ("ppo", "PPO answer (after)"),
+                                                ("dpo", "DPO answer (same pairs)")) if shown and f"{name}_response" in shown[0]]
+
+    def cell(r: dict[str, Any], name: str) -> str:
+        return (f'<td><div class="resp">{esc(r.get(f"{name}_response", ""))}</div><span class="badge">gold '
+                f'{fmt(r.get(f"{name}_gold"))}</span><span class="badge">proxy {fmt(r.get(f"{name}_proxy"))}</span></td>')
+
+    body = "".join(f'<tr><td class="resp">{esc(r.get("prompt", ""))}</td>{"".join(cell(r, n) for n, _ in actors)}</tr>'
+                   for r in shown)
     more = f"Showing {len(shown)} of {len(rows)} held-out requests." if len(rows) > len(shown) else ""
-    return (f'<p>The same held-out requests answered by the SFT model (before PPO) and the PPO actor (after). '
-            f'Gold is the hidden judge, proxy the reward model. {esc(more)}</p>'
-            f'<table><tr><th style="width:26%">request</th><th>SFT answer (before)</th>'
-            f'<th>PPO answer (after)</th></tr>{body}</table>')
+    head = "".join(f"<th>{esc(label)}</th>" for _, label in actors)
+    return (f'<p>The same held-out requests answered by the SFT model (before PPO), the PPO actor (after) and, where '
+            f'present, the DPO actor trained on the reward model\'s pairs. Gold is the hidden judge, proxy the reward '
+            f'model. {esc(more)}</p><table><tr><th style="width:22%">request</th>{head}</tr>{body}</table>')
 
 
 def pick_samples(samples: list[dict[str, Any]]) -> list[dict[str, Any]]:
