@@ -95,10 +95,18 @@ def load_scalar_model(path: str | Path, trust_remote_code: bool = False, allow_p
     config.num_labels = 1
     if pad_token_id is not None:
         config.pad_token_id = pad_token_id
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(path), config=config, trust_remote_code=trust_remote_code, use_safetensors=use_safetensors, dtype=dtype
-    )
-    return model
+    # from a causal LM the score head is new by design: transformers' "MISSING ... newly initialized" report
+    # would only alarm (the head is trained next, or is a critic's fresh head)
+    fresh_head = not _is_sequence_classifier(config)
+    verbosity = hf_logging.get_verbosity()
+    if fresh_head:
+        hf_logging.set_verbosity_error()
+    try:
+        return AutoModelForSequenceClassification.from_pretrained(
+            str(path), config=config, trust_remote_code=trust_remote_code, use_safetensors=use_safetensors, dtype=dtype
+        )
+    finally:
+        hf_logging.set_verbosity(verbosity)
 
 
 def _is_sequence_classifier(config) -> bool:
