@@ -86,3 +86,18 @@ def test_a_pipeline_file_takes_one_path(tmp_path):
         build_pipeline_configs({"sft": {}, "reward": {}, "dpo": {}})
     with pytest.raises(ConfigError, match="must start with one of"):
         build_pipeline_configs({"sft": {}, "dpo": {}}, ["--ppo.train.steps", "3"])
+
+
+@pytest.mark.parametrize("name", ["pipeline_hh.yaml", "pipeline_hh_dpo.yaml"])
+def test_the_shipped_pipeline_files_validate_and_find_their_data_in_the_repository(name, monkeypatch):
+    from pathlib import Path
+
+    from quartet.config import read_yaml
+    from quartet.stages.pipeline import build_pipeline_configs
+
+    root = Path(__file__).resolve().parents[1]
+    monkeypatch.chdir(root)  # their paths are relative to the repository root
+    configs = build_pipeline_configs(read_yaml(root / "configs" / name))
+    assert [type(c).__name__ for c in configs][-1] == ("DPOConfig" if "dpo" in name else "RLConfig")
+    for cfg in configs:
+        assert Path(cfg.data.train).is_file(), cfg.data.train
