@@ -117,6 +117,16 @@ def _cmd_demo(args, overrides: list[str]) -> None:
     run_demo(args.output, quick=args.quick, seed=args.seed, overrides=overrides, resume=args.resume)
 
 
+def _cmd_arena(args, overrides: list[str]) -> None:
+    from quartet.demo.arena import run_arena
+
+    if overrides:
+        raise ValueError(f"unexpected arguments: {' '.join(overrides)}")
+    worlds = [w.strip() for w in args.world.split(",") if w.strip()]
+    algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
+    run_arena(args.output, worlds, algorithms, seeds=args.seeds, quick=args.quick, resume=args.resume)
+
+
 def _cmd_report(args, overrides: list[str]) -> None:
     from quartet.report import render_report
 
@@ -176,6 +186,20 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
                                                  "policy game the reward model)")
     demo.add_argument("--ppo-steps", type=int, help="PPO steps (default 150, quick 50)")
     handlers["demo"] = _cmd_demo
+    arena = sub.add_parser("arena", help="every algorithm on the same task and budget, judged by ground truth",
+                           description="Train PPO, GRPO, RLOO, REINFORCE++ and DPO from the same SFT model on the same "
+                                       "budget of generated tokens, in worlds with ground truth (the restaurant town's "
+                                       "hidden gold judge; arithmetic's exact answers; reasoning-gym tasks), and "
+                                       "write report.html and summary.json.")
+    arena.add_argument("--output", default="runs/arena", help="arena directory (default: runs/arena)")
+    arena.add_argument("--world", default="town,arith",
+                       help="comma-separated: town, arith, reasoning_gym:NAME (needs pip install 'quartet-rlhf[tasks]')")
+    arena.add_argument("--algorithms", default="ppo,grpo,rloo,reinforce++,dpo",
+                       help="comma-separated: ppo, grpo, rloo, reinforce++, reinforce++-baseline, dpo")
+    arena.add_argument("--seeds", type=int, default=1, help="runs per algorithm, with seeds 0..N-1")
+    arena.add_argument("--quick", action="store_true", help="smaller worlds and budgets (under 10 minutes on 2 cores)")
+    arena.add_argument("--resume", action="store_true", help="keep finished runs and resume the interrupted one")
+    handlers["arena"] = _cmd_arena
     report = sub.add_parser("report", help="render report.html for an RL run, a DPO run or a demo directory")
     report.add_argument("run_dir")
     report.add_argument("--output", help="HTML path (default: RUN_DIR/report.html)")

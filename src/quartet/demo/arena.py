@@ -1,0 +1,206 @@
+"""`quartet arena`: every algorithm from the same start, on the same budget, judged by ground truth.
+
+For each world (arena_worlds.py) and seed, the world prepares one start (the SFT model, prompts,
+held-out prompts, DPO's preference pairs, the town's reward model); then every algorithm trains from
+it in a process of its own (so its peak memory is its own), with held-out evaluations along the way.
+The budget is counted in generated response tokens: DPO learns from pairs of SFT answers sampled for
+the start, and every online algorithm may sample as many tokens as those pairs cost. Each run is an
+ordinary run directory (OUTPUT/WORLD/seed-S/ALGORITHM): an interrupted arena, started again with
+`--resume`, keeps the runs that finished and resumes the one that did not.
+
+`summary.json` holds every run's numbers and each algorithm's mean and spread over seeds;
+`report.html` shows them (report/arena.py).
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import resource
+import statistics
+import sys
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from quartet.demo.arena_worlds import ALGORITHMS, FULL, QUICK, TEST, ArenaSettings, held_out_kl, make_world, world_directory
+
+__all__ = ["FULL", "QUICK", "TEST", "ArenaSettings", "run_arena"]
+
+
+def run_arena(output: str | Path, worlds: list[str], algorithms: list[str], seeds: int = 1, quick: bool = False,
+              resume: bool = False, settings: ArenaSettings | None = None) -> dict[str, Any]:
+    """Run every algorithm in every world for `seeds` seeds into `output`; returns (and writes) summary.json."""
+    from quartet.report.arena import render_arena_report
+
+    if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        raise ValueError("quartet arena runs on one process (each algorithm in a process of its own)")
+    unknown = [a for a in algorithms if a not in ALGORITHMS]
+    if unknown:
+        raise ValueError(f"unknown algorithm(s) {unknown}; choose from {', '.join(ALGORITHMS)}")
+    if not worlds or not algorithms:
+        raise ValueError("name at least one world (--world) and one algorithm (--algorithms)")
+    if seeds < 1:
+        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    settings = settings or (QUICK if quick else FULL)
+    out = Path(output)
+    for spec in worlds:  # a bad world name (or a missing optional package) fails before anything is written
+        make_world(spec, out / "check", 0, settings)
+    if (out / "summary.json").exists():
+        raise FileExistsError(f"{out} already holds a finished arena; choose another --output or delete it")
+    if out.exists() and any(out.iterdir()) and not resume:
+        raise FileExistsError(f"{out} holds an unfinished arena; continue it with --resume, or choose another --output")
+    out.mkdir(parents=True, exist_ok=True)
+    plan = {"worlds": worlds, "algorithms": algorithms, "seeds": seeds, "settings": asdict(settings)}
+    if (out / "arena.json").exists() and json.loads((out / "arena.json").read_text()) != plan:
+        raise ValueError(f"{out} holds an arena started with other worlds, algorithms, seeds or sizes "
+                         f"({(out / 'arena.json').read_text().strip()[:300]}); resume it with the same arguments")
+    (out / "arena.json").write_text(json.dumps(plan) + "\n", encoding="utf-8")
+    started = time.perf_counter()
+    runs, starts = [], []
+    for spec in worlds:
+        for seed in range(seeds):
+            directory = out / world_directory(spec) / f"seed-{seed}"
+            directory.mkdir(parents=True, exist_ok=True)
+            start = _prepare(spec, directory, seed, settings, resume)
+            starts.append({"world": spec, "seed": seed, **start})
+            for algorithm in algorithms:
+                runs.append(_run_in_own_process(spec, directory, seed, algorithm, settings, resume, start))
+    budgets = {w: [s["preference_tokens"] for s in starts if s["world"] == w] for w in worlds}  # per seed
+    summary = {"worlds": worlds, "algorithms": algorithms, "seeds": seeds, "quick": quick,
+               "budgets": budgets, "runs": runs, "starts": starts,
+               "table": _table(runs), "seconds": time.perf_counter() - started}
+    (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n", encoding="utf-8")
+    report = render_arena_report(out)
+    print_table(summary, report)
+    return summary
+
+
+def _prepare(spec: str, directory: Path, seed: int, settings: ArenaSettings, resume: bool) -> dict[str, float]:
+    """The world's start for this seed, once (kept across a resume: start.done is written last)."""
+    done = directory / "start.done"
+    if done.exists():
+        return json.loads(done.read_text())
+    world = make_world(spec, directory, seed, settings)
+    print(f"[arena] {spec} seed {seed}: preparing the start (SFT, data{', reward model' if spec == 'town' else ''})")
+    prepared = world.prepare(resume=True)  # stages that finished are kept: an interrupted start resumes
+    sft = world.judge(world.sft_dir)  # the start every algorithm is measured from
+    prepared.update({"sft_ground_truth": sft.ground_truth, "sft_proxy": sft.proxy, "sft_answers": sft.answers})
+    done.write_text(json.dumps(prepared, default=float) + "\n")
+    return prepared
+
+
+
+def _run_in_own_process(spec: str, directory: Path, seed: int, algorithm: str, settings: ArenaSettings,
+                        resume: bool, start: dict[str, float]) -> dict[str, Any]:
+    run_dir = directory / algorithm
+    record = run_dir / "arena_run.json"
+    if record.exists():
+        return json.loads(record.read_text())
+    print(f"[arena] {spec} seed {seed}: {algorithm}")
+    job = {"spec": spec, "directory": str(directory), "seed": seed, "algorithm": algorithm, "settings": settings,
+           "resume": run_dir.exists(), "budget": int(start["preference_tokens"])}
+    process = multiprocessing.get_context("spawn").Process(target=run_one, args=(job,))
+    process.start()
+    process.join()
+    if process.exitcode != 0 or not record.exists():
+        raise RuntimeError(f"arena: {algorithm} in {spec} (seed {seed}) stopped with exit code {process.exitcode}; "
+                           f"see its run directory {run_dir}; continue with --resume")
+    return json.loads(record.read_text())
+
+
+def run_one(job: dict[str, Any]) -> None:
+    """One algorithm's run in this process, then its judgement on the held-out prompts and its record."""
+    os.environ.setdefault("QUARTET_PROGRESS", "0")
+    directory, algorithm = Path(job["directory"]), job["algorithm"]
+    world = make_world(job["spec"], directory, job["seed"], job["settings"])
+    run_dir = directory / algorithm
+    t = time.perf_counter()
+    if algorithm == "dpo":
+        from quartet.stages.dpo import run_dpo
+
+        summary = run_dpo(world.dpo_config(run_dir), resume=job["resume"])
+        tokens = job["budget"]  # the SFT answers its pairs were made of
+    else:
+        from quartet.stages.rl import run_rl
+
+        summary = run_rl(world.rl_config(algorithm, run_dir, job["budget"]), resume=job["resume"],
+                         reward_fn=world.reward_fn(), metric_fns=world.metric_fns())
+        tokens = int(summary["generated_tokens"])
+    seconds = time.perf_counter() - t
+    judged = world.judge(run_dir / "final")
+    held_out = [json.loads(line)["prompt"] for line in (directory / "data" / "held_out.jsonl").read_text().splitlines()]
+    kl = held_out_kl(run_dir / "final", world.sft_dir, held_out, world.settings.max_new_tokens, job["seed"] + 13)
+    record = {
+        "world": job["spec"], "seed": job["seed"], "algorithm": algorithm, "ground_truth": judged.ground_truth,
+        "proxy": judged.proxy, "kl": kl, "steps": summary["steps"],
+        "seconds": seconds, "seconds_per_step": seconds / max(summary["steps"], 1), "generated_tokens": tokens,
+        "budget": job["budget"], "peak_rss_mib": peak_rss_mib(),
+        "curve": _curve(run_dir, world, algorithm, tokens, judged.ground_truth, seconds), "answers": judged.answers,
+    }
+    tmp = run_dir / "arena_run.json.tmp"
+    tmp.write_text(json.dumps(record, indent=1, default=float) + "\n", encoding="utf-8")
+    tmp.replace(run_dir / "arena_run.json")
+
+
+def peak_rss_mib() -> float:
+    """This process's peak resident memory. Linux's VmHWM belongs to the process image, so a spawned child
+    does not inherit its parent's peak, as getrusage's ru_maxrss does across fork and exec."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / 2**20 if sys.platform == "darwin" else rss / 1024  # bytes on macOS, KiB elsewhere
+
+
+def _curve(run_dir: Path, world, algorithm: str, tokens: int, final: float, seconds: float) -> list[dict[str, float]]:
+    """The held-out ground truth (and proxy) along the run against generated tokens and seconds."""
+    from quartet.runs.metrics import read_metrics
+
+    if algorithm == "dpo":  # no generation while it trains: the start, then the end
+        return [{"tokens": 0, "seconds": 0.0, "ground_truth": None}, {"tokens": tokens, "seconds": seconds,
+                                                                      "ground_truth": final}]
+    points, elapsed, generated = [], 0.0, 0
+    for r in read_metrics(run_dir / "metrics.jsonl"):
+        elapsed += r.get("time/step", 0.0)
+        generated = r.get("tokens/generated", generated)
+        if world.eval_ground_truth in r:
+            points.append({"tokens": generated, "seconds": elapsed, "ground_truth": r[world.eval_ground_truth],
+                           "proxy": r.get(world.eval_proxy) if world.eval_proxy else None, "kl": r.get("kl/ref")})
+    return points
+
+
+def _table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Per world and algorithm: the mean and spread over seeds of the final numbers."""
+    rows = []
+    keys = sorted({(r["world"], r["algorithm"]) for r in runs}, key=lambda k: (k[0], ALGORITHMS.index(k[1])))
+    for world, algorithm in keys:
+        group = [r for r in runs if r["world"] == world and r["algorithm"] == algorithm]
+        row: dict[str, Any] = {"world": world, "algorithm": algorithm, "seeds": len(group)}
+        for key in ("ground_truth", "proxy", "kl", "seconds", "seconds_per_step", "generated_tokens", "peak_rss_mib"):
+            values = [r[key] for r in group if r.get(key) is not None]
+            row[key] = statistics.fmean(values) if values else None
+            row[f"{key}_std"] = statistics.stdev(values) if len(values) > 1 else 0.0 if values else None
+        rows.append(row)
+    return rows
+
+
+def print_table(summary: dict[str, Any], report: Path) -> None:
+    print("\n== Quartet arena ==")
+    for world in summary["worlds"]:
+        print(f"{world} (budget per seed: {', '.join(f'{b:,}' for b in summary['budgets'][world])} generated tokens, "
+              f"the tokens of DPO's pairs):")
+        for row in (r for r in summary["table"] if r["world"] == world):
+            proxy = f"  proxy {row['proxy']:+.3f}" if row["proxy"] is not None else ""
+            print(f"  {row['algorithm']:<22} ground truth {row['ground_truth']:+.3f} ± {row['ground_truth_std']:.3f}"
+                  f"{proxy}  {row['seconds']:.0f} s  {row['peak_rss_mib']:.0f} MiB")
+    print(f"report: {report}")
+
+
+if __name__ == "__main__":  # pragma: no cover - the spawn start method imports this module by name
+    sys.exit(0)
