@@ -85,11 +85,12 @@ class SupervisedTrainer(Job):
         the forward pass so every micro-batch's loss can be scaled to the exact window mean.
         `save_model(directory, state_dict)` writes `model`; `state_dict` holds the gathered
         weights when the trained copy is sharded (FSDP, DeepSpeed ZeRO-3), else None.
+        Under FSDP `module` is sharded here (its transformer blocks and itself), before its optimizer.
         """
         if not train_data:
             raise ValueError("no training examples left after loading and truncation")
         self.model, self.train_data, self.eval_data = model, train_data, eval_data
-        self.module = module if module is not None else model
+        self.module = run.ranks.shard(module if module is not None else model, model)
         self.collate, self.loss_fn, self.count_units = collate, loss_fn, count_units
         self.cfg, self.run, self.seed, self.ranks = cfg, run, seed, run.ranks
         self.save_model, self.loss_name, self.postfix_keys = save_model, loss_name, postfix_keys
@@ -192,6 +193,9 @@ class SupervisedTrainer(Job):
     def load_models(self, checkpoint: Path) -> None:
         load_weights(self.model, checkpoint / "model")
 
+    def sharded_parts(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        return self.module, self.optimizer
+
     def load_training_state(self, state: dict[str, Any], checkpoint: Path) -> None:
         load_optimizer_state(self.optimizer, state["optimizer"], checkpoint)
         self.scheduler.load_state_dict(state["scheduler"])
@@ -208,7 +212,7 @@ class SupervisedTrainer(Job):
                 **{k: v for k, v in self.window.items() if k.startswith("train/")}}
 
     def begin(self) -> None:
-        if self.ranks.rank > 0:  # dropout draws differ between ranks, and are reproducible
+        if self.ranks.rank > 0 and not self.rank_rng_restored:  # dropout draws differ between ranks, reproducibly
             torch.manual_seed(derive_seed(self.seed, "rank_dropout", self.ranks.rank, self.step))
         self.metric_names = self._find_metric_names()
         self.prepared, self.optimizer = self.ranks.prepare(self.module, self.optimizer)
