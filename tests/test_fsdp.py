@@ -142,6 +142,18 @@ def test_fsdp_is_the_config_switch_else_the_launchers():
         check_launcher_settings({"ACCELERATE_USE_FSDP": "true", "FSDP_OFFLOAD_PARAMS": "true"})
 
 
+def test_run_fsdp_false_under_an_fsdp_launch_is_refused(monkeypatch):
+    from types import SimpleNamespace
+
+    from quartet.runs.distributed import Ranks
+
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")
+    two_ranks = SimpleNamespace(process_index=0, num_processes=2, is_main_process=True, device=torch.device("cpu"),
+                                distributed_type=None)
+    with pytest.raises(ValueError, match="the Accelerate config asks for FSDP but run.fsdp is false"):
+        Ranks(two_ranks, fsdp_setting=False)
+
+
 def test_options_that_do_not_combine_with_sharding_are_refused_by_name():
     from types import SimpleNamespace
 

@@ -104,7 +104,7 @@ class Ranks:
             if self.world > 1:
                 self.fsdp = fsdp.make_sharding(self.device, self.world,
                                                fsdp.reshard_after_forward(fsdp_reshard_after_forward), fsdp_frozen)
-        elif accelerator.distributed_type == DistributedType.FSDP and self.distributed:
+        elif self.distributed and fsdp.launcher_asks_for_fsdp():
             raise ValueError("the Accelerate config asks for FSDP but run.fsdp is false; drop one of the two")
 
     @property

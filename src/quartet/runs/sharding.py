@@ -38,10 +38,15 @@ def _flag(environ: Mapping[str, str], name: str, default: bool = False) -> bool:
     return environ.get(name, str(default)).strip().lower() in ("1", "true", "yes")
 
 
+def launcher_asks_for_fsdp(environ: Mapping[str, str] = os.environ) -> bool:
+    """`accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP=true."""
+    return _flag(environ, "ACCELERATE_USE_FSDP")
+
+
 def fsdp_requested(setting: bool | None, environ: Mapping[str, str] = os.environ) -> bool:
-    """The one switch: `run.fsdp` when set, else whether the launcher asked for FSDP
-    (`accelerate launch` with an FSDP config sets ACCELERATE_USE_FSDP=true)."""
-    return setting if setting is not None else _flag(environ, "ACCELERATE_USE_FSDP")
+    """The one switch: `run.fsdp` when set, else whether the launcher asked for FSDP. The two may not
+    contradict each other on several processes (`Ranks` refuses run.fsdp: false under an FSDP config)."""
+    return setting if setting is not None else launcher_asks_for_fsdp(environ)
 
 
 def reshard_after_forward(setting: bool | None, environ: Mapping[str, str] = os.environ) -> bool:
@@ -51,7 +56,7 @@ def reshard_after_forward(setting: bool | None, environ: Mapping[str, str] = os.
 
 def check_launcher_settings(environ: Mapping[str, str] = os.environ) -> None:
     """Refuse the FSDP settings of an Accelerate config that Quartet's own sharding does not honour."""
-    if not _flag(environ, "ACCELERATE_USE_FSDP"):
+    if not launcher_asks_for_fsdp(environ):
         return
     if _flag(environ, "FSDP_OFFLOAD_PARAMS"):
         raise ValueError("the Accelerate config sets fsdp_offload_params: true, which Quartet's FSDP2 sharding does "
