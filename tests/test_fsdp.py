@@ -1,10 +1,11 @@
 """FSDP2 sharding on two processes (gloo on CPU) against the same run on one process.
 
 The code that shards here is the code that shards on GPUs (quartet.runs.sharding: torch's
-`fully_shard` on every transformer block, then the root). Each stage runs sharded on 2 ranks
-and is compared with one process within the tolerances of tests/test_distributed.py (rounding
-only); a sharded checkpoint resumes on one process and on two, Adam's moments included; a
-sharded run killed with SIGKILL at a random step resumes bit for bit.
+`fully_shard` on every transformer block, then the root). Each stage (SFT, reward model, DPO with
+its reference, PPO with all four models, GRPO) runs sharded on 2 ranks and is compared with one
+process within the tolerances of tests/test_distributed.py (rounding only); a sharded checkpoint
+resumes on one process and on two, Adam's moments included; a sharded run killed with SIGKILL at
+a random step resumes bit for bit.
 """
 
 from __future__ import annotations
@@ -104,16 +105,18 @@ def assert_moments_restored(dump: Path) -> None:
     assert any(float(s["exp_avg_sq"].abs().sum()) > 0 for s in saved.values())  # moments, not fresh zeros
 
 
-def resume_on_one_process(work: Path, stage: str, two_dir: Path, step: int, models: tuple[str, ...]) -> None:
-    """Copy the sharded run as it was at checkpoint `step`, finish it on one process, compare."""
+def resume_on_one_process(work: Path, stage: str, two_dir: Path, step: int, models: tuple[str, ...],
+                          *args: str) -> None:
+    """Copy the sharded run as it was at checkpoint `step`, finish it on one process (`args`: the
+    run's own overrides), compare."""
     out = work / f"{two_dir.name}-resumed-on-1"
     shutil.copytree(two_dir, out, ignore=shutil.ignore_patterns("final*", "summary.json", "tensorboard"))
     for later, path in list_checkpoints(out / "checkpoints"):
         if later > step:
             shutil.rmtree(path)
     dump = work / f"{out.name}-optimizer.pt"
-    _run([sys.executable, str(RANK_DUMP), stage, "--config", f"{stage}.yaml", "--output", out.name, "--resume"],
-         work, f"{out.name}.log", QUARTET_TEST_RESUME_DUMP=str(dump))
+    _run([sys.executable, str(RANK_DUMP), stage, "--config", f"{stage}.yaml", "--output", out.name, "--resume",
+          *args], work, f"{out.name}.log", QUARTET_TEST_RESUME_DUMP=str(dump))
     assert MOMENTS_WARNING not in (work / f"{out.name}.log").read_text()
     assert_moments_restored(dump)
     for name in models:
@@ -171,22 +174,28 @@ def test_options_that_do_not_combine_with_sharding_are_refused_by_name():
 # --------------------------------------------------------------------------- 2 ranks vs 1 process
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward"])
+# DPO computes its reference's log-probs in every forward (not precomputed), the reference sharded too
+STAGE_ARGS = {"sft": (), "reward": (), "dpo": ("--dpo.precompute_ref_logprobs", "false", "--run.fsdp_frozen", "true")}
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "dpo"])
 def test_supervised_stage_sharded_on_two_processes_matches_one_and_resumes_on_one(work, stage):
-    one = one_process(work, stage, f"{stage}-1proc", "--run.fsdp", "true")  # one process: nothing to shard
-    # SFT is sharded by the example Accelerate FSDP config, the reward model by run.fsdp
-    two = (accelerate_launch if stage == "sft" else torchrun)(work, stage, f"{stage}-fsdp")
+    args = STAGE_ARGS[stage]
+    one = one_process(work, stage, f"{stage}-1proc", "--run.fsdp", "true", *args)  # one process: nothing to shard
+    # SFT is sharded by the example Accelerate FSDP config, the reward model and DPO by run.fsdp
+    two = accelerate_launch(work, stage, f"{stage}-fsdp") if stage == "sft" else torchrun(work, stage, f"{stage}-fsdp", *args)
     assert "sharded with FSDP2" in two and MOMENTS_WARNING not in two
     assert_sharded_checkpoints(work / f"{stage}-fsdp")
     final = json.loads((work / f"{stage}-fsdp" / "final" / "config.json").read_text())  # a plain HF directory
-    assert final["architectures"] == ["LlamaForCausalLM" if stage == "sft" else "LlamaForSequenceClassification"]
+    assert final["architectures"] == ["LlamaForSequenceClassification" if stage == "reward" else "LlamaForCausalLM"]
     assert_weights_close(work / f"{stage}-1proc" / "final", work / f"{stage}-fsdp" / "final")
     assert_metrics_close(work / f"{stage}-1proc" / "metrics.jsonl", work / f"{stage}-fsdp" / "metrics.jsonl")
     whole, ranks = memory_per_rank(one)[0], memory_per_rank(two)
-    for rank in (0, 1):  # each rank holds about half of the parameters and of Adam's moments
-        for part in ("trained parameters", "optimizer state"):
+    # each rank holds about half of the parameters and of Adam's moments (and of DPO's reference)
+    for rank in (0, 1):
+        for part in ("trained parameters", "optimizer state", *(("frozen models",) if stage == "dpo" else ())):
             assert ranks[rank][part] <= 0.52 * whole[part], (rank, part, ranks[rank][part], whole[part])
-    resume_on_one_process(work, stage, work / f"{stage}-fsdp", 6, ("final",))
+    resume_on_one_process(work, stage, work / f"{stage}-fsdp", 6, ("final",), *args)
 
 
 def test_ppo_with_all_four_models_sharded_matches_one_process(work):
