@@ -43,7 +43,7 @@ from test_distributed import (
     assert_weights_close,
     write_stage_inputs,
 )
-from test_kill_resume import _last_logged_step, assert_same_run
+from test_kill_resume import assert_same_run, wait_until_logged
 
 ACCELERATE_FSDP = Path(__file__).resolve().parents[1] / "configs" / "accelerate" / "fsdp.yaml"
 MOMENTS_WARNING = "moments restart"
@@ -249,11 +249,7 @@ def _kill_at_a_random_step(cmd: list[str], cwd: Path, watch: Path, log: str) -> 
     with open(cwd / log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=out, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + TIMEOUT
-            while _last_logged_step(watch) < step:
-                assert proc.poll() is None, "the run ended before it was killed: " + (cwd / log).read_text()[-2000:]
-                assert time.monotonic() < deadline, "timed out waiting for the run"
-                time.sleep(0.002)
+            wait_until_logged(proc, watch, step, cwd / log, timeout=TIMEOUT)
             time.sleep(delay)
         finally:
             tree = _process_tree(proc.pid)
