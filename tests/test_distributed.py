@@ -120,7 +120,11 @@ def resume_on_one_process(work: Path, stage: str, two_dir: Path, step: int, mode
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("dist")
+    return write_stage_inputs(tmp_path_factory.mktemp("dist"))
+
+
+def write_stage_inputs(root: Path) -> Path:
+    """Data files, stage configs (sft, reward, ppo, grpo) and a tiny actor + reward model in `root`."""
     sft = [{"prompt": f"Q: what comes after {i}?\nA:", "completion": f" {i + 1}."} for i in range(80)]
     prefs = [{"prompt": f"Q: is {i} a number?\nA:", "chosen": " yes.", "rejected": f" no, {i} is a fish."}
              for i in range(80)]

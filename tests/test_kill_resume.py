@@ -47,6 +47,15 @@ def _last_logged_step(metrics: Path) -> int:
     return records[-1]["step"] if records else -1
 
 
+def wait_until_logged(proc: subprocess.Popen, watch: Path, step: int, log: Path, timeout: float = TIMEOUT) -> None:
+    """Poll `watch` (a metrics.jsonl) until it logs `step`; fail if `proc` ends first or time runs out."""
+    deadline = time.monotonic() + timeout
+    while _last_logged_step(watch) < step:
+        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step {step}: " + log.read_text()[-2000:]
+        assert time.monotonic() < deadline, "timed out waiting for the run"
+        time.sleep(0.002)
+
+
 def _interrupt(cmd: list[str], cwd: Path, watch: Path, last_step: int, sig: int, log: str,
                step: int | None = None, max_delay: float = 0.03) -> int:
     """Start `cmd`, wait until `watch` logs `step` (default: a random one), then send `sig`; returns the step."""
@@ -58,11 +67,7 @@ def _interrupt(cmd: list[str], cwd: Path, watch: Path, last_step: int, sig: int,
     with open(cwd / log, "w") as out:
         proc = subprocess.Popen(cmd, cwd=cwd, env=_env(), stdout=out, stderr=subprocess.STDOUT)
         try:
-            deadline = time.monotonic() + TIMEOUT
-            while _last_logged_step(watch) < step:
-                assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step {step}: " + (cwd / log).read_text()[-2000:]
-                assert time.monotonic() < deadline, "timed out waiting for the run"
-                time.sleep(0.002)
+            wait_until_logged(proc, watch, step, cwd / log)
             time.sleep(delay)
             proc.send_signal(sig)
             proc.wait(timeout=TIMEOUT)

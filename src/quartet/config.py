@@ -98,11 +98,21 @@ class TrainConfig(LoopConfig):
 
 
 class RunSection(Section):
-    """Where the run writes, its seed and its device."""
+    """Where the run writes, its seed, its device and how multi-process runs shard."""
 
     output_dir: str = Field("runs/sft", description="Run directory (config, metrics, checkpoints, final/).")
     seed: int = Field(0, description="Seed of data order, initialisation and sampling.")
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="'auto': CUDA when available, else the CPU.")
+    fsdp: bool | None = Field(None, description="On several processes, shard the trained models' parameters, gradients "
+                                                "and optimizer state over the ranks with FSDP2 (each transformer block "
+                                                "its own unit); null: when the launcher asks for FSDP (accelerate launch "
+                                                "with an FSDP config). No effect on one process.")
+    fsdp_frozen: bool = Field(False, description="With fsdp, shard the frozen reference and reward models too, so no "
+                                                 "rank holds a full copy of them (each forward gathers one block at a time).")
+    fsdp_reshard_after_forward: bool | None = Field(None, description="With fsdp, free each block's gathered weights "
+                                                                      "after its forward and gather them again for the "
+                                                                      "backward (less memory, more communication); null: "
+                                                                      "the launcher's fsdp_reshard_after_forward, else true.")
 
 
 # ----------------------------------------------------------------------------- stages

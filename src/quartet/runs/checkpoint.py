@@ -36,13 +36,28 @@ def _fsync_tree(path: Path) -> None:
 
 def write_atomically(final_dir: str | Path, write: Callable[[Path], None]) -> Path:
     """Call `write(tmp_dir)`, then make the result appear at `final_dir` in one rename."""
+    tmp_dir = fresh_temporary(final_dir)
+    write(tmp_dir)
+    return publish(tmp_dir, final_dir)
+
+
+def fresh_temporary(final_dir: str | Path) -> Path:
+    """An empty temporary directory beside `final_dir`, named after it and this process.
+
+    In a sharded checkpoint every rank writes into the main rank's temporary directory.
+    """
     final_dir = Path(final_dir)
     final_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp_dir = final_dir.parent / f".tmp-{final_dir.name}-{os.getpid()}"
     if tmp_dir.exists():
         shutil.rmtree(tmp_dir)
     tmp_dir.mkdir()
-    write(tmp_dir)
+    return tmp_dir
+
+
+def publish(tmp_dir: Path, final_dir: str | Path) -> Path:
+    """Mark a fully written `tmp_dir` complete, fsync it and rename it to `final_dir` in one step."""
+    final_dir = Path(final_dir)
     (tmp_dir / COMPLETE_MARKER).write_text("ok\n")
     _fsync_tree(tmp_dir)
     if final_dir.exists():  # an older copy of the same step: replace it
@@ -87,8 +102,16 @@ def prune_checkpoints(checkpoints_root: str | Path, keep: int) -> None:
         shutil.rmtree(stale, ignore_errors=True)
 
 
-def save_checkpoint(checkpoints_root: str | Path, step: int, write: Callable[[Path], None], keep: int) -> Path:
-    path = write_atomically(Path(checkpoints_root) / f"step-{step}", write)
+def save_checkpoint(checkpoints_root: str | Path, step: int, write: Callable[[Path], None], keep: int,
+                    tmp_dir: Path | None = None) -> Path:
+    """Write checkpoint `step` atomically and prune old ones; `tmp_dir`: a `fresh_temporary` already
+    holding what other ranks wrote (a sharded checkpoint), completed here by `write`."""
+    path = Path(checkpoints_root) / f"step-{step}"
+    if tmp_dir is None:
+        path = write_atomically(path, write)
+    else:
+        write(tmp_dir)
+        path = publish(tmp_dir, path)
     prune_checkpoints(checkpoints_root, keep)
     return path
 

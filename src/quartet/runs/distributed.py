@@ -2,13 +2,16 @@
 
 Every stage runs the same code on one process or many. Launched by `torchrun` or `accelerate
 launch`, each process is a rank; Accelerate picks the backend (gloo on CPU, NCCL on GPU) and
-wraps trained models for DDP, FSDP or DeepSpeed. Quartet's rules on top of it:
+wraps trained models for DDP or DeepSpeed. FSDP is Quartet's own (runs/sharding.py: torch's
+FSDP2 on CPU and GPU alike), switched on by `run.fsdp` or an Accelerate FSDP config. Quartet's
+rules on top of it:
 
 - batch sizes in configs are global: a step sees the same examples on any number of ranks,
   and each rank takes its share of every micro-batch;
 - metrics are reduced over ranks before they are logged, so they describe the global batch;
-- only the main rank writes to the run directory (config, metrics, samples, checkpoints,
-  final models); checkpoints hold full, unsharded state and so resume on any number of ranks.
+- only the main rank writes to the run directory (config, metrics, samples, final models);
+  checkpoints hold full, unsharded state (one process, DDP), or each rank's shards written with
+  torch.distributed.checkpoint (FSDP); both resume on any number of ranks.
 """
 
 from __future__ import annotations
@@ -20,6 +23,8 @@ import torch
 from accelerate import Accelerator
 from accelerate.state import AcceleratorState
 from accelerate.utils import DistributedType
+
+from quartet.runs import sharding as fsdp
 
 
 def make_accelerator(device: str = "auto") -> Accelerator:
@@ -62,6 +67,7 @@ def clip_grad_norm(parameters: list[torch.nn.Parameter], max_norm: float | None)
     plain = _one_plain_group(grads)
     norm = (torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads, 2.0)), 2.0) if plain
             else torch.nn.utils.get_total_norm(grads, 2.0))
+    norm = fsdp.clip_norm_to_plain(norm)  # sharded gradients: the sum over the shards, the same on every rank
     if max_norm is not None:
         coefficient = max_norm / (norm + 1e-6)  # torch's clip coefficient, before clamping to 1
         if bool(coefficient < 1.0):
@@ -82,12 +88,24 @@ def _one_plain_group(grads: list[torch.Tensor]) -> bool:
 class Ranks:
     """Who this process is among the ranks of a run, and the collectives the stages need."""
 
-    def __init__(self, accelerator: Accelerator):
+    def __init__(self, accelerator: Accelerator, fsdp_setting: bool | None = None, fsdp_frozen: bool = False,
+                 fsdp_reshard_after_forward: bool | None = None):
+        """`fsdp_*`: the run section's FSDP settings (see quartet.runs.sharding)."""
         self.accelerator = accelerator
         self.rank = accelerator.process_index
         self.world = accelerator.num_processes
         self.is_main = accelerator.is_main_process
         self.device = accelerator.device
+        self.fsdp_requested = fsdp.fsdp_requested(fsdp_setting)
+        self.fsdp: fsdp.Sharding | None = None  # FSDP2 sharding of this run (several ranks, asked for)
+        self.gathered_bytes = 0  # the most bytes of weights `full_parameters` gathered at once, under FSDP
+        if self.fsdp_requested:
+            fsdp.check_launcher_settings()
+            if self.world > 1:
+                self.fsdp = fsdp.make_sharding(self.device, self.world,
+                                               fsdp.reshard_after_forward(fsdp_reshard_after_forward), fsdp_frozen)
+        elif self.distributed and fsdp.launcher_asks_for_fsdp():
+            raise ValueError("the Accelerate config asks for FSDP but run.fsdp is false; drop one of the two")
 
     @property
     def distributed(self) -> bool:
@@ -96,7 +114,7 @@ class Ranks:
     @property
     def shards_parameters(self) -> bool:
         """FSDP or DeepSpeed: a rank may hold only part of a trained model's parameters."""
-        return self.accelerator.distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED)
+        return self.fsdp is not None or self.accelerator.distributed_type == DistributedType.DEEPSPEED
 
     # ------------------------------------------------------------------ splitting work
 
@@ -150,15 +168,38 @@ class Ranks:
     def barrier(self) -> None:
         self.accelerator.wait_for_everyone()
 
+    def from_main(self, value):
+        """The main rank's `value` (a picklable object) on every rank."""
+        if not self.distributed:
+            return value
+        objects = [value]
+        torch.distributed.broadcast_object_list(objects, src=0)
+        return objects[0]
+
     # ------------------------------------------------------------------ models
+
+    def shard(self, root: torch.nn.Module, model: torch.nn.Module | None = None) -> torch.nn.Module:
+        """Under FSDP, shard a trained model's transformer blocks and then `root`, the module whose
+        forward runs (default `model`); otherwise `root` as it is. Call before building its optimizer."""
+        root = root.to(self.device)
+        return root if self.fsdp is None else fsdp.shard(root, model if model is not None else root, self.fsdp)
+
+    def shard_frozen(self, root: torch.nn.Module, model: torch.nn.Module | None = None) -> torch.nn.Module:
+        """Under FSDP with `run.fsdp_frozen`, shard a frozen model (`root` as in `shard`); otherwise as it is."""
+        if self.fsdp is None or not self.fsdp.frozen:
+            return root
+        return fsdp.shard(root, model if model is not None else root, self.fsdp, trained=False)
 
     def prepare(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer, max_grad_norm: float | None = None):
         """Wrap a trained model and its optimizer for the launched backend (DDP / FSDP / DeepSpeed).
 
         Quartet does its own micro-batching and loss scaling, so a DeepSpeed config's "auto"
         batch fields are set to one micro-batch per step and no accumulation of its own;
-        micro_batch() marks the accumulation boundaries instead.
+        micro_batch() marks the accumulation boundaries instead. Under FSDP the model was sharded
+        by `shard` before its optimizer was built: both come back as they are.
         """
+        if self.fsdp is not None or self.accelerator.distributed_type == DistributedType.FSDP:
+            return model, optimizer  # Quartet shards itself; Accelerate's FSDP wrapping never runs
         if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             config = self.accelerator.state.deepspeed_plugin.deepspeed_config
             for key, value in (("train_micro_batch_size_per_gpu", 1), ("gradient_accumulation_steps", 1),
@@ -179,8 +220,9 @@ class Ranks:
 
     @contextlib.contextmanager
     def micro_batch(self, model: torch.nn.Module, last: bool) -> Iterator[None]:
-        """One micro-batch of an accumulation window: gradients are synchronised on the last only."""
-        if not self.distributed:
+        """One micro-batch of an accumulation window: gradients are synchronised on the last only
+        (FSDP reduce-scatters every micro-batch's gradients to the shards: no full gradient is kept)."""
+        if not self.distributed or self.fsdp is not None:
             yield
         elif self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             # DeepSpeed reduces and steps at the boundary Accelerate tells it about
@@ -201,37 +243,29 @@ class Ranks:
     def clip_grad_norm(self, parameters, max_norm: float | None) -> float:
         """Global gradient norm before clipping (after the all-reduce, so the same on every rank).
 
-        Under DeepSpeed the engine clips (its `gradient_clipping`) and reports one norm for the model.
+        Under FSDP the norm is summed over every rank's shards. Under DeepSpeed the engine clips
+        (its `gradient_clipping`) and reports one norm for the model.
         """
         parameters = [p for p in parameters if p.grad is not None]
-        if self.shards_parameters:
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             norm = self.accelerator.clip_grad_norm_(parameters, max_norm or float("inf"))
             return float("nan") if norm is None else float(norm)
         return clip_grad_norm(parameters, max_norm)
 
     @contextlib.contextmanager
-    def full_parameters(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
-        """The plain model with all its parameters present, for generation and scoring outside autograd.
+    def full_parameters(self, model: torch.nn.Module, part: str | None = None) -> Iterator[torch.nn.Module]:
+        """The plain model with all its parameters present, for generation outside autograd.
 
-        With DDP or one process this is just the unwrapped model. With FSDP the shards are
-        gathered for the duration; with DeepSpeed ZeRO-3 the partitioned parameters likewise.
+        With DDP or one process this is just the unwrapped model. With FSDP the shards of
+        `model.<part>` (default: all of `model`) are gathered for the duration and freed after; with
+        DeepSpeed ZeRO-3 the partitioned parameters likewise (all of them).
         """
-        dtype = self.accelerator.distributed_type
-        if dtype == DistributedType.FSDP:
-            from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-            if isinstance(model, FSDP):  # FSDP1
-                with FSDP.summon_full_params(model, writeback=False, recurse=True):
-                    yield model.module
-                return
-            if hasattr(model, "unshard"):  # FSDP2: keep the whole model gathered while generating
-                model.unshard()
-                try:
-                    yield model
-                finally:
-                    model.reshard()
-                return
-        elif dtype == DistributedType.DEEPSPEED:
+        if self.fsdp is not None:
+            with fsdp.gathered(getattr(model, part) if part else model) as gathered_bytes:
+                self.gathered_bytes = max(self.gathered_bytes, gathered_bytes)
+                yield model
+            return
+        if self.accelerator.distributed_type == DistributedType.DEEPSPEED:
             import deepspeed
 
             inner = self.unwrap(model)
@@ -243,11 +277,26 @@ class Ranks:
             return
         yield self.unwrap(model)
 
+    @contextlib.contextmanager
+    def scoring_parameters(self, model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+        """The plain model for no-grad forwards that every rank runs alike (scoring its rollouts).
+
+        Under FSDP this is the sharded model itself: each forward gathers one block at a time, a
+        collective, so every rank must run the same number of forwards. Otherwise `full_parameters`.
+        """
+        if self.fsdp is not None:
+            yield model
+            return
+        with self.full_parameters(model) as plain:
+            yield plain
+
     def full_state_dict(self, model: torch.nn.Module) -> dict[str, torch.Tensor] | None:
         """The full (unsharded) state dict on the main rank; None where it is not needed.
 
         A collective under FSDP/DeepSpeed: every rank must call it.
         """
+        if self.fsdp is not None:
+            return fsdp.full_state_dict(model, self.is_main)
         if not self.shards_parameters:
             return self.unwrap(model).state_dict() if self.is_main else None
         state = self.accelerator.get_state_dict(model)

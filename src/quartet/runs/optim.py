@@ -10,6 +10,8 @@ from typing import Any
 
 import torch
 
+from quartet.runs.sharding import is_sharded_checkpoint
+
 
 def make_optimizer(params, lr: float, weight_decay: float) -> torch.optim.Optimizer:
     """AdamW over the trainable parameters; `params` may be parameter groups (dicts with their own lr)."""
@@ -43,9 +45,12 @@ def warmup_cosine_schedule(optimizer: torch.optim.Optimizer, warmup_steps: int,
 
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any] | None, checkpoint: Path) -> None:
-    """Restore Adam moments; a checkpoint from a sharded (FSDP/DeepSpeed) run has none to restore."""
+    """Restore Adam moments. An FSDP checkpoint holds them as shards, restored with the weights (the run
+    loop); one written under DeepSpeed (config-only, untested) has none."""
     if state is None:
-        print(f"warning: {checkpoint} holds no optimizer state (written under FSDP/DeepSpeed); "
+        if is_sharded_checkpoint(checkpoint):
+            return
+        print(f"warning: {checkpoint} holds no optimizer state (written under DeepSpeed); "
               "the optimizer's moments restart from zero", file=sys.stderr)
         return
     optimizer.load_state_dict(state)

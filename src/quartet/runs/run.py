@@ -51,7 +51,9 @@ class Run:
         if resume and (self.dir / "summary.json").exists():
             raise FileExistsError(f"{self.dir} holds a {stage} run that already finished; nothing to resume")
         self.resume_from = latest_checkpoint(self.checkpoints_dir) if resume else None
-        self.ranks = Ranks(make_accelerator(getattr(getattr(config, "run", None), "device", "auto")))
+        run_cfg = getattr(config, "run", None)
+        self.ranks = Ranks(make_accelerator(getattr(run_cfg, "device", "auto")), getattr(run_cfg, "fsdp", None),
+                           getattr(run_cfg, "fsdp_frozen", False), getattr(run_cfg, "fsdp_reshard_after_forward", None))
         self.device = self.ranks.device
         self._metrics: MetricsLogger | None = None
 

@@ -78,6 +78,7 @@ class SupervisedTrainer(Job):
         loss_name: str = "loss",
         postfix_keys: tuple[str, ...] = ("loss",),
         finalize_metrics: Callable[[dict[str, float]], dict[str, float]] | None = None,
+        frozen: tuple[torch.nn.Module, ...] = (),
     ):
         """`module` (default `model`) is what `loss_fn` runs: e.g. a TokenValueModel around `model`.
 
@@ -85,17 +86,19 @@ class SupervisedTrainer(Job):
         the forward pass so every micro-batch's loss can be scaled to the exact window mean.
         `save_model(directory, state_dict)` writes `model`; `state_dict` holds the gathered
         weights when the trained copy is sharded (FSDP, DeepSpeed ZeRO-3), else None.
+        Under FSDP `module` is sharded here (its transformer blocks and itself), before its optimizer.
+        `frozen`: models `loss_fn` runs but nothing trains (DPO's reference), counted in the memory report.
         """
         if not train_data:
             raise ValueError("no training examples left after loading and truncation")
         self.model, self.train_data, self.eval_data = model, train_data, eval_data
-        self.module = module if module is not None else model
+        self.module = run.ranks.shard(module if module is not None else model, model)
         self.collate, self.loss_fn, self.count_units = collate, loss_fn, count_units
         self.cfg, self.run, self.seed, self.ranks = cfg, run, seed, run.ranks
         self.save_model, self.loss_name, self.postfix_keys = save_model, loss_name, postfix_keys
         # turns per-unit means into the reported metrics (e.g. a std from mean and mean square)
         self.finalize_metrics = finalize_metrics or (lambda metrics: metrics)
-        self.device = run.device
+        self.device, self.frozen = run.device, frozen
         self.batches_per_epoch = math.ceil(len(train_data) / cfg.batch_size)
         self.total_steps = cfg.max_steps or max(1, math.ceil(cfg.epochs * self.batches_per_epoch / cfg.grad_accum))
         self.optimizer = make_optimizer(self.module.parameters(), cfg.lr, cfg.weight_decay)
@@ -192,6 +195,12 @@ class SupervisedTrainer(Job):
     def load_models(self, checkpoint: Path) -> None:
         load_weights(self.model, checkpoint / "model")
 
+    def sharded_parts(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        return self.module, self.optimizer
+
+    def frozen_models(self) -> tuple[torch.nn.Module, ...]:
+        return self.frozen
+
     def load_training_state(self, state: dict[str, Any], checkpoint: Path) -> None:
         load_optimizer_state(self.optimizer, state["optimizer"], checkpoint)
         self.scheduler.load_state_dict(state["scheduler"])
@@ -208,7 +217,7 @@ class SupervisedTrainer(Job):
                 **{k: v for k, v in self.window.items() if k.startswith("train/")}}
 
     def begin(self) -> None:
-        if self.ranks.rank > 0:  # dropout draws differ between ranks, and are reproducible
+        if self.ranks.rank > 0 and not self.rank_rng_restored:  # dropout draws differ between ranks, reproducibly
             torch.manual_seed(derive_seed(self.seed, "rank_dropout", self.ranks.rank, self.step))
         self.metric_names = self._find_metric_names()
         self.prepared, self.optimizer = self.ranks.prepare(self.module, self.optimizer)

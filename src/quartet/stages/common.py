@@ -1,4 +1,4 @@
-"""What every stage does the same way: tokenizer and model set-up, LoRA, held-out split."""
+"""What every stage does the same way: tokenizer and model set-up, LoRA, held-out split, FSDP checks."""
 
 from __future__ import annotations
 
@@ -102,3 +102,13 @@ def check_context_length(model: PreTrainedModel, longest: int, what: str, settin
     if limit is not None and longest > limit:
         raise ValueError(f"{what} reach {longest} tokens but the model's context is {limit} tokens "
                          f"(max_position_embeddings); set {setting} so they fit")
+
+
+def check_fsdp_options(ranks, lora: bool, shared_trunk: bool = False, compile: bool = False) -> None:
+    """Refuse, before the run directory is touched, what FSDP sharding (`ranks.fsdp`) does not combine with."""
+    if ranks.fsdp is None:
+        return
+    for on, what in ((lora, "LoRA (lora.enabled)"), (shared_trunk, "models.shared_trunk"), (compile, "train.compile")):
+        if on:
+            raise ValueError(f"{what} does not combine with FSDP sharding (run.fsdp, or an Accelerate FSDP config); "
+                             "turn one of them off (DDP runs it on several processes)")

@@ -21,7 +21,9 @@ losses are rl/dpo.py's.
   logps/chosen, logps/rejected, loss (nll_loss with RPO), as train/... and, at eval_every, eval/...
 
 Resume, signals, checkpoints, the non-finite guard and multi-process are SupervisedTrainer's and
-the run loop's. `final/` is a plain Hugging Face causal LM (LoRA merged).
+the run loop's; so is FSDP2 (`run.fsdp`): the policy is sharded as SFT's model is, and with
+`run.fsdp_frozen` the frozen reference too (a precomputed reference is never sharded: it is
+dropped before training). `final/` is a plain Hugging Face causal LM (LoRA merged).
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ from quartet.runs.supervised import LossSum, SupervisedTrainer, move_to
 from quartet.stages.common import (
     apply_lora,
     check_context_length,
+    check_fsdp_options,
     resolve_causal_lm,
     resolve_tokenizer,
     split_held_out,
@@ -356,6 +359,7 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
     def save(directory: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
         save_model(policy, tokenizer, directory, state_dict=state_dict)
 
+    check_fsdp_options(run.ranks, lora=cfg.lora.enabled)
     run.start()  # inputs are valid: only now is the output directory touched
     if cfg.dpo.precompute_ref_logprobs:
         if stored is None:
@@ -367,11 +371,13 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
         attach_reference_logps(eval_data, stored["eval_chosen"], stored["eval_rejected"])
         reference = Reference()  # every batch carries its reference log-probs: no reference model is kept
     elif reference.model is not None:
-        reference.model.to(run.device)
+        # run.fsdp_frozen: each forward gathers one block of the reference at a time, like the policy's
+        run.ranks.shard_frozen(reference.model.to(run.device))
     trainer = SupervisedTrainer(
         policy, train_data, eval_data, collate=collate, loss_fn=make_dpo_loss(cfg.dpo, reference),
         count_units=count_pairs, cfg=cfg.train, run=run, seed=cfg.run.seed, save_model=save,
         postfix_keys=("loss", "accuracies", "margins"),
+        frozen=() if reference.model is None else (reference.model,),
     )
     result = trainer.train()
     samples = held_out_samples(trainer.prepared, eval_data[:N_SAMPLES], collate, reference, cfg.dpo, tokenizer,

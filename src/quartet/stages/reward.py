@@ -31,6 +31,7 @@ from quartet.runs.supervised import LossSum, SupervisedTrainer, move_to
 from quartet.stages.common import (
     apply_lora,
     check_context_length,
+    check_fsdp_options,
     resolve_tokenizer,
     split_held_out,
     unwrap_lora,
@@ -138,6 +139,7 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict[str, Any]:
     def save(directory: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
         save_model(model, tokenizer, directory, state_dict=strip_prefix(state_dict, "model."))
 
+    check_fsdp_options(run.ranks, lora=cfg.lora.enabled)
     run.start()  # inputs are valid: only now is the output directory touched
     trainer = SupervisedTrainer(
         model, train_data, eval_data, collate=collate, module=TokenValueModel(model),
@@ -148,11 +150,16 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict[str, Any]:
     result = trainer.train()
     full_state = strip_prefix(trainer.full_state_dict(), "model.")
     final_model = unwrap_lora(model)
-    if full_state is not None:  # sharded training: the main rank scores with the gathered weights
-        final_model.load_state_dict(full_state, strict=False)
     mean, std = float("nan"), float("nan")  # only the main rank writes them
-    if run.ranks.is_main:
-        mean, std = score_statistics(final_model, train_data, collate, cfg.train.batch_size, run.device)
+    if run.ranks.fsdp is not None:  # every rank gathers the weights; the main rank scores with them
+        with run.ranks.full_parameters(trainer.prepared):
+            if run.ranks.is_main:
+                mean, std = score_statistics(final_model, train_data, collate, cfg.train.batch_size, run.device)
+    else:
+        if full_state is not None:  # DeepSpeed: the main rank scores with the gathered weights
+            final_model.load_state_dict(full_state, strict=False)
+        if run.ranks.is_main:
+            mean, std = score_statistics(final_model, train_data, collate, cfg.train.batch_size, run.device)
     final_model.config.reward_mean = mean
     final_model.config.reward_std = std
     run.save_final(final_model, tokenizer, state_dict=full_state)

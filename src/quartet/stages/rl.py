@@ -50,7 +50,7 @@ from quartet.runs.progress import format_postfix
 from quartet.runs.run import Run, seed_everything
 from quartet.runs.seeds import STEP_UPDATE, derive_seed
 from quartet.scoring import MetricFn, RewardFn, RewardSource, build_reward_source
-from quartet.stages.common import check_context_length, unwrap_lora
+from quartet.stages.common import check_context_length, check_fsdp_options, unwrap_lora
 from quartet.stages.rl_experience import ExperienceMaker
 from quartet.stages.rl_setup import PromptRow, check_batches_split, load_rl_models, load_rl_prompts, prompt_sharing
 
@@ -82,7 +82,15 @@ class RLTrainer(Job):
                 raise ValueError("models.shared_trunk runs on one process or with DDP; FSDP and DeepSpeed would "
                                  "shard the shared trunk twice: turn it off for them")
             share_trunk(actor, critic)
+        for model in (actor, critic, reference, reward.model):
+            if model is not None:
+                model.to(self.device)
+                model.eval()  # dropout off everywhere in online RL
+        for frozen in (reference, reward.model):
+            if frozen is not None:
+                frozen.requires_grad_(False)
         self.policy = ActorCritic(actor, critic, shared_trunk=cfg.models.shared_trunk)
+        self._shard_models()
         # with a shared trunk the critic's own parameters are its score head (no parameter in two groups)
         groups = [{"params": actor.parameters(), "lr": o.actor_lr}]
         if critic is not None:
@@ -101,13 +109,19 @@ class RLTrainer(Job):
         self.eval_prompts = list(eval_prompts)
         self.first_eval: dict[str, float] = {}
         self.last_eval: dict[str, float] = {}
-        for model in (actor, critic, reference, reward.model):
-            if model is not None:
-                model.to(self.device)
-                model.eval()  # dropout off everywhere in online RL
-        for frozen in (reference, reward.model):
-            if frozen is not None:
-                frozen.requires_grad_(False)
+
+    def _shard_models(self) -> None:
+        """Under FSDP: the actor and the critic (through its per-token value module, whose forward the
+        update runs) sharded, each block its own unit; with run.fsdp_frozen the reference and the reward
+        model too (the reward model's trunk: its score head, one row, stays whole)."""
+        ranks = self.ranks
+        ranks.shard(self.actor)
+        if self.policy.critic is not None:
+            ranks.shard(self.policy.critic, self.critic)
+        if self.reference is not None:
+            ranks.shard_frozen(self.reference)
+        if self.reward.model is not None:
+            ranks.shard_frozen(self.reward.model.base_model, self.reward.model)
 
     def _clipped_parameters(self) -> list[tuple[str, list[torch.nn.Parameter]]]:
         """Each trained model's parameters, clipped separately; listed once (walking the module
@@ -301,6 +315,12 @@ class RLTrainer(Job):
         if self.critic is not None:
             load_weights(self.critic, checkpoint / "critic")
 
+    def sharded_parts(self) -> tuple[torch.nn.Module, torch.optim.Optimizer]:
+        return self.policy, self.optimizer
+
+    def frozen_models(self) -> tuple[torch.nn.Module, ...]:
+        return tuple(m for m in (self.reference, self.reward.model) if m is not None)
+
     def load_training_state(self, state: dict[str, Any], checkpoint: Path) -> None:
         load_optimizer_state(self.optimizer, state["optimizer"], checkpoint)
         self.kl_ctl.load_state_dict(state["kl_ctl"])
@@ -351,6 +371,7 @@ def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     actor, reference, critic = load_rl_models(cfg, algorithm, tokenizer)
     check_context_length(actor, max(len(ids) for ids, _ in prompts) + cfg.rollout.max_new_tokens,
                          "prompt + generated tokens", "data.max_prompt_length and rollout.max_new_tokens")
+    check_fsdp_options(run.ranks, lora=cfg.lora.enabled, shared_trunk=cfg.models.shared_trunk, compile=cfg.train.compile)
     run.start()  # inputs are valid: only now is the output directory touched
     trainer = RLTrainer(cfg, actor, reference, critic, reward, tokenizer, prompts, run, reward_stats, metric_fns,
                         eval_prompts)

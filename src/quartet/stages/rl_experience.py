@@ -106,7 +106,7 @@ class ExperienceMaker:
         start, end = ranks.share(rows)
         batch = collate_prompts([{"input_ids": ids} for ids, _ in rows[start:end]], self.pad_id)
         generator = torch.Generator(device=self.device).manual_seed(derive_seed(self.cfg.run.seed, "evaluation"))
-        with ranks.full_parameters(trained) as pair, autocast_context(self.device, self.cfg.train.bf16):
+        with ranks.full_parameters(trained, "actor") as pair, autocast_context(self.device, self.cfg.train.bf16):
             self.backend.load_weights(pair.actor)
             rollout = self.backend.generate(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
                                             self.cfg.rollout, generator=generator, row_offset=start, total_rows=n_rows)
@@ -155,7 +155,8 @@ class ExperienceMaker:
         n, ranks = self.cfg.rollout.n, self.ranks
         start, end = ranks.share(rows)  # whole prompts, so a group never straddles two ranks
         batch = collate_prompts([{"input_ids": ids} for ids, _ in rows[start:end]], self.pad_id)
-        with ranks.full_parameters(self.trained) as pair, autocast_context(self.device, self.cfg.train.bf16):
+        # the actor's weights gathered for the whole rollout (under FSDP), freed after it
+        with ranks.full_parameters(self.trained, "actor") as pair, autocast_context(self.device, self.cfg.train.bf16):
             self.backend.load_weights(pair.actor)
             rollout = self.backend.generate(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
                                             self.cfg.rollout, n=n, generator=self.step_generator(purpose),
@@ -182,16 +183,18 @@ class ExperienceMaker:
     def _score(self, rollout: Rollout, prompts: list[str] | None, responses: list[str] | None,
                columns: dict[str, list[Any]]) -> dict[str, Any]:
         """Old and reference log-probs, critic values and scores of this rank's rollouts, in row chunks
-        (the peak memory of one chunk)."""
+        (the peak memory of one chunk). Under FSDP the forwards are collectives: every rank runs as many
+        chunks (its rows are as many; the chunk size is set by the longest possible response)."""
         seq, attn, resp = rollout.sequences, rollout.attention_mask, rollout.response_ids
         temperature = self.cfg.rollout.temperature
-        rows = self.cfg.batch.forward_batch_size or scoring_rows(self.micro_rows, resp.shape[1], self.vocab_size)
+        response_len = self.cfg.rollout.max_new_tokens if self.ranks.fsdp is not None else resp.shape[1]
+        rows = self.cfg.batch.forward_batch_size or scoring_rows(self.micro_rows, response_len, self.vocab_size)
         n = self.group_size
         rows = max(n, rows // n * n)  # chunks of whole groups when they share their prompt
         logprobs = partial(response_logprobs, temperature=temperature, group_size=n)
         scored = {"old_logprobs": rollout.logprobs, "ref_logprobs": None, "old_values": None}
         with autocast_context(self.device, self.cfg.train.bf16):
-            with self.ranks.full_parameters(self.trained) as pair:
+            with self.ranks.scoring_parameters(self.trained) as pair:
                 if self.recompute_logprobs:
                     scored["old_logprobs"] = in_row_chunks(partial(logprobs, pair.actor), rows, seq, attn, resp)
                 if pair.critic is not None:

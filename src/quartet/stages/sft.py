@@ -23,6 +23,7 @@ from quartet.runs.supervised import LossSum, SupervisedTrainer
 from quartet.stages.common import (
     apply_lora,
     check_context_length,
+    check_fsdp_options,
     resolve_causal_lm,
     resolve_tokenizer,
     split_held_out,
@@ -76,6 +77,7 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     def save(directory: Path, state_dict: dict[str, torch.Tensor] | None) -> None:
         save_model(model, tokenizer, directory, state_dict=state_dict)
 
+    check_fsdp_options(run.ranks, lora=cfg.lora.enabled)
     run.start()  # inputs are valid: only now is the output directory touched
     trainer = SupervisedTrainer(
         model, train_data, eval_data, collate=lambda b: collate_sft(b, pad_id), loss_fn=sft_loss,
