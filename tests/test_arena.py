@@ -13,7 +13,7 @@ from quartet.demo.arena_worlds import make_world
 @pytest.fixture(scope="module")
 def arena(tmp_path_factory):
     out = tmp_path_factory.mktemp("arena") / "arena"
-    return out, run_arena(out, ["arith"], ["grpo", "dpo"], seeds=1, settings=TEST)
+    return out, run_arena(out, ["arith"], ["grpo", "dpo"], seeds=1, settings=TEST, jobs=2)
 
 
 def test_every_algorithm_is_judged_from_one_start_on_one_budget(arena):
@@ -57,11 +57,12 @@ def test_a_finished_arena_is_kept_and_an_interrupted_one_resumes_the_rest(arena,
     kept = (copy / "arith" / "seed-0" / "grpo" / "arena_run.json").read_text()
     with pytest.raises(FileExistsError, match="--resume"):
         run_arena(copy, ["arith"], ["grpo", "dpo"], settings=TEST)
-    again = run_arena(copy, ["arith"], ["grpo", "dpo"], settings=TEST, resume=True)
+    again = run_arena(copy, ["arith"], ["grpo", "dpo"], settings=TEST, resume=True, jobs=1)
     assert (copy / "arith" / "seed-0" / "grpo" / "arena_run.json").read_text() == kept
     a = {r["algorithm"]: r["ground_truth"] for r in summary["runs"]}
     b = {r["algorithm"]: r["ground_truth"] for r in again["runs"]}
-    assert a == b  # same seed, same numbers (the DPO run redone from scratch)
+    assert a == b  # same seed, same numbers (the DPO run redone from scratch, alone instead of beside GRPO)
+    assert (copy / "arith" / "seed-0" / "dpo.log").read_text().count("[dpo]") >= 2  # its output in its own log
 
 
 def test_bad_worlds_and_algorithms_are_named_before_anything_is_written(tmp_path, monkeypatch):

@@ -124,7 +124,8 @@ def _cmd_arena(args, overrides: list[str]) -> None:
         raise ValueError(f"unexpected arguments: {' '.join(overrides)}")
     worlds = [w.strip() for w in args.world.split(",") if w.strip()]
     algorithms = [a.strip() for a in args.algorithms.split(",") if a.strip()]
-    run_arena(args.output, worlds, algorithms, seeds=args.seeds, quick=args.quick, resume=args.resume)
+    run_arena(args.output, worlds, algorithms, seeds=args.seeds, quick=args.quick, resume=args.resume,
+              jobs=args.jobs, threads=args.threads)
 
 
 def _cmd_report(args, overrides: list[str]) -> None:
@@ -198,7 +199,11 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
                        help="comma-separated: ppo, grpo, rloo, reinforce++, reinforce++-baseline, dpo")
     arena.add_argument("--seeds", type=int, default=1, help="runs per algorithm, with seeds 0..N-1")
     arena.add_argument("--quick", action="store_true", help="smaller worlds and budgets (under 10 minutes on 2 cores)")
-    arena.add_argument("--resume", action="store_true", help="keep finished runs and resume the interrupted one")
+    arena.add_argument("--resume", action="store_true", help="keep finished runs and resume the interrupted ones")
+    arena.add_argument("--jobs", type=int, help="runs at a time, each a process (default: CPU count / threads, at most 8)")
+    arena.add_argument("--threads", type=int, default=1,
+                       help="torch threads per run (default 1: a run's numbers do not depend on --jobs or the machine's "
+                            "core count)")
     handlers["arena"] = _cmd_arena
     report = sub.add_parser("report", help="render report.html for an RL run, a DPO run or a demo directory")
     report.add_argument("run_dir")

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import json
 import multiprocessing
+import multiprocessing.connection
 import os
 import resource
 import statistics
@@ -31,8 +32,13 @@ __all__ = ["FULL", "QUICK", "TEST", "ArenaSettings", "run_arena"]
 
 
 def run_arena(output: str | Path, worlds: list[str], algorithms: list[str], seeds: int = 1, quick: bool = False,
-              resume: bool = False, settings: ArenaSettings | None = None) -> dict[str, Any]:
-    """Run every algorithm in every world for `seeds` seeds into `output`; returns (and writes) summary.json."""
+              resume: bool = False, settings: ArenaSettings | None = None, jobs: int | None = None,
+              threads: int = 1) -> dict[str, Any]:
+    """Run every algorithm in every world for `seeds` seeds into `output`; returns (and writes) summary.json.
+
+    Every start and every run is a process of its own with `threads` torch threads, `jobs` of them at a time
+    (default: the CPU count over `threads`, at most 8). A run's numbers depend on its threads, not on the jobs.
+    """
     from quartet.report.arena import render_arena_report
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
@@ -42,9 +48,10 @@ def run_arena(output: str | Path, worlds: list[str], algorithms: list[str], seed
         raise ValueError(f"unknown algorithm(s) {unknown}; choose from {', '.join(ALGORITHMS)}")
     if not worlds or not algorithms:
         raise ValueError("name at least one world (--world) and one algorithm (--algorithms)")
-    if seeds < 1:
-        raise ValueError(f"--seeds must be at least 1, got {seeds}")
+    if seeds < 1 or threads < 1 or (jobs is not None and jobs < 1):
+        raise ValueError(f"--seeds, --jobs and --threads must be at least 1, got {seeds}, {jobs}, {threads}")
     settings = settings or (QUICK if quick else FULL)
+    jobs = jobs or max(1, min(8, (os.cpu_count() or 1) // threads))
     out = Path(output)
     for spec in worlds:  # a bad world name (or a missing optional package) fails before anything is written
         make_world(spec, out / "check", 0, settings)
@@ -53,24 +60,27 @@ def run_arena(output: str | Path, worlds: list[str], algorithms: list[str], seed
     if out.exists() and any(out.iterdir()) and not resume:
         raise FileExistsError(f"{out} holds an unfinished arena; continue it with --resume, or choose another --output")
     out.mkdir(parents=True, exist_ok=True)
-    plan = {"worlds": worlds, "algorithms": algorithms, "seeds": seeds, "settings": asdict(settings)}
+    plan = {"worlds": worlds, "algorithms": algorithms, "seeds": seeds, "threads": threads,
+            "settings": asdict(settings)}
     if (out / "arena.json").exists() and json.loads((out / "arena.json").read_text()) != plan:
-        raise ValueError(f"{out} holds an arena started with other worlds, algorithms, seeds or sizes "
+        raise ValueError(f"{out} holds an arena started with other worlds, algorithms, seeds, threads or sizes "
                          f"({(out / 'arena.json').read_text().strip()[:300]}); resume it with the same arguments")
     (out / "arena.json").write_text(json.dumps(plan) + "\n", encoding="utf-8")
     started = time.perf_counter()
-    runs, starts = [], []
+    tasks = []
     for spec in worlds:
         for seed in range(seeds):
             directory = out / world_directory(spec) / f"seed-{seed}"
-            directory.mkdir(parents=True, exist_ok=True)
-            start = _prepare(spec, directory, seed, settings, resume)
-            starts.append({"world": spec, "seed": seed, **start})
-            for algorithm in algorithms:
-                runs.append(_run_in_own_process(spec, directory, seed, algorithm, settings, resume, start))
+            base = {"spec": spec, "directory": str(directory), "seed": seed, "settings": settings, "threads": threads}
+            tasks.append({**base, "algorithm": None})  # the start: SFT, data, reward model
+            tasks += [{**base, "algorithm": a} for a in algorithms]
+    _run_tasks(tasks, jobs)
+    starts = [{"world": t["spec"], "seed": t["seed"], **json.loads(_record(t).read_text())}
+              for t in tasks if t["algorithm"] is None]
+    runs = [json.loads(_record(t).read_text()) for t in tasks if t["algorithm"] is not None]
     budgets = {w: [s["preference_tokens"] for s in starts if s["world"] == w] for w in worlds}  # per seed
-    summary = {"worlds": worlds, "algorithms": algorithms, "seeds": seeds, "quick": quick,
-               "budgets": budgets, "runs": runs, "starts": starts,
+    summary = {"worlds": worlds, "algorithms": algorithms, "seeds": seeds, "quick": quick, "jobs": jobs,
+               "threads": threads, "budgets": budgets, "runs": runs, "starts": starts,
                "table": _table(runs), "seconds": time.perf_counter() - started}
     (out / "summary.json").write_text(json.dumps(summary, indent=2, default=float) + "\n", encoding="utf-8")
     report = render_arena_report(out)
@@ -78,58 +88,114 @@ def run_arena(output: str | Path, worlds: list[str], algorithms: list[str], seed
     return summary
 
 
-def _prepare(spec: str, directory: Path, seed: int, settings: ArenaSettings, resume: bool) -> dict[str, float]:
-    """The world's start for this seed, once (kept across a resume: start.done is written last)."""
-    done = directory / "start.done"
-    if done.exists():
-        return json.loads(done.read_text())
-    world = make_world(spec, directory, seed, settings)
-    print(f"[arena] {spec} seed {seed}: preparing the start (SFT, data{', reward model' if spec == 'town' else ''})")
-    prepared = world.prepare(resume=True)  # stages that finished are kept: an interrupted start resumes
+def _record(task: dict[str, Any]) -> Path:
+    """What a finished task leaves: the start's start.done, a run's arena_run.json (each written last)."""
+    directory = Path(task["directory"])
+    return directory / "start.done" if task["algorithm"] is None else directory / task["algorithm"] / "arena_run.json"
+
+
+def _label(task: dict[str, Any]) -> str:
+    return f"{task['spec']} seed {task['seed']}: {task['algorithm'] or 'the start (SFT, data, reward model)'}"
+
+
+def _run_tasks(tasks: list[dict[str, Any]], jobs: int) -> None:
+    """Each unfinished task in a process of its own, `jobs` at a time; a run waits for its start. Each writes
+    its output to a log beside its results. A failure lets the running tasks finish, then stops the arena."""
+    context = multiprocessing.get_context("spawn")
+    pending = [t for t in tasks if not _record(t).exists()]
+    running: dict[Any, tuple[dict[str, Any], float]] = {}
+    failed: list[str] = []
+    while pending or running:
+        for task in list(pending):
+            if len(running) >= jobs or failed:
+                break
+            start_done = Path(task["directory"]) / "start.done"
+            if task["algorithm"] is not None and not start_done.exists():
+                continue
+            if task["algorithm"] is None:
+                Path(task["directory"]).mkdir(parents=True, exist_ok=True)
+            process = context.Process(target=_task_main, args=(task,))
+            process.start()
+            running[process] = (task, time.perf_counter())
+            pending.remove(task)
+            print(f"[arena] {_label(task)} ... (log: {_log_path(task)})", flush=True)
+        if not running:
+            break  # only runs whose start failed are left
+        multiprocessing.connection.wait([p.sentinel for p in running])
+        for process in [p for p in running if not p.is_alive()]:
+            task, t0 = running.pop(process)
+            process.join()
+            if process.exitcode != 0 or not _record(task).exists():
+                failed.append(f"{_label(task)} stopped with exit code {process.exitcode}; see {_log_path(task)}")
+                print(f"[arena] {failed[-1]}", flush=True)
+            else:
+                print(f"[arena] {_label(task)} done in {time.perf_counter() - t0:.0f} s{_result_line(task)}", flush=True)
+    if failed or pending:
+        raise RuntimeError("arena stopped: " + "; ".join(failed or ["a start did not finish"]) +
+                           "; continue with --resume (finished runs are kept)")
+
+
+def _log_path(task: dict[str, Any]) -> Path:
+    directory = Path(task["directory"])
+    return directory / "start.log" if task["algorithm"] is None else directory / f"{task['algorithm']}.log"
+
+
+def _result_line(task: dict[str, Any]) -> str:
+    record = json.loads(_record(task).read_text())
+    key = "sft_ground_truth" if task["algorithm"] is None else "ground_truth"
+    return f": ground truth {record[key]:+.3f}"
+
+
+def _task_main(task: dict[str, Any]) -> None:
+    """A spawned task: its output to its log, its torch threads fixed, then the start or the run."""
+    log = open(_log_path(task), "a", buffering=1, encoding="utf-8")  # noqa: SIM115 - lives as long as the process
+    os.dup2(log.fileno(), 1)
+    os.dup2(log.fileno(), 2)
+    sys.stdout = sys.stderr = log
+    os.environ.setdefault("QUARTET_PROGRESS", "0")
+    import torch
+
+    torch.set_num_threads(task["threads"])
+    if task["algorithm"] is None:
+        prepare_one(task)
+    else:
+        run_one(task)
+
+
+def prepare_one(task: dict[str, Any]) -> None:
+    """The world's start for one seed (an interrupted start resumes its finished stages): start.done, last."""
+    directory = Path(task["directory"])
+    world = make_world(task["spec"], directory, task["seed"], task["settings"])
+    prepared = world.prepare(resume=True)
     sft = world.judge(world.sft_dir)  # the start every algorithm is measured from
     prepared.update({"sft_ground_truth": sft.ground_truth, "sft_proxy": sft.proxy, "sft_answers": sft.answers})
-    done.write_text(json.dumps(prepared, default=float) + "\n")
-    return prepared
-
-
-
-def _run_in_own_process(spec: str, directory: Path, seed: int, algorithm: str, settings: ArenaSettings,
-                        resume: bool, start: dict[str, float]) -> dict[str, Any]:
-    run_dir = directory / algorithm
-    record = run_dir / "arena_run.json"
-    if record.exists():
-        return json.loads(record.read_text())
-    print(f"[arena] {spec} seed {seed}: {algorithm}")
-    job = {"spec": spec, "directory": str(directory), "seed": seed, "algorithm": algorithm, "settings": settings,
-           "resume": run_dir.exists(), "budget": int(start["preference_tokens"])}
-    process = multiprocessing.get_context("spawn").Process(target=run_one, args=(job,))
-    process.start()
-    process.join()
-    if process.exitcode != 0 or not record.exists():
-        raise RuntimeError(f"arena: {algorithm} in {spec} (seed {seed}) stopped with exit code {process.exitcode}; "
-                           f"see its run directory {run_dir}; continue with --resume")
-    return json.loads(record.read_text())
+    tmp = directory / "start.done.tmp"
+    tmp.write_text(json.dumps(prepared, default=float) + "\n", encoding="utf-8")
+    tmp.replace(directory / "start.done")
 
 
 def run_one(job: dict[str, Any]) -> None:
     """One algorithm's run in this process, then its judgement on the held-out prompts and its record."""
-    os.environ.setdefault("QUARTET_PROGRESS", "0")
     directory, algorithm = Path(job["directory"]), job["algorithm"]
+    start = json.loads((directory / "start.done").read_text())
+    job = {**job, "budget": int(start["preference_tokens"]), "resume": (directory / algorithm).exists()}
     world = make_world(job["spec"], directory, job["seed"], job["settings"])
     run_dir = directory / algorithm
     t = time.perf_counter()
-    if algorithm == "dpo":
+    if (run_dir / "summary.json").exists():  # trained, then stopped before its judgement
+        summary = json.loads((run_dir / "summary.json").read_text())
+    elif algorithm == "dpo":
         from quartet.stages.dpo import run_dpo
 
         summary = run_dpo(world.dpo_config(run_dir), resume=job["resume"])
-        tokens = job["budget"]  # the SFT answers its pairs were made of
     else:
         from quartet.stages.rl import run_rl
 
         summary = run_rl(world.rl_config(algorithm, run_dir, job["budget"]), resume=job["resume"],
                          reward_fn=world.reward_fn(), metric_fns=world.metric_fns())
-        tokens = int(summary["generated_tokens"])
-    seconds = time.perf_counter() - t
+    # DPO's tokens: the SFT answers its pairs were made of
+    tokens = job["budget"] if algorithm == "dpo" else int(summary["generated_tokens"])
+    seconds = summary.get("seconds", time.perf_counter() - t)  # training only (resumed: its last attempt's)
     judged = world.judge(run_dir / "final")
     held_out = [json.loads(line)["prompt"] for line in (directory / "data" / "held_out.jsonl").read_text().splitlines()]
     kl = held_out_kl(run_dir / "final", world.sft_dir, held_out, world.settings.max_new_tokens, job["seed"] + 13)
