@@ -95,7 +95,8 @@ def _record(task: dict[str, Any]) -> Path:
 
 
 def _label(task: dict[str, Any]) -> str:
-    return f"{task['spec']} seed {task['seed']}: {task['algorithm'] or 'the start (SFT, data, reward model)'}"
+    start = "the start (SFT, data" + (", reward model)" if task["spec"] == "town" else ")")
+    return f"{task['spec']} seed {task['seed']}: {task['algorithm'] or start}"
 
 
 def _run_tasks(tasks: list[dict[str, Any]], jobs: int) -> None:
