@@ -122,8 +122,8 @@ def _run_tasks(tasks: list[dict[str, Any]], jobs: int) -> None:
             print(f"[arena] {_label(task)} ... (log: {_log_path(task)})", flush=True)
         if not running:
             break  # only runs whose start failed are left
-        multiprocessing.connection.wait([p.sentinel for p in running])
-        for process in [p for p in running if not p.is_alive()]:
+        ready = multiprocessing.connection.wait([p.sentinel for p in running])
+        for process in [p for p in running if p.sentinel in ready]:
             task, t0 = running.pop(process)
             process.join()
             if process.exitcode != 0 or not _record(task).exists():
