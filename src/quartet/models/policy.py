@@ -56,7 +56,14 @@ def response_values(critic_values: torch.nn.Module, sequences: torch.Tensor, att
 
 def logprobs_and_entropy(logits: torch.Tensor, response_ids: torch.Tensor, temperature: float,
                          with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Differentiable response log-probs and (without gradient) the entropy when asked for."""
+    """Differentiable response log-probs and (without gradient) the entropy when asked for.
+
+    `logits` are the fresh output of this forward, read by nothing else: full-precision ones are
+    divided by the temperature in place (the LM head's backward needs its input, not its output),
+    which saves a vocabulary-sized tensor per micro-batch and gives the same numbers bit for bit.
+    """
+    if temperature != 1.0 and logits.dtype in (torch.float32, torch.float64):
+        logits, temperature = logits.div_(temperature), 1.0
     if with_entropy:
         return token_logprobs_and_entropy(logits, response_ids, temperature)
     return token_logprobs(logits, response_ids, temperature), None
