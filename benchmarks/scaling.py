@@ -46,7 +46,7 @@ N_CTX = 1024
 
 @dataclass(frozen=True)
 class Point:
-    axis: str  # model, answer or prompt
+    axis: str  # anchor (on every axis), model, answer or prompt
     size: float  # the axis' value: non-embedding parameters (M), answer tokens or prompt tokens
     n_layer: int = 4
     n_embd: int = 256
@@ -57,8 +57,16 @@ class Point:
 
     @property
     def label(self) -> str:
-        return {"model": f"{self.n_layer}x{self.n_embd}", "answer": f"{self.new_tokens} new",
+        return {"anchor": "anchor", "model": f"{self.n_layer}x{self.n_embd}", "answer": f"{self.new_tokens} new",
                 "prompt": f"{self.prompt_len} prompt"}[self.axis]
+
+
+def on_axis(point: dict, axis: str) -> float | None:
+    """Where a measured point sits on `axis` (the anchor is on every axis), or None if it is not on it."""
+    if point["axis"] not in (axis, "anchor"):
+        return None
+    return {"model": non_embedding_params(point["n_layer"], point["n_embd"]), "answer": point["new_tokens"],
+            "prompt": point["prompt_len"]}[axis]
 
 
 def non_embedding_params(n_layer: int, n_embd: int) -> float:
@@ -70,10 +78,11 @@ def non_embedding_params(n_layer: int, n_embd: int) -> float:
 def grid() -> list[Point]:
     """The anchor, then each axis alone; step counts sized so the whole grid takes about 20 minutes
     on 2 cores (the largest points: one warm-up and one measured step)."""
-    model = [(4, 256, 4, 4), (6, 384, 6, 4), (8, 512, 8, 3), (12, 768, 12, 2)]
-    points = [Point("model", round(non_embedding_params(l, d), 1), l, d, h, steps=s) for l, d, h, s in model]
-    points += [Point("answer", r, new_tokens=r, steps=s) for r, s in ((32, 4), (128, 3), (512, 2))]
-    points += [Point("prompt", p, prompt_len=p, steps=s) for p, s in ((16, 4), (128, 3), (512, 2))]
+    points = [Point("anchor", 0, steps=5)]  # measured once, on every axis
+    model = [(6, 384, 6, 4), (8, 512, 8, 3), (12, 768, 12, 2)]
+    points += [Point("model", round(non_embedding_params(l, d), 1), l, d, h, steps=s) for l, d, h, s in model]
+    points += [Point("answer", r, new_tokens=r, steps=s) for r, s in ((128, 3), (512, 2))]
+    points += [Point("prompt", p, prompt_len=p, steps=s) for p, s in ((128, 3), (512, 2))]
     return points
 
 
@@ -106,18 +115,26 @@ def phases(result: dict) -> dict[str, float]:
             "update": sum(p.get(k, 0.0) for k in update)}
 
 
-def run(points: list[Point], algos: str) -> list[dict]:
+def run(points: list[Point], algos: str, save) -> list[dict]:
+    """Every point's programs; `save(rows)` after each point, so a long run that stops keeps what it measured.
+    A program that fails is reported and its point left out (the others still run)."""
     rows = []
     for point in points:
         row = {"point": asdict(point), "label": point.label, "load_avg_before": [round(x, 2) for x in os.getloadavg()],
                "results": {}}
         for name, (cmd, cwd) in programs(point, algos).items():
             print(f"[{point.axis} {point.label}] {name} ...", file=sys.stderr, end=" ", flush=True)
-            result = run_json(cmd, cwd)
+            try:
+                result = run_json(cmd, cwd)
+            except RuntimeError as err:
+                print(f"failed:\n{err}", file=sys.stderr, flush=True)
+                break
             row["results"][name] = result
             print(f"{result['sec_per_step_median']:.3f} s/step", file=sys.stderr, flush=True)
-        row["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
-        rows.append(row)
+        else:
+            row["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+            rows.append(row)
+            save(rows)
     return rows
 
 
@@ -134,20 +151,22 @@ def ratios(row: dict) -> dict[str, float]:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    head = ("| axis | size | algorithm | Quartet s/step (gen / score / update) | floor s/step (gen / score / update) "
+    head = ("| axis | model, prompt + answer | algorithm | Quartet s/step (gen / score / update) | floor s/step (gen / score / update) "
             "| Quartet/floor | peak RSS MiB Quartet / floor | load avg |")
     lines = [head, "|---|---|---|---|---|---|---|---|"]
     fmt = lambda res: "{:.2f} ({:.2f} / {:.2f} / {:.2f})".format(  # noqa: E731
         res["sec_per_step_median"], *(phases(res)[k] for k in ("generation", "scoring", "update")))
     for row in rows:
         res, q = row["results"], ratios(row)
-        size = row["label"] + (f" ({row['point']['size']} M)" if row["point"]["axis"] == "model" else "")
+        pt = row["point"]
+        size = (f"{pt['n_layer']}x{pt['n_embd']} ({non_embedding_params(pt['n_layer'], pt['n_embd']):.1f} M), "
+                f"{pt['prompt_len']} + {pt['new_tokens']} tokens")
         load = f"{row['load_avg_before'][0]:.1f} -> {row['load_avg_after'][0]:.1f}"
         for algo, quartet, floor, key in (("PPO", "ppo/quartet", "ppo/floor", "ppo"),
                                           ("GRPO per row", "grpo/quartet_per_row", "grpo/floor", "grpo per row"),
                                           ("GRPO shared", "grpo/quartet", "grpo/floor", "grpo shared")):
             if quartet in res:
-                lines.append(f"| {row['point']['axis']} | {size} | {algo} | {fmt(res[quartet])} | {fmt(res[floor])} | "
+                lines.append(f"| {pt['axis']} | {size} | {algo} | {fmt(res[quartet])} | {fmt(res[floor])} | "
                              f"{q[key]:.2f} | {res[quartet]['peak_rss_mib']:.0f} / {res[floor]['peak_rss_mib']:.0f} "
                              f"| {load} |")
     return "\n".join(lines)
@@ -159,15 +178,15 @@ def plot(rows: list[dict], path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    axes_names = [a for a in ("model", "answer", "prompt") if any(r["point"]["axis"] == a for r in rows)]
+    axes_names = [a for a in ("model", "answer", "prompt") if any(r["point"]["axis"] == a for r in rows)] or ["model"]
     fig, axes = plt.subplots(2, len(axes_names), figsize=(4.2 * len(axes_names), 6.4), squeeze=False)
     xlabel = {"model": "non-embedding parameters (M)", "answer": "answer tokens", "prompt": "prompt tokens"}
     programs_ = {"ppo/quartet": ("PPO Quartet", "C0", "-"), "ppo/floor": ("PPO floor", "C0", ":"),
                  "grpo/quartet_per_row": ("GRPO Quartet per row", "C1", "-"),
                  "grpo/quartet": ("GRPO Quartet shared", "C2", "-"), "grpo/floor": ("GRPO floor", "C1", ":")}
     for col, axis in enumerate(axes_names):
-        pts = sorted((r for r in rows if r["point"]["axis"] == axis), key=lambda r: r["point"]["size"])
-        xs = [r["point"]["size"] for r in pts]
+        pts = sorted((r for r in rows if on_axis(r["point"], axis) is not None), key=lambda r: on_axis(r["point"], axis))
+        xs = [round(on_axis(r["point"], axis), 1) for r in pts]
         top, bottom = axes[0][col], axes[1][col]
         for name, (label, color, style) in programs_.items():
             if all(name in r["results"] for r in pts):
@@ -211,19 +230,22 @@ def main(argv: list[str] | None = None) -> list[dict]:
     if a.plot_only:
         rows = json.loads(Path(a.plot_only).read_text())["rows"]
     else:
-        axes = set(a.axes.split(","))
+        axes = set(a.axes.split(",")) | {"anchor"}
         points = [pt for pt in grid() if pt.axis in axes]
         if a.quick:
-            points = [pt for pt in points if sum(q.axis == pt.axis and q.size < pt.size for q in points) < 2]
+            points = [pt for pt in points if sum(q.axis == pt.axis and q.size < pt.size for q in points) < 1]
             a.steps = a.steps or 2
         if a.steps:
             points = [Point(**{**asdict(pt), "steps": a.steps}) for pt in points]
-        rows = run(points, a.algos)
-        ratio_values = [v for r in rows for k, v in ratios(r).items() if k != "grpo shared"]
-        Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.json).write_text(json.dumps({"n_ctx": N_CTX, "threads": os.environ.get("OMP_NUM_THREADS"),
-                                            "median_ratio_without_sharing": statistics.median(ratio_values),
-                                            "rows": rows}, indent=1) + "\n")
+        def save(rows: list[dict]) -> None:
+            ratio_values = [v for r in rows for k, v in ratios(r).items() if k != "grpo shared"]
+            Path(a.json).parent.mkdir(parents=True, exist_ok=True)
+            Path(a.json).write_text(json.dumps({"n_ctx": N_CTX, "threads": os.environ.get("OMP_NUM_THREADS"),
+                                                "max_ratio_without_sharing": max(ratio_values),
+                                                "median_ratio_without_sharing": statistics.median(ratio_values),
+                                                "rows": rows}, indent=1) + "\n")
+
+        rows = run(points, a.algos, save)
     plot(rows, Path(a.plot))
     print(markdown_table(rows))
     return rows
