@@ -11,11 +11,11 @@ on, so PPO and GRPO need two):
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/compare.py                    # prints the table
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/compare.py --configs DE --steps 9 --repeat 2
 
-Without a venv its TRL column is left out. PPO (benchmarks/ppo_step.py beside bare_ppo_floor.py
-and trl_ppo_bench.py): A = 4 PPO epochs, 32 new tokens (the anchor default); B = 1 PPO epoch;
+Without a venv its TRL column is left out. The floors clip gradients at 1.0 (`--max-grad-norm
+1.0`), as Quartet and TRL do. PPO (benchmarks/ppo_step.py beside bare_ppo_floor.py and
+trl_ppo_bench.py): A = 4 PPO epochs, 32 new tokens (the anchor default); B = 1 PPO epoch;
 C = 1 PPO epoch, 128 new tokens. GRPO (benchmarks/grpo_step.py beside bare_grpo_floor.py and
-trl_grpo_bench.py; 8 prompts x 8 samples, 32 new tokens, beta 0.04, gradients clipped at 1.0 by
-Quartet and TRL, so the floor runs with `--max-grad-norm 1.0`): D = 16-token prompts; E =
+trl_grpo_bench.py; 8 prompts x 8 samples, 32 new tokens, beta 0.04): D = 16-token prompts; E =
 128-token prompts (a long shared prompt, as a system prompt plus a question). Quartet runs twice
 per round on D and E: with prompt sharing (its default) and, as `quartet_per_row`, without.
 """
@@ -57,7 +57,9 @@ def commands(config: str, steps: int, trl_python: Path | None) -> dict[str, tupl
     anchor_flags = [f.replace("--new-tokens", "--response-len") for f in flags]
     out = {
         "quartet": ([sys.executable, str(HERE / "ppo_step.py"), "--steps", str(steps), *flags], HERE.parent),
-        "floor": ([sys.executable, "bare_ppo_floor.py", "--steps", str(steps), "--quiet", *anchor_flags], anchors_dir()),
+        # Quartet clips both models' gradients at 1.0 (optim.max_grad_norm), as TRL does: so does the floor
+        "floor": ([sys.executable, "bare_ppo_floor.py", "--steps", str(steps), "--quiet", "--max-grad-norm", "1.0",
+                   *anchor_flags], anchors_dir()),
     }
     if trl_python is not None:
         out["trl"] = ([str(trl_python), "trl_ppo_bench.py", "--steps", str(steps), "--quiet", *anchor_flags], anchors_dir())
