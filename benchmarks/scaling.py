@@ -172,7 +172,7 @@ def markdown_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def plot(rows: list[dict], path: Path, threads: str | None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -210,8 +210,8 @@ def plot(rows: list[dict], path: Path) -> None:
         bottom.set_xlabel(xlabel[axis])
     axes[0][0].legend(fontsize=7)
     axes[1][0].legend(fontsize=7)
-    fig.suptitle("Quartet's PPO and GRPO steps against the plain-PyTorch floors\n(fp32, one invocation; dashed: 1.05x)",
-                 fontsize=9)
+    fig.suptitle("Quartet's PPO and GRPO steps against the plain-PyTorch floors\n"
+                 f"(fp32, {threads or '?'} thread(s), one invocation; dashed: 1.05x)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -227,8 +227,10 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--quick", action="store_true", help="a smoke run: the two smallest points of each axis, 2 steps")
     p.add_argument("--plot-only", metavar="JSON", help="no runs: the table and the plot of an earlier JSON file")
     a = p.parse_args(argv)
+    threads = os.environ.get("OMP_NUM_THREADS")
     if a.plot_only:
-        rows = json.loads(Path(a.plot_only).read_text())["rows"]
+        saved = json.loads(Path(a.plot_only).read_text())
+        rows, threads = saved["rows"], saved.get("threads")
     else:
         axes = set(a.axes.split(",")) | {"anchor"}
         points = [pt for pt in grid() if pt.axis in axes]
@@ -240,13 +242,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         def save(rows: list[dict]) -> None:
             ratio_values = [v for r in rows for k, v in ratios(r).items() if k != "grpo shared"]
             Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.json).write_text(json.dumps({"n_ctx": N_CTX, "threads": os.environ.get("OMP_NUM_THREADS"),
+            Path(a.json).write_text(json.dumps({"n_ctx": N_CTX, "threads": threads,
                                                 "max_ratio_without_sharing": max(ratio_values),
                                                 "median_ratio_without_sharing": statistics.median(ratio_values),
                                                 "rows": rows}, indent=1) + "\n")
 
         rows = run(points, a.algos, save)
-    plot(rows, Path(a.plot))
+    plot(rows, Path(a.plot), threads)
     print(markdown_table(rows))
     return rows
 
