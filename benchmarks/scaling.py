@@ -19,11 +19,13 @@ a JSON file (every program's full result), docs/scaling.png (s/step, and Quartet
 the size on each axis) and prints a markdown table of s/step, ratios, peak RSS and where the time
 goes (generation, scoring, update) at each size.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/scaling.py                  # about 20 min on 2 cores
+    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scaling.py                  # about 22 min (2026-12-01)
     .venv/bin/python benchmarks/scaling.py --axes prompt --algos grpo         # one axis, one algorithm
     .venv/bin/python benchmarks/scaling.py --plot-only docs/scaling.json      # table and plot again
 
-Only ratios from one invocation mean anything (these machines drift by 10 % or more).
+Only ratios from one invocation mean anything (these machines drift by 10 % or more). On a
+shared machine, one thread per program gives steadier ratios than two: a 2-thread process whose
+cores are busy with other work stalls in its thread barriers.
 """
 
 from __future__ import annotations
@@ -76,8 +78,8 @@ def non_embedding_params(n_layer: int, n_embd: int) -> float:
 
 
 def grid() -> list[Point]:
-    """The anchor, then each axis alone; step counts sized so the whole grid takes about 20 minutes
-    on 2 cores (the largest points: one warm-up and one measured step)."""
+    """The anchor, then each axis alone; step counts sized so the whole grid takes about 22 minutes
+    on one thread (the largest points: one warm-up and one measured step)."""
     points = [Point("anchor", 0, steps=5)]  # measured once, on every axis
     model = [(6, 384, 6, 4), (8, 512, 8, 3), (12, 768, 12, 2)]
     points += [Point("model", round(non_embedding_params(l, d), 1), l, d, h, steps=s) for l, d, h, s in model]
