@@ -56,3 +56,49 @@ def test_trl_venv_script_refuses_a_missing_anchor_folder(tmp_path):
         f"error: no TRL anchor at {tmp_path / 'nowhere' / 'bench-anchors'} "
         "(set QUARTET_SHARED to the folder holding bench-anchors/)"]
     assert not (tmp_path / "venv").exists()  # nothing created
+
+
+GRPO_BENCH = BENCH.parent / "grpo_step.py"
+
+
+@pytest.fixture(scope="module")
+def grpo_bench():
+    spec = importlib.util.spec_from_file_location("grpo_step", GRPO_BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.parametrize("share", ["on", "off"])
+def test_grpo_benchmark_runs_quartets_grpo_on_the_anchor_arithmetic(grpo_bench, tmp_path, share):
+    result = grpo_bench.main(["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab", "64", "--prompts-per-step", "2",
+                              "--num-generations", "4", "--micro-batch", "4", "--new-tokens", "5", "--prompt-len", "3",
+                              "--steps", "3", "--share-prompts", share, "--workdir", str(tmp_path)])
+    assert len(result["sec_per_step_all"]) == 2 and result["response_length"] == [5.0, 5.0]
+    assert result["peak_rss_mib"] > 0 and result["model_gflop_per_step"] > 0
+    from quartet.runs.metrics import read_metrics
+
+    records = read_metrics(tmp_path / "run" / "metrics.jsonl")
+    assert all("loss/kl" in r and "kl/ref" in r for r in records)  # beta 0.04: the reference ran
+    import yaml
+
+    cfg = yaml.safe_load((tmp_path / "run" / "config.yaml").read_text())
+    assert cfg["algorithm"]["loss_aggregation"] == "token-mean" and cfg["algorithm"]["kl_estimator"] == "k3"
+    assert cfg["batch"]["grad_accum"] == 2 and cfg["batch"]["share_prompts"] is (share == "on")
+    assert cfg["optim"]["max_grad_norm"] == 1.0 and cfg["optim"]["actor_lr"] == 1e-6
+
+
+def test_grpo_benchmark_reward_is_the_anchors_rule_on_token_ids(grpo_bench):
+    tokenizer = grpo_bench.word_tokenizer(64)
+    ids = [[3, 40, 35, 34, 2], [60, 61, 62, 63, 0]]  # w0, w37, w32, w31, <unk>; four high words and a <pad>
+    texts = [tokenizer.decode(row, skip_special_tokens=True) for row in ids]
+    expected = [sum(t < 32 for t in row) / 5 for row in ids]  # bare_grpo_floor.py's (resp < vocab // 2).mean()
+    assert grpo_bench.low_half_reward([""] * 2, texts, vocab=64, new_tokens=5) == expected
+
+
+def test_grpo_flops_count_a_shared_prompt_once_per_group(grpo_bench):
+    a = grpo_bench.parse_args(["--n-layer", "0", "--vocab", "1", "--n-embd", "1"])  # dense layers only, no attention
+    shared, per_row = (grpo_bench.model_flops_per_step(a, 1000, shared) for shared in (True, False))
+    g, n, p = a.prompts_per_step, a.num_generations, a.prompt_len
+    assert per_row["update"] - shared["update"] == pytest.approx(3 * (g * n - g) * p * 2 * 1000)
+    assert per_row["generation"] == shared["generation"]  # sampling prefills each prompt once either way

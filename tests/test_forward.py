@@ -121,6 +121,37 @@ def test_ppo_forward_equals_a_plain_forward_over_the_whole_sequence(lm_dir, scal
     torch.testing.assert_close(values[valid], plain_values[valid], atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("with_entropy", [True, False])
+def test_training_forward_scales_in_place_with_the_plain_paths_numbers_and_gradients(lm_dir, tokenizer, with_entropy):
+    """The update's forward divides its fresh logits by the temperature in place: log-probs, entropy and
+    every gradient equal the plain division's bit for bit."""
+    from quartet.models.policy import ActorCritic, response_logits
+    from quartet.rl import entropy_from_logits
+
+    pad = tokenizer.pad_token_id
+    prompt_ids, prompt_mask = _pad([[5, 17, 42], [8], [61, 62]], pad, "left")
+    response_ids, response_mask = _pad([[9, 33, 21, 4], [3, 77], [63, 64, 65, 66]], pad, "right")
+    seq, mask = torch.cat([prompt_ids, response_ids], 1), torch.cat([prompt_mask, response_mask], 1)
+    pair = ActorCritic(load_causal_lm(lm_dir)).eval()
+    weights = torch.randn(response_ids.shape, generator=torch.Generator().manual_seed(0)) * response_mask
+
+    def grads(logprobs):
+        pair.zero_grad()
+        (weights * logprobs).sum().backward()
+        return [p.grad.clone() for p in pair.parameters()]
+
+    logprobs, entropy, values = pair(seq, mask, response_ids, 0.7, with_entropy)
+    got = grads(logprobs)
+    logits = response_logits(pair.actor, seq, mask, response_ids)
+    plain = torch.log_softmax(logits / 0.7, dim=-1).gather(-1, response_ids[..., None]).squeeze(-1)
+    assert torch.equal(logprobs, plain) and values is None
+    assert all(torch.equal(a, b) for a, b in zip(got, grads(plain)))
+    if with_entropy:
+        assert torch.equal(entropy, entropy_from_logits(logits.detach(), 0.7))
+    else:
+        assert entropy is None
+
+
 def test_scoring_rows_grow_within_the_logits_budget(lm_dir):
     mib = 2**20
     # 32 response tokens x 4096 vocab x 4 bytes = 0.5 MiB of logits per row

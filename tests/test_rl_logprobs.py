@@ -71,6 +71,15 @@ def test_entropy_plain_python(batch, temperature):
             assert float(got[b, t]) == pytest.approx(-sum(p * math.log(p) for p in probs), abs=1e-5)
 
 
+def test_entropy_in_place_equals_the_plain_formula_and_stays_differentiable(batch):
+    logits, _ = batch
+    logp = torch.log_softmax(logits / 0.7, dim=-1)
+    assert torch.equal(entropy_from_logits(logits, 0.7), -(logp.exp() * logp).sum(-1))  # bit for bit
+    leaf = logits.clone().requires_grad_()
+    entropy_from_logits(leaf, 0.7).sum().backward()  # the product is not written over exp's saved output
+    assert torch.isfinite(leaf.grad).all()
+
+
 def test_entropy_bounds():
     uniform = torch.zeros(1, 1, V)
     assert float(entropy_from_logits(uniform)) == pytest.approx(math.log(V), abs=1e-6)

@@ -116,3 +116,39 @@ def test_prompt_sharing_is_refused_where_the_cached_forward_differs(lm_dir, toke
     prompt_ids, prompt_mask, response_ids, response_mask = _batch(0, 1)
     with pytest.raises(ValueError, match="sliding"):
         shared_prompt_logits(sliding, prompt_ids % 64, prompt_mask, response_ids % 64, response_mask, 1)
+
+
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])
+def test_scoring_and_training_take_the_shared_logits_in_pieces_with_the_concatenated_numbers(lm_dir, tokenizer, arch):
+    """Scoring and the update read the first token's logits and the rest's apart (no concatenated copy):
+    log-probs, entropies and gradients equal those of the concatenated logits bit for bit, and the
+    per-row path's within 1e-5."""
+    from quartet.models.policy import ActorCritic, logprobs_and_entropy, response_logprobs
+    from quartet.rl import token_logprobs_inplace
+
+    model, n = _model(arch, lm_dir, tokenizer), 3
+    prompt_ids, prompt_mask, response_ids, response_mask = _batch(tokenizer.pad_token_id, n)
+    sequences, attention_mask = _expanded(prompt_ids, prompt_mask, response_ids, response_mask, n)
+    with torch.no_grad():
+        scored = response_logprobs(model, sequences, attention_mask, response_ids, 0.7, group_size=n)
+        joined = token_logprobs_inplace(grouped_response_logits(model, sequences, attention_mask, response_ids, n),
+                                        response_ids, 0.7)
+        per_row = response_logprobs(model, sequences, attention_mask, response_ids, 0.7)
+    valid = response_mask.bool()
+    assert torch.equal(scored, joined)
+    torch.testing.assert_close(scored[valid], per_row[valid], atol=1e-5, rtol=0)
+
+    pair = ActorCritic(model).eval()
+    weights = torch.randn(response_ids.shape, generator=torch.Generator().manual_seed(1)) * response_mask
+
+    def grads(logprobs):
+        model.zero_grad()
+        (weights * logprobs).sum().backward()
+        return [p.grad.clone() for p in model.parameters()]
+
+    logprobs, entropy, _ = pair(sequences, attention_mask, response_ids, 0.7, True, n)
+    got = grads(logprobs)
+    expected, expected_entropy = logprobs_and_entropy(
+        grouped_response_logits(model, sequences, attention_mask, response_ids, n), response_ids, 0.7, True)
+    assert torch.equal(logprobs, expected) and torch.equal(entropy, expected_entropy)
+    assert all(torch.equal(a, b) for a, b in zip(got, grads(expected)))

@@ -11,7 +11,7 @@ import torch
 from transformers import PreTrainedModel
 
 from quartet.models.forward import TokenValueModel, causal_lm_logits, position_ids_from_mask, score_head
-from quartet.models.shared_prompt import grouped_response_logits
+from quartet.models.shared_prompt import grouped_response_logit_parts, grouped_response_logits
 from quartet.rl import token_logprobs, token_logprobs_and_entropy, token_logprobs_inplace
 
 
@@ -30,6 +30,22 @@ def response_logits(model: PreTrainedModel, sequences: torch.Tensor, attention_m
     return causal_lm_logits(model, sequences[:, :-1], attention_mask[:, :-1], logits_to_keep=response_len)
 
 
+def response_logit_pieces(model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                          response_ids: torch.Tensor, group_size: int = 1
+                          ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """`response_logits` as (logits [batch, k, vocab], the response tokens they predict [batch, k]) pieces
+    along the response: one piece per row forward; with shared prompts the first token's logits (from the
+    prompt's forward) and the rest's, which per-token functions take apart instead of a concatenated copy."""
+    if group_size > 1:
+        first, rest = grouped_response_logit_parts(model, sequences, attention_mask, response_ids, group_size)
+        return [(first, response_ids[:, :1])] + ([] if rest is None else [(rest, response_ids[:, 1:])])
+    return [(response_logits(model, sequences, attention_mask, response_ids), response_ids)]
+
+
+def _joined(parts: list[torch.Tensor]) -> torch.Tensor:
+    return parts[0] if len(parts) == 1 else torch.cat(parts, 1)
+
+
 @torch.no_grad()
 def response_logprobs(model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
                       response_ids: torch.Tensor, temperature: float, group_size: int = 1) -> torch.Tensor:
@@ -38,8 +54,8 @@ def response_logprobs(model: PreTrainedModel, sequences: torch.Tensor, attention
     The LM head runs on response positions only, and the log-softmax overwrites the fresh
     logits: one vocabulary-sized tensor per forward instead of three.
     """
-    logits = response_logits(model, sequences, attention_mask, response_ids, group_size)
-    return token_logprobs_inplace(logits, response_ids, temperature)
+    pieces = response_logit_pieces(model, sequences, attention_mask, response_ids, group_size)
+    return _joined([token_logprobs_inplace(logits, ids, temperature) for logits, ids in pieces])
 
 
 def response_values(critic_values: torch.nn.Module, sequences: torch.Tensor, attention_mask: torch.Tensor,
@@ -56,7 +72,14 @@ def response_values(critic_values: torch.nn.Module, sequences: torch.Tensor, att
 
 def logprobs_and_entropy(logits: torch.Tensor, response_ids: torch.Tensor, temperature: float,
                          with_entropy: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
-    """Differentiable response log-probs and (without gradient) the entropy when asked for."""
+    """Differentiable response log-probs and (without gradient) the entropy when asked for.
+
+    `logits` are the fresh output of this forward, read by nothing else: full-precision ones are
+    divided by the temperature in place (the LM head's backward needs its input, not its output),
+    which saves a vocabulary-sized tensor per micro-batch and gives the same numbers bit for bit.
+    """
+    if temperature != 1.0 and logits.dtype in (torch.float32, torch.float64):
+        logits, temperature = logits.div_(temperature), 1.0
     if with_entropy:
         return token_logprobs_and_entropy(logits, response_ids, temperature)
     return token_logprobs(logits, response_ids, temperature), None
@@ -85,10 +108,13 @@ class ActorCritic(torch.nn.Module):
         `group_size` > 1: whole groups of rows sharing a prompt, each prompt computed once."""
         if self.shared_trunk:
             return self._shared_trunk_forward(sequences, attention_mask, response_ids, temperature, with_entropy)
-        logits = response_logits(self.actor, sequences, attention_mask, response_ids, group_size)
+        pieces = [logprobs_and_entropy(logits, ids, temperature, with_entropy)
+                  for logits, ids in response_logit_pieces(self.actor, sequences, attention_mask, response_ids,
+                                                           group_size)]
         values = (response_values(self.critic, sequences, attention_mask, response_ids.shape[1])
                   if self.critic is not None else None)
-        return (*logprobs_and_entropy(logits, response_ids, temperature, with_entropy), values)
+        entropy = _joined([e for _, e in pieces]) if with_entropy else None
+        return _joined([lp for lp, _ in pieces]), entropy, values
 
     def _shared_trunk_forward(self, sequences: torch.Tensor, attention_mask: torch.Tensor, response_ids: torch.Tensor,
                               temperature: float, with_entropy: bool

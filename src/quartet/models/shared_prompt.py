@@ -105,6 +105,17 @@ def shared_prompt_logits(model: PreTrainedModel, prompt_ids: torch.Tensor, promp
     Equal to `response_logits(model, sequences, attention_mask, response_ids)` on the expanded
     batch; differentiable (the prompt's gradient is the sum over its group's rows).
     """
+    return torch.cat([part for part in shared_prompt_logit_parts(model, prompt_ids, prompt_mask, response_ids,
+                                                                 response_mask, n) if part is not None], 1)
+
+
+def shared_prompt_logit_parts(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
+                              response_ids: torch.Tensor, response_mask: torch.Tensor, n: int
+                              ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`shared_prompt_logits` in its two pieces, not concatenated: the logits predicting response token 0
+    [G*n, 1, vocab] (from the prompt's forward) and those predicting tokens 1.. [G*n, R - 1, vocab] (None
+    when R is 1). Per-token functions of the logits (log-probs, entropies) can take each piece alone
+    and concatenate their [G*n, .] results: no second vocabulary-sized copy of the logits."""
     groups, prompt_len = prompt_ids.shape
     rows, response_len = response_ids.shape
     if rows != groups * n:
@@ -119,19 +130,26 @@ def shared_prompt_logits(model: PreTrainedModel, prompt_ids: torch.Tensor, promp
         raise RuntimeError(f"{type(model).__name__} did not fill the KV cache passed as {cache_key!r}")
     first = prefill.logits[:, -1:].repeat_interleave(n, 0)  # [G*n, 1, vocab]: predicts response token 0
     if response_len == 1:
-        return first
+        return first, None
     cache.batch_repeat_interleave(n)  # [G*n, heads, P, head_dim] per layer, differentiable
     mask = torch.cat([prompt_mask.repeat_interleave(n, 0), response_mask[:, :-1].to(prompt_mask.dtype)], 1)
     positions = position_ids_from_mask(mask)[:, prompt_len:]  # [G*n, R - 1], continuing each prompt's count
     rest = model(input_ids=response_ids[:, :-1], attention_mask=mask, position_ids=positions,
                  use_cache=True, **{cache_key: cache}).logits  # [G*n, R - 1, vocab]
-    return torch.cat([first, rest], 1)
+    return first, rest
 
 
 def grouped_response_logits(model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
                             response_ids: torch.Tensor, n: int) -> torch.Tensor:
     """`response_logits` for an expanded batch (prompt + response rows, groups of n) with each
     prompt computed once: the same arguments, plus the group size."""
+    return torch.cat([part for part in grouped_response_logit_parts(model, sequences, attention_mask, response_ids, n)
+                      if part is not None], 1)
+
+
+def grouped_response_logit_parts(model: PreTrainedModel, sequences: torch.Tensor, attention_mask: torch.Tensor,
+                                 response_ids: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """`grouped_response_logits` in the two pieces of `shared_prompt_logit_parts`."""
     prompt_len = sequences.shape[1] - response_ids.shape[1]
     ids, mask = unique_prompts(sequences[:, :prompt_len], attention_mask[:, :prompt_len], n)
-    return shared_prompt_logits(model, ids, mask, response_ids, attention_mask[:, prompt_len:], n)
+    return shared_prompt_logit_parts(model, ids, mask, response_ids, attention_mask[:, prompt_len:], n)
