@@ -10,7 +10,7 @@ from typing import Any, TypeVar
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quartet.config import LoraConfig, ModelConfig
-from quartet.data import read_rows
+from quartet.data import load_preference_examples, read_rows, tokenize_preferences
 from quartet.models.loading import load_causal_lm
 from quartet.models.presets import build_preset_model
 from quartet.models.tokenizer import load_tokenizer, train_bpe_tokenizer
@@ -112,3 +112,23 @@ def check_fsdp_options(ranks, lora: bool, shared_trunk: bool = False, compile: b
         if on:
             raise ValueError(f"{what} does not combine with FSDP sharding (run.fsdp, or an Accelerate FSDP config); "
                              "turn one of them off (DDP runs it on several processes)")
+
+
+def load_preference_data(data_cfg, tokenizer: PreTrainedTokenizerBase, seed: int, stage: str, ranks
+                         ) -> tuple[list, list, dict[str, int], Any]:
+    """Tokenised training and held-out preference pairs (the reward model's and DPO's data): data.eval, or a
+    seeded data.eval_fraction of data.train held out; what was skipped or truncated is printed once.
+    Returns (train, held_out, skipped rows by reason, truncation stats)."""
+    train_examples, skipped = load_preference_examples(data_cfg.train, tokenizer)
+    if data_cfg.limit:
+        train_examples = train_examples[: data_cfg.limit]
+    if data_cfg.eval:
+        eval_examples, _ = load_preference_examples(data_cfg.eval, tokenizer)
+    else:
+        train_examples, eval_examples = split_held_out(train_examples, data_cfg.eval_fraction, seed)
+    train_data, stats = tokenize_preferences(train_examples, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length)
+    eval_data, _ = tokenize_preferences(eval_examples, tokenizer, data_cfg.max_length, data_cfg.max_prompt_length)
+    skipped_text = ", ".join(f"{n} {why}" for why, n in skipped.items() if n) or "none"
+    ranks.print(f"[{stage}] {len(train_data)} training / {len(eval_data)} held-out pairs; skipped: {skipped_text}; "
+                f"{stats.summary()}")
+    return train_data, eval_data, skipped, stats

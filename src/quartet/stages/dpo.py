@@ -41,7 +41,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quartet.config import DPOConfig, DPOLossConfig
-from quartet.data import collate_preference_answers, load_preference_examples, tokenize_preferences
+from quartet.data import collate_preference_answers
 from quartet.models.forward import causal_lm_logits
 from quartet.models.loading import check_model_dir, load_causal_lm, save_model
 from quartet.rl.dpo import dpo_loss, preference_metric_sums, sequence_logps
@@ -54,9 +54,9 @@ from quartet.stages.common import (
     apply_lora,
     check_context_length,
     check_fsdp_options,
+    load_preference_data,
     resolve_causal_lm,
     resolve_tokenizer,
-    split_held_out,
     unwrap_lora,
 )
 from quartet.stages.reward import count_pairs
@@ -328,18 +328,8 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
         if path:
             check_model_dir(path, role, cfg.model.allow_pickle)
     tokenizer = resolve_tokenizer(cfg.model, [p for p in (cfg.data.train, cfg.data.eval) if p])
-    train_examples, skipped = load_preference_examples(cfg.data.train, tokenizer)
-    if cfg.data.limit:
-        train_examples = train_examples[: cfg.data.limit]
-    if cfg.data.eval:
-        eval_examples, _ = load_preference_examples(cfg.data.eval, tokenizer)
-    else:
-        train_examples, eval_examples = split_held_out(train_examples, cfg.data.eval_fraction, cfg.run.seed)
-    train_data, stats = tokenize_preferences(train_examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
-    eval_data, _ = tokenize_preferences(eval_examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
-    skipped_text = ", ".join(f"{n} {why}" for why, n in skipped.items() if n) or "none"
-    run.ranks.print(f"[dpo] {len(train_data)} training / {len(eval_data)} held-out pairs; skipped: {skipped_text}; "
-                    f"{stats.summary()}")
+    train_data, eval_data, skipped, stats = load_preference_data(cfg.data, tokenizer, cfg.run.seed, "dpo",
+                                                                 run.ranks)
 
     policy = resolve_causal_lm(cfg.model, tokenizer, cfg.run.seed)
     longest = max((len(x[k]) for x in train_data + eval_data for k in ("chosen_ids", "rejected_ids")), default=0)

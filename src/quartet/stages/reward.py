@@ -18,8 +18,6 @@ from transformers import PreTrainedModel
 from quartet.config import RewardConfig
 from quartet.data import (
     collate_preferences,
-    load_preference_examples,
-    tokenize_preferences,
 )
 from quartet.models.forward import TokenValueModel, scores_at_last_token, sequence_scores
 from quartet.models.loading import check_model_dir, load_scalar_model, save_model
@@ -32,8 +30,8 @@ from quartet.stages.common import (
     apply_lora,
     check_context_length,
     check_fsdp_options,
+    load_preference_data,
     resolve_tokenizer,
-    split_held_out,
     unwrap_lora,
 )
 
@@ -115,18 +113,8 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict[str, Any]:
     if cfg.model.path:
         check_model_dir(cfg.model.path, "model.path", cfg.model.allow_pickle)
     tokenizer = resolve_tokenizer(cfg.model, [p for p in (cfg.data.train, cfg.data.eval) if p])
-    train_examples, skipped = load_preference_examples(cfg.data.train, tokenizer)
-    if cfg.data.limit:
-        train_examples = train_examples[: cfg.data.limit]
-    if cfg.data.eval:
-        eval_examples, _ = load_preference_examples(cfg.data.eval, tokenizer)
-    else:
-        train_examples, eval_examples = split_held_out(train_examples, cfg.data.eval_fraction, cfg.run.seed)
-    train_data, stats = tokenize_preferences(train_examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
-    eval_data, _ = tokenize_preferences(eval_examples, tokenizer, cfg.data.max_length, cfg.data.max_prompt_length)
-    skipped_text = ", ".join(f"{n} {why}" for why, n in skipped.items() if n) or "none"
-    run.ranks.print(f"[reward] {len(train_data)} training / {len(eval_data)} held-out pairs; skipped: {skipped_text}; "
-          f"{stats.summary()}")
+    train_data, eval_data, skipped, stats = load_preference_data(cfg.data, tokenizer, cfg.run.seed, "reward",
+                                                                 run.ranks)
 
     model = apply_lora(resolve_scalar_model(cfg, tokenizer), cfg.lora, task_type="SEQ_CLS")
     longest = max((len(x[k]) for x in train_data + eval_data for k in ("chosen_ids", "rejected_ids")), default=0)
