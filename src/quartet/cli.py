@@ -198,7 +198,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     arena.add_argument("--algorithms", default="ppo,grpo,rloo,reinforce++,dpo",
                        help="comma-separated: ppo, grpo, rloo, reinforce++, reinforce++-baseline, dpo")
     arena.add_argument("--seeds", type=int, default=1, help="runs per algorithm, with seeds 0..N-1")
-    arena.add_argument("--quick", action="store_true", help="smaller worlds and budgets (under 10 minutes on 2 cores)")
+    arena.add_argument("--quick", action="store_true",
+                       help="smaller worlds and budgets: a first look (about 2.5 minutes on 2 idle cores)")
     arena.add_argument("--resume", action="store_true", help="keep finished runs and resume the interrupted ones")
     arena.add_argument("--jobs", type=int, help="runs at a time, each a process (default: CPU count / threads, at most 8)")
     arena.add_argument("--threads", type=int, default=1,
