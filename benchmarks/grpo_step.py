@@ -49,7 +49,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ppo_step's helpers, also when imported by the tests
 
-from ppo_step import matmul_gflops, word_tokenizer  # noqa: E402
+from ppo_step import _actor_body, matmul_gflops, word_tokenizer  # noqa: E402
 
 # The word-level tokenizer's specials come first (<pad>, <eos>, <unk>): "w17" is id 20.
 N_SPECIAL = 3
@@ -194,13 +194,6 @@ def main(argv: list[str] | None = None) -> dict:
     }
     print(json.dumps(result))
     return result
-
-
-def _actor_body(actor_dir: Path):
-    from transformers import AutoModelForCausalLM
-
-    model = AutoModelForCausalLM.from_pretrained(str(actor_dir))
-    return [(n, p) for n, p in model.named_parameters() if "wte" not in n and "wpe" not in n]
 
 
 if __name__ == "__main__":

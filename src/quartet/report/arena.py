@@ -15,7 +15,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 from quartet.demo.arena_worlds import world_directory  # noqa: E402
 from quartet.report.html import _write_page, data_uri, esc, fmt, note  # noqa: E402
-from quartet.report.plots import COLORS  # noqa: E402
+from quartet.report.plots import COLORS, finish_figure  # noqa: E402
 
 INTRO = ("Every algorithm starts from the same SFT model and the same data, trains on the same budget of generated "
          "response tokens, and is judged on the same held-out prompts by ground truth it never saw: the town's hidden "
@@ -32,19 +32,7 @@ def _color(algorithm: str, algorithms: list[str]) -> str:
 def _plot(path: Path, title: str, xlabel: str, ylabel: str, draw) -> Path:
     fig, ax = plt.subplots(figsize=(6.0, 3.4), dpi=100)
     draw(ax)
-    ax.set_title(title, fontsize=11, loc="left", fontweight="bold")
-    ax.set_xlabel(xlabel, fontsize=9)
-    ax.set_ylabel(ylabel, fontsize=9)
-    ax.tick_params(labelsize=8)
-    ax.grid(True, alpha=0.25)
-    for side in ("top", "right"):
-        ax.spines[side].set_visible(False)
-    ax.legend(fontsize=8, frameon=False)
-    fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png")
-    plt.close(fig)
-    return path
+    return finish_figure(fig, ax, path, title, xlabel, ylabel)
 
 
 def world_plots(out: Path, world: str, runs: list[dict[str, Any]], starts: list[dict[str, Any]],

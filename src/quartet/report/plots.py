@@ -186,11 +186,16 @@ def plot_curves(records: Sequence[dict[str, Any]], keys: Sequence[str], path: st
             ax.plot(xs, moving_average(ys, max(2, len(ys) // 10)), color=color, linewidth=2, label=label)
         else:
             ax.plot(xs, ys, "o-", color=color, linewidth=1.8, markersize=4, label=label)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    return finish_figure(fig, ax, path, title, "step", ylabel)
+
+
+def finish_figure(fig, ax, path: str | Path, title: str, xlabel: str, ylabel: str | None) -> Path:
+    """The reports' one figure style (title, labels, light grid, no top/right spines, legend), saved as PNG."""
     ax.set_title(title, fontsize=11, loc="left", fontweight="bold")
-    ax.set_xlabel("step", fontsize=9)
+    ax.set_xlabel(xlabel, fontsize=9)
     if ylabel:
         ax.set_ylabel(ylabel, fontsize=9)
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.tick_params(labelsize=8)
     ax.grid(True, alpha=0.25)
     for side in ("top", "right"):
