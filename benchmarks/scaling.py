@@ -17,9 +17,10 @@ needs 528), so the anchor point differs from compare.py's configs B and D by the
 only. Slow points run fewer steps (one warm-up step is always left out of the median). It writes
 a JSON file (every program's full result), docs/scaling.png (s/step, and Quartet/floor, against
 the size on each axis) and prints a markdown table of s/step, ratios, peak RSS and where the time
-goes (generation, scoring, update) at each size.
+goes (generation, scoring, update) at each size. With `--repeat` R every point runs R rounds,
+alternating its programs; the table shows the medians and each round's ratio.
 
-    OMP_NUM_THREADS=1 .venv/bin/python benchmarks/scaling.py                  # about 22 min (2026-12-01)
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/scaling.py --repeat 2       # about 35 min (2026-12-01)
     .venv/bin/python benchmarks/scaling.py --axes prompt --algos grpo         # one axis, one algorithm
     .venv/bin/python benchmarks/scaling.py --plot-only docs/scaling.json      # table and plot again
 
@@ -117,26 +118,49 @@ def phases(result: dict) -> dict[str, float]:
             "update": sum(p.get(k, 0.0) for k in update)}
 
 
-def run(points: list[Point], algos: str, save) -> list[dict]:
-    """Every point's programs; `save(rows)` after each point, so a long run that stops keeps what it measured.
-    A program that fails is reported and its point left out (the others still run)."""
+def merged(results: list[dict]) -> dict:
+    """One program's rounds at one point as one result: the median of the rounds' s/step and of each phase,
+    the largest peak RSS (the first round's other fields)."""
+    out = dict(results[0])
+    out["sec_per_step_median"] = statistics.median(r["sec_per_step_median"] for r in results)
+    for key in ("phase_sec_median", "phase_sec_per_step_mean"):  # Quartet's, the floors'
+        if key in out:
+            out[key] = {k: statistics.median(r[key][k] for r in results) for k in out[key]}
+    out["peak_rss_mib"] = max(r["peak_rss_mib"] for r in results)
+    return out
+
+
+def run(points: list[Point], algos: str, save, repeat: int = 1) -> list[dict]:
+    """Every point's programs, `repeat` rounds per point (alternating, so drift hits every program alike);
+    `save(rows)` after each point, so a long run that stops keeps what it measured. A program that fails is
+    reported and its point left out (the others still run)."""
     rows = []
     for point in points:
         row = {"point": asdict(point), "label": point.label, "load_avg_before": [round(x, 2) for x in os.getloadavg()],
-               "results": {}}
-        for name, (cmd, cwd) in programs(point, algos).items():
-            print(f"[{point.axis} {point.label}] {name} ...", file=sys.stderr, end=" ", flush=True)
-            try:
-                result = run_json(cmd, cwd)
-            except RuntimeError as err:
-                print(f"failed:\n{err}", file=sys.stderr, flush=True)
+               "results": {}, "rounds": {}}
+        failed = False
+        for round_ in range(repeat):
+            for name, (cmd, cwd) in programs(point, algos).items():
+                print(f"[{point.axis} {point.label}{f' round {round_ + 1}' if repeat > 1 else ''}] {name} ...",
+                      file=sys.stderr, end=" ", flush=True)
+                try:
+                    result = run_json(cmd, cwd)
+                except RuntimeError as err:
+                    print(f"failed:\n{err}", file=sys.stderr, flush=True)
+                    failed = True
+                    break
+                row["rounds"].setdefault(name, []).append(result)
+                print(f"{result['sec_per_step_median']:.3f} s/step", file=sys.stderr, flush=True)
+            if failed:
                 break
-            row["results"][name] = result
-            print(f"{result['sec_per_step_median']:.3f} s/step", file=sys.stderr, flush=True)
-        else:
-            row["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
-            rows.append(row)
-            save(rows)
+        if failed:
+            continue
+        row["results"] = {name: merged(results) for name, results in row["rounds"].items()}
+        row["ratios_per_round"] = [ratios({"results": {name: results[i] for name, results in row["rounds"].items()}})
+                                   for i in range(repeat)]
+        row["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
+        rows.append(row)
+        save(rows)
     return rows
 
 
@@ -168,13 +192,15 @@ def markdown_table(rows: list[dict]) -> str:
                                           ("GRPO per row", "grpo/quartet_per_row", "grpo/floor", "grpo per row"),
                                           ("GRPO shared", "grpo/quartet", "grpo/floor", "grpo shared")):
             if quartet in res:
+                rounds = [r[key] for r in row.get("ratios_per_round", [])]
+                ratio = f"{q[key]:.2f}" + (f" ({', '.join(f'{x:.2f}' for x in rounds)})" if len(rounds) > 1 else "")
                 lines.append(f"| {pt['axis']} | {size} | {algo} | {fmt(res[quartet])} | {fmt(res[floor])} | "
-                             f"{q[key]:.2f} | {res[quartet]['peak_rss_mib']:.0f} / {res[floor]['peak_rss_mib']:.0f} "
+                             f"{ratio} | {res[quartet]['peak_rss_mib']:.0f} / {res[floor]['peak_rss_mib']:.0f} "
                              f"| {load} |")
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path, threads: str | None) -> None:
+def plot(rows: list[dict], path: Path, threads: str | None, repeat: int = 1) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -212,8 +238,9 @@ def plot(rows: list[dict], path: Path, threads: str | None) -> None:
         bottom.set_xlabel(xlabel[axis])
     axes[0][0].legend(fontsize=7)
     axes[1][0].legend(fontsize=7)
+    rounds = f", medians of {repeat} rounds" if repeat > 1 else ""
     fig.suptitle("Quartet's PPO and GRPO steps against the plain-PyTorch floors\n"
-                 f"(fp32, {threads or '?'} thread(s), one invocation; dashed: 1.05x)", fontsize=9)
+                 f"(fp32, {threads or '?'} thread(s), one invocation{rounds}; dashed: 1.05x)", fontsize=9)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110)
@@ -226,13 +253,14 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p.add_argument("--json", default=str(HERE.parent / "docs" / "scaling.json"), help="where the results go")
     p.add_argument("--plot", default=str(HERE.parent / "docs" / "scaling.png"))
     p.add_argument("--steps", type=int, help="steps at every point (default: the grid's, fewer where slow)")
+    p.add_argument("--repeat", type=int, default=1, help="rounds per point, alternating; medians of the rounds")
     p.add_argument("--quick", action="store_true", help="a smoke run: the two smallest points of each axis, 2 steps")
     p.add_argument("--plot-only", metavar="JSON", help="no runs: the table and the plot of an earlier JSON file")
     a = p.parse_args(argv)
     threads = os.environ.get("OMP_NUM_THREADS")
     if a.plot_only:
         saved = json.loads(Path(a.plot_only).read_text())
-        rows, threads = saved["rows"], saved.get("threads")
+        rows, threads, a.repeat = saved["rows"], saved.get("threads"), saved.get("repeat", 1)
     else:
         axes = set(a.axes.split(",")) | {"anchor"}
         points = [pt for pt in grid() if pt.axis in axes]
@@ -244,13 +272,13 @@ def main(argv: list[str] | None = None) -> list[dict]:
         def save(rows: list[dict]) -> None:
             ratio_values = [v for r in rows for k, v in ratios(r).items() if k != "grpo shared"]
             Path(a.json).parent.mkdir(parents=True, exist_ok=True)
-            Path(a.json).write_text(json.dumps({"n_ctx": N_CTX, "threads": threads,
+            Path(a.json).write_text(json.dumps({"n_ctx": N_CTX, "threads": threads, "repeat": a.repeat,
                                                 "max_ratio_without_sharing": max(ratio_values),
                                                 "median_ratio_without_sharing": statistics.median(ratio_values),
                                                 "rows": rows}, indent=1) + "\n")
 
-        rows = run(points, a.algos, save)
-    plot(rows, Path(a.plot), threads)
+        rows = run(points, a.algos, save, a.repeat)
+    plot(rows, Path(a.plot), threads, a.repeat)
     print(markdown_table(rows))
     return rows
 

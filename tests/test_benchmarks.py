@@ -1,6 +1,7 @@
 """The PPO benchmark runs Quartet's real PPO stage and reports consistent numbers (tiny shapes here)."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -102,3 +103,69 @@ def test_grpo_flops_count_a_shared_prompt_once_per_group(grpo_bench):
     g, n, p = a.prompts_per_step, a.num_generations, a.prompt_len
     assert per_row["update"] - shared["update"] == pytest.approx(3 * (g * n - g) * p * 2 * 1000)
     assert per_row["generation"] == shared["generation"]  # sampling prefills each prompt once either way
+
+
+PROFILE_BENCH = BENCH.parent / "update_profile.py"
+
+
+@pytest.fixture(scope="module")
+def update_profile():
+    spec = importlib.util.spec_from_file_location("update_profile", PROFILE_BENCH)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_update_profile_sorts_operators_into_the_steps_parts(update_profile):
+    part = update_profile.part_of
+    assert part("aten::mm", [[496, 256], [256, 4096]], 4096) == "LM head"
+    assert part("aten::addmm", [[1024], [496, 256], [256, 1024], [], []], 4096) == "body matrix products"
+    assert part("aten::_scaled_dot_product_flash_attention_for_cpu", [[16, 4, 31, 64]], 4096) == "attention"
+    assert part("aten::_log_softmax", [[16, 31, 4096], [], []], 4096) == "vocabulary-wide element-wise"
+    assert part("aten::native_layer_norm", [[16, 31, 256], [], [256], [256], []], 4096) == "other"
+
+
+def test_update_profile_reports_both_paths_and_sharing_saves_body_work(update_profile):
+    result = update_profile.main(["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab", "64", "--groups", "2",
+                                  "--num-generations", "4", "--prompt-len", "12", "--new-tokens", "4", "--repeat", "2",
+                                  "--profiled", "2"])
+    ops = result["operator_ms"]
+    for name in ("shared", "per_row"):
+        assert set(ops[name]) == set(update_profile.PARTS) and ops[name]["LM head"] > 0
+        assert result["operator_ms_total"][name] == pytest.approx(sum(ops[name].values()))
+        assert result["wall_ms_median"][name] > 0
+    # dense layers cost the same per position: sharing runs 2 prompts of 12 and 8 x 3 response positions
+    # (the last one is never fed), per row 8 x (12 + 3); the LM head runs on response positions, and with
+    # sharing the first token's logits come once per prompt: 2 + 8 x 3 against 8 x 4
+    flop = result["matmul_gflop"]
+    assert flop["shared"]["body matrix products"] / flop["per_row"]["body matrix products"] == pytest.approx(
+        (2 * 12 + 8 * 3) / (8 * 15), rel=0.02)
+    assert flop["shared"]["LM head"] / flop["per_row"]["LM head"] == pytest.approx((2 + 8 * 3) / (8 * 4), rel=0.02)
+
+
+def test_scaling_merges_rounds_into_medians_and_keeps_each_rounds_ratio(monkeypatch):
+    spec = importlib.util.spec_from_file_location("scaling", BENCH.parent / "scaling.py")
+    scaling = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, "scaling", scaling)  # its dataclass looks its module up there
+    spec.loader.exec_module(scaling)
+    steps = iter([1.0, 2.0, 1.2, 1.8, 1.4, 1.6])  # ppo/quartet, ppo/floor, round after round
+
+    def fake_run(cmd, cwd):
+        quartet = "ppo_step.py" in " ".join(map(str, cmd))
+        sec = next(steps)
+        phase = ({"phase_sec_median": {"generation": sec / 2, "scoring": 0.0, "update": sec / 2}} if quartet else
+                 {"phase_sec_per_step_mean": {"generate": sec / 2, "train_fwd": sec / 4, "backward": sec / 4}})
+        return {"sec_per_step_median": sec, "peak_rss_mib": 100 * sec, **phase}
+
+    monkeypatch.setattr(scaling, "run_json", fake_run)
+    saved = []
+    rows = scaling.run([scaling.Point("anchor", 0)], "ppo", saved.append, repeat=3)
+    row = rows[0]
+    assert row["results"]["ppo/quartet"]["sec_per_step_median"] == 1.2  # median of 1.0, 1.2, 1.4
+    assert row["results"]["ppo/floor"]["sec_per_step_median"] == 1.8
+    assert row["results"]["ppo/floor"]["peak_rss_mib"] == 200  # the largest round's
+    assert scaling.phases(row["results"]["ppo/floor"]) == {"generation": 0.9, "scoring": 0.0, "update": 0.9}
+    assert [round(r["ppo"], 4) for r in row["ratios_per_round"]] == [0.5, round(1.2 / 1.8, 4), round(1.4 / 1.6, 4)]
+    assert "| 1.20 (0.60 / 0.00 / 0.60) | 1.80 (0.90 / 0.00 / 0.90) | 0.67 (0.50, 0.67, 0.87) | 140 / 200 |" in (
+        scaling.markdown_table(rows))  # medians, then each round's ratio
+    assert saved and saved[-1] is rows
