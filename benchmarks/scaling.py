@@ -79,8 +79,8 @@ def non_embedding_params(n_layer: int, n_embd: int) -> float:
 
 
 def grid() -> list[Point]:
-    """The anchor, then each axis alone; step counts sized so the whole grid takes about 22 minutes
-    on one thread (the largest points: one warm-up and one measured step)."""
+    """The anchor, then each axis alone; step counts sized so one round of the whole grid takes about 15
+    minutes at two threads (2026-12-01; the largest points: one warm-up and one measured step)."""
     points = [Point("anchor", 0, steps=5)]  # measured once, on every axis
     model = [(6, 384, 6, 4), (8, 512, 8, 3), (12, 768, 12, 2)]
     points += [Point("model", round(non_embedding_params(l, d), 1), l, d, h, steps=s) for l, d, h, s in model]
