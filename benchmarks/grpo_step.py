@@ -49,20 +49,14 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ppo_step's helpers, also when imported by the tests
 
-from ppo_step import _actor_body, matmul_gflops, word_tokenizer  # noqa: E402
+from ppo_step import _actor_body, matmul_gflops, model_arguments, word_tokenizer  # noqa: E402
 
 # The word-level tokenizer's specials come first (<pad>, <eos>, <unk>): "w17" is id 20.
 N_SPECIAL = 3
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=256)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
-    p.add_argument("--n-ctx", type=int, default=256)
-    p.add_argument("--activation", default="gelu_pytorch_tanh", help="GPT2Config.activation_function, as the anchors")
+    p = model_arguments(__doc__)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--prompts-per-step", type=int, default=8)
     p.add_argument("--num-generations", type=int, default=8, help="samples per prompt (rollout.n)")

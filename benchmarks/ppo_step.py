@@ -29,8 +29,9 @@ import time
 from pathlib import Path
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def model_arguments(description: str | None) -> argparse.ArgumentParser:
+    """A benchmark's argument parser with the anchors' GPT-2 shape flags (shared by the benchmarks)."""
+    p = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--n-layer", type=int, default=4)
     p.add_argument("--n-embd", type=int, default=256)
     p.add_argument("--n-head", type=int, default=4)
@@ -39,6 +40,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--activation", default="gelu_pytorch_tanh",
                    help="GPT2Config.activation_function, as in the anchors: gelu_pytorch_tanh is one fused kernel, "
                         "the same math as stock GPT-2's gelu_new (five kernels)")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    p = model_arguments(__doc__)
     p.add_argument("--prompt-len", type=int, default=16)
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--mini-batch", type=int, default=8)

@@ -34,17 +34,18 @@ import statistics
 import sys
 import time
 from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # ppo_step's parser, also when imported by the tests
+
+from ppo_step import model_arguments  # noqa: E402
 
 PARTS = ("body matrix products", "LM head", "attention", "vocabulary-wide element-wise", "other")
 _MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--n-layer", type=int, default=4)
-    p.add_argument("--n-embd", type=int, default=256)
-    p.add_argument("--n-head", type=int, default=4)
-    p.add_argument("--vocab", type=int, default=4096)
+    p = model_arguments(__doc__)
     p.add_argument("--groups", type=int, default=2, help="prompts in the micro-batch")
     p.add_argument("--num-generations", type=int, default=8, help="samples per prompt")
     p.add_argument("--prompt-len", type=int, default=16)
@@ -79,8 +80,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     torch.set_num_threads(a.threads)
     torch.manual_seed(a.seed)
-    config = GPT2Config(vocab_size=a.vocab, n_positions=a.prompt_len + a.new_tokens, n_embd=a.n_embd,
-                        n_layer=a.n_layer, n_head=a.n_head, activation_function="gelu_pytorch_tanh",
+    config = GPT2Config(vocab_size=a.vocab, n_positions=max(a.n_ctx, a.prompt_len + a.new_tokens), n_embd=a.n_embd,
+                        n_layer=a.n_layer, n_head=a.n_head, activation_function=a.activation,
                         bos_token_id=1, eos_token_id=1, pad_token_id=0)
     policy = ActorCritic(GPT2LMHeadModel(config).eval())  # RL forwards run without dropout
     n, rows = a.num_generations, a.groups * a.num_generations
@@ -122,8 +123,9 @@ def main(argv: list[str] | None = None) -> dict:
         "bench": "update_profile",
         "torch": torch.__version__,
         "threads": torch.get_num_threads(),
-        "config": {k: getattr(a, k) for k in ("n_layer", "n_embd", "n_head", "vocab", "groups", "num_generations",
-                                              "prompt_len", "new_tokens", "temperature", "repeat", "profiled")},
+        "config": {k: getattr(a, k) for k in ("n_layer", "n_embd", "n_head", "vocab", "n_ctx", "activation", "groups",
+                                              "num_generations", "prompt_len", "new_tokens", "temperature", "repeat",
+                                              "profiled")},
         "wall_ms_median": {name: 1000 * statistics.median(times) for name, times in wall.items()},
         "operator_ms": parts,
         "operator_ms_total": {name: sum(p.values()) for name, p in parts.items()},

@@ -9,12 +9,19 @@ import pytest
 BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "ppo_step.py"
 
 
-@pytest.fixture(scope="module")
-def bench():
-    spec = importlib.util.spec_from_file_location("ppo_step", BENCH)
+def load_benchmark(path: Path):
+    """A benchmark script as a module (benchmarks/ is no package); registered in sys.modules, where
+    dataclasses look their module up."""
+    spec = importlib.util.spec_from_file_location(path.stem, path)
     module = importlib.util.module_from_spec(spec)
+    sys.modules[path.stem] = module
     spec.loader.exec_module(module)
     return module
+
+
+@pytest.fixture(scope="module")
+def bench():
+    return load_benchmark(BENCH)
 
 
 def test_benchmark_reports_every_number_for_a_real_ppo_run(bench, tmp_path, capsys):
@@ -64,10 +71,7 @@ GRPO_BENCH = BENCH.parent / "grpo_step.py"
 
 @pytest.fixture(scope="module")
 def grpo_bench():
-    spec = importlib.util.spec_from_file_location("grpo_step", GRPO_BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(GRPO_BENCH)
 
 
 @pytest.mark.parametrize("share", ["on", "off"])
@@ -110,10 +114,7 @@ PROFILE_BENCH = BENCH.parent / "update_profile.py"
 
 @pytest.fixture(scope="module")
 def update_profile():
-    spec = importlib.util.spec_from_file_location("update_profile", PROFILE_BENCH)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return load_benchmark(PROFILE_BENCH)
 
 
 def test_update_profile_sorts_operators_into_the_steps_parts(update_profile):
@@ -144,10 +145,7 @@ def test_update_profile_reports_both_paths_and_sharing_saves_body_work(update_pr
 
 
 def test_scaling_merges_rounds_into_medians_and_keeps_each_rounds_ratio(monkeypatch):
-    spec = importlib.util.spec_from_file_location("scaling", BENCH.parent / "scaling.py")
-    scaling = importlib.util.module_from_spec(spec)
-    monkeypatch.setitem(sys.modules, "scaling", scaling)  # its dataclass looks its module up there
-    spec.loader.exec_module(scaling)
+    scaling = load_benchmark(BENCH.parent / "scaling.py")
     steps = iter([1.0, 2.0, 1.2, 1.8, 1.4, 1.6])  # ppo/quartet, ppo/floor, round after round
 
     def fake_run(cmd, cwd):
