@@ -20,7 +20,7 @@ the size on each axis) and prints a markdown table of s/step, ratios, peak RSS a
 goes (generation, scoring, update) at each size. With `--repeat` R every point runs R rounds,
 alternating its programs; the table shows the medians and each round's ratio.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/scaling.py --repeat 2       # about 35 min (2026-12-01)
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/scaling.py --repeat 2       # about 30 min (2026-12-01)
     .venv/bin/python benchmarks/scaling.py --axes prompt --algos grpo         # one axis, one algorithm
     .venv/bin/python benchmarks/scaling.py --plot-only docs/scaling.json      # table and plot again
 
