@@ -40,7 +40,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import random
 import resource
 import statistics
 import sys
@@ -49,7 +48,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # ppo_step's helpers, also when imported by the tests
 
-from ppo_step import _actor_body, matmul_gflops, model_arguments, word_tokenizer  # noqa: E402
+from ppo_step import _actor_body, gpt2_config, matmul_gflops, model_arguments, word_prompts, word_tokenizer  # noqa: E402,E501
 
 # The word-level tokenizer's specials come first (<pad>, <eos>, <unk>): "w17" is id 20.
 N_SPECIAL = 3
@@ -89,19 +88,15 @@ def low_half_reward(prompts: list[str], responses: list[str], *, vocab: int, new
 
 def build_actor(a: argparse.Namespace, root: Path) -> tuple[Path, list[str]]:
     import torch
-    from transformers import GPT2Config, GPT2LMHeadModel
+    from transformers import GPT2LMHeadModel
 
     from quartet.models.loading import save_model
 
     tokenizer = word_tokenizer(a.vocab)
-    config = GPT2Config(vocab_size=a.vocab, n_positions=a.n_ctx, n_embd=a.n_embd, n_layer=a.n_layer, n_head=a.n_head,
-                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                        bos_token_id=tokenizer.eos_token_id, activation_function=a.activation)
+    config = gpt2_config(a, tokenizer)
     torch.manual_seed(a.seed)
     save_model(GPT2LMHeadModel(config), tokenizer, root / "actor")
-    rng = random.Random(a.seed)
-    prompts = [" ".join(f"w{rng.randrange(a.vocab - N_SPECIAL)}" for _ in range(a.prompt_len)) for _ in range(256)]
-    return root / "actor", prompts
+    return root / "actor", word_prompts(a)
 
 
 def model_flops_per_step(a: argparse.Namespace, params_no_embed: int, shared: bool) -> dict[str, float]:

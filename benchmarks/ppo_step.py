@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import random
 import resource
 import statistics
 import sys
@@ -79,25 +80,34 @@ def word_tokenizer(vocab: int):
 
 
 def build_models(a: argparse.Namespace, root: Path) -> tuple[Path, Path, list[str]]:
-    import random
-
     from transformers import GPT2Config, GPT2ForSequenceClassification, GPT2LMHeadModel
 
     from quartet.models.loading import save_model
 
     tokenizer = word_tokenizer(a.vocab)
-    config = GPT2Config(vocab_size=a.vocab, n_positions=a.n_ctx, n_embd=a.n_embd, n_layer=a.n_layer, n_head=a.n_head,
-                        pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
-                        bos_token_id=tokenizer.eos_token_id, activation_function=a.activation)
+    config = gpt2_config(a, tokenizer)
     import torch
 
     torch.manual_seed(a.seed)
     save_model(GPT2LMHeadModel(config), tokenizer, root / "actor")
     reward_config = GPT2Config(**{**config.to_dict(), "num_labels": 1})
     save_model(GPT2ForSequenceClassification(reward_config), tokenizer, root / "reward")
+    return root / "actor", root / "reward", word_prompts(a)
+
+
+def gpt2_config(a: argparse.Namespace, tokenizer):
+    """The anchors' GPT-2 (the shape flags of `model_arguments`) with the word tokenizer's special ids."""
+    from transformers import GPT2Config
+
+    return GPT2Config(vocab_size=a.vocab, n_positions=a.n_ctx, n_embd=a.n_embd, n_layer=a.n_layer, n_head=a.n_head,
+                      pad_token_id=tokenizer.pad_token_id, eos_token_id=tokenizer.eos_token_id,
+                      bos_token_id=tokenizer.eos_token_id, activation_function=a.activation)
+
+
+def word_prompts(a: argparse.Namespace, count: int = 256) -> list[str]:
+    """`count` seeded prompts of exactly `a.prompt_len` ordinary words (never a special token)."""
     rng = random.Random(a.seed)
-    prompts = [" ".join(f"w{rng.randrange(a.vocab - 3)}" for _ in range(a.prompt_len)) for _ in range(256)]
-    return root / "actor", root / "reward", prompts
+    return [" ".join(f"w{rng.randrange(a.vocab - 3)}" for _ in range(a.prompt_len)) for _ in range(count)]
 
 
 def matmul_gflops(n: int = 1024, seconds: float = 2.0) -> float:
