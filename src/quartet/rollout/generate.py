@@ -4,7 +4,10 @@ A lean sampling loop over the model's KV cache (the same sampling semantics as H
 Face `generate`: temperature, then top-k, then top-p; EOS blocked until min_new_tokens).
 The log-prob of each sampled token is taken from the temperature-scaled, *unfiltered*
 distribution: exactly what a later forward pass with the same temperature recomputes, so
-PPO's old log-probs can come from here instead of an extra actor forward.
+PPO's old log-probs can come from here instead of an extra actor forward. The prompt is
+prefilled through the model's forward; GPT-2 and Llama models then decode with lean steps
+(rollout/decode.py: the same operations without the forward's per-call Python), others
+through the forward.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ from quartet.config import SamplingConfig
 from quartet.data.collate import collate_prompts
 from quartet.models.forward import cache_kwarg, position_ids_from_mask
 from quartet.rl.masks import response_mask
+from quartet.rollout.decode import lean_decode_step
 
 
 @dataclass
@@ -190,6 +194,13 @@ def _sample_loop(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: 
     tokens = torch.full((batch, max_new), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(batch, max_new, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
+    # lean steps (rollout/decode.py) where the model allows, each writing into the preallocated cache layers
+    step = lean_decode_step(model)
+    if step is not None and (len(cache.layers) != model.config.num_hidden_layers
+                             or not all(type(layer) is _PreallocatedLayer for layer in cache.layers)):
+        step = None
+    # no key is ever masked but left padding: the decode masks are views of one tensor, or none at all
+    padded = None if bool(prompt_mask.all()) else attention.bool()[:, None, None, :]
     temperature = 1.0 if cfg.greedy else cfg.temperature
     rows = slice(row_offset, row_offset + batch)
     filtering = bool(cfg.top_k) or cfg.top_p < 1.0
@@ -211,6 +222,10 @@ def _sample_loop(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: 
         finished |= token == eos_token_id
         if t == max_new - 1 or bool(finished.all()):
             return tokens, logprobs, t + 1
+        if step is not None:
+            next_logits = step(token[:, None], decode_positions[:, t : t + 1], cache.layers,
+                               None if padded is None else padded[..., : prompt_len + t + 1]).float()
+            continue
         out = model(input_ids=token[:, None], attention_mask=attention[:, : prompt_len + t + 1],
                     position_ids=decode_positions[:, t : t + 1], use_cache=True, **{cache_key: cache})
         next_logits = out.logits[:, -1].float()

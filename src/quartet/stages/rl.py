@@ -41,6 +41,7 @@ from quartet.rl import (
 )
 from quartet.rl.algorithms import get_algorithm
 from quartet.rl.experience import Experience
+from quartet.rollout.decode import lean_decode_unsupported
 from quartet.runs.checkpoint import load_weights
 from quartet.runs.faults import NonFiniteGuard
 from quartet.runs.loop import Job, RunLoop, StepOutcome
@@ -75,6 +76,9 @@ class RLTrainer(Job):
         check_batches_split(cfg, self.ranks)
         o = cfg.optim
         self.group_size = prompt_sharing(cfg, actor, critic, self.ranks)  # 1: every row computes its prompt
+        if cfg.rollout.backend == "hf" and (why := lean_decode_unsupported(actor)):
+            self.ranks.print(f"[{cfg.algorithm.name}] note: the rollout decodes through the model's forward "
+                             f"(slower at small batches): {why}")
         self.experience = ExperienceMaker(cfg, self.algorithm, actor, reference, reward, tokenizer, prompts, self.ranks,
                                           reward_stats, metric_fns, self.group_size)
         if cfg.models.shared_trunk:

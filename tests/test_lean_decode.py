@@ -1,0 +1,119 @@
+"""Lean decode steps (rollout/decode.py) sample exactly what decoding through the model's forward samples."""
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+
+import quartet.rollout.decode as decode
+import quartet.rollout.generate as generate
+from quartet.config import SamplingConfig
+from quartet.rollout.decode import lean_decode_step, lean_decode_unsupported
+from quartet.rollout.generate import sample_responses
+
+EOS, PAD, VOCAB = 1, 0, 97
+
+
+def _model(arch: str, attn: str = "sdpa"):
+    torch.manual_seed(0)
+    if arch == "gpt2":
+        config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2, pad_token_id=PAD,
+                            eos_token_id=EOS, bos_token_id=EOS, scale_attn_by_inverse_layer_idx=True)
+        model = GPT2LMHeadModel(config)
+    else:  # grouped-query attention: two query heads per key/value head
+        config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
+                             pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS)
+        model = LlamaForCausalLM(config)
+    config._attn_implementation = attn
+    return model.eval()
+
+
+def _prompts():
+    """Four prompts, two of them left-padded (so the decode masks are not all ones)."""
+    ids = torch.tensor([[PAD, PAD, 11, 12, 13, 14], [21, 22, 23, 24, 25, 26],
+                        [PAD, PAD, PAD, PAD, 31, 32], [41, 42, 43, 44, 45, 46]])
+    return ids, (ids != PAD).long()
+
+
+def _sample(model, ids, mask, cfg, n, lean: bool, monkeypatch):
+    if not lean:
+        monkeypatch.setattr(generate, "lean_decode_step", lambda model: None)
+    try:
+        return sample_responses(model, ids, mask, cfg, EOS, PAD, generator=torch.Generator().manual_seed(5), n=n)
+    finally:
+        monkeypatch.undo()
+
+
+def _counted_steps(monkeypatch, arch: str) -> list[int]:
+    calls: list[int] = []
+    name = "_gpt2_step" if arch == "gpt2" else "_llama_step"
+    original = getattr(decode, name)
+    monkeypatch.setattr(decode, name, lambda *a: calls.append(1) or original(*a))
+    return calls
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("padded", [True, False], ids=["left-padded", "unpadded"])
+@pytest.mark.parametrize("n, cfg", [
+    (1, SamplingConfig(max_new_tokens=12, temperature=0.8)),
+    (3, SamplingConfig(max_new_tokens=12, temperature=1.2, top_k=30, top_p=0.9, min_new_tokens=3)),
+    (2, SamplingConfig(max_new_tokens=12, greedy=True)),
+], ids=["plain", "groups-top-k-top-p", "greedy"])
+def test_lean_steps_sample_bit_identical_tokens_and_logprobs(monkeypatch, arch, padded, n, cfg):
+    model = _model(arch)
+    ids, mask = _prompts()
+    if not padded:
+        ids, mask = ids[[1, 3]], mask[[1, 3]]
+    calls = _counted_steps(monkeypatch, arch)
+    lean = sample_responses(model, ids, mask, cfg, EOS, PAD, generator=torch.Generator().manual_seed(5), n=n)
+    monkeypatch.undo()
+    assert len(calls) == lean.response_ids.shape[1] - 1  # every token after the prefill's came from a lean step
+    forward = _sample(model, ids, mask, cfg, n, lean=False, monkeypatch=monkeypatch)
+    assert torch.equal(lean.response_ids, forward.response_ids)
+    assert torch.equal(lean.response_mask, forward.response_mask)
+    assert torch.equal(lean.logprobs, forward.logprobs)  # bit for bit, not within a tolerance
+    assert lean.response_mask.sum() > 4 * len(ids)  # the rows really decoded
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+def test_lean_steps_match_the_forward_under_bf16_autocast(monkeypatch, arch):
+    model = _model(arch)
+    ids, mask = _prompts()
+    cfg = SamplingConfig(max_new_tokens=8, temperature=1.0)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lean = _sample(model, ids, mask, cfg, 2, lean=True, monkeypatch=monkeypatch)
+        forward = _sample(model, ids, mask, cfg, 2, lean=False, monkeypatch=monkeypatch)
+    assert torch.equal(lean.response_ids, forward.response_ids)
+    assert torch.equal(lean.logprobs, forward.logprobs)
+
+
+def test_hooks_on_called_submodules_still_run_in_lean_steps(monkeypatch):
+    """Adapters and hooks live on the projections and heads, which lean steps call as modules."""
+    model = _model("gpt2")
+    bias = torch.zeros(VOCAB)
+    bias[7] = 50.0  # the hook makes token 7 certain
+    model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
+    assert lean_decode_unsupported(model) == ""
+    ids, mask = _prompts()
+    rollout = _sample(model, ids, mask, SamplingConfig(max_new_tokens=5), 1, lean=True, monkeypatch=monkeypatch)
+    assert (rollout.response_ids == 7).all()
+
+
+def test_models_lean_steps_cannot_take_decode_through_their_forward(monkeypatch):
+    eager = _model("gpt2", attn="eager")
+    assert "'eager'" in lean_decode_unsupported(eager)
+    hooked = _model("llama")
+    hooked.model.layers[0].register_forward_pre_hook(lambda mod, args: None)
+    assert "hooks" in lean_decode_unsupported(hooked)
+    other = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
+    assert "MistralForCausalLM is not one the lean step knows" in lean_decode_unsupported(other)
+    assert "not a plain Hugging Face model" in lean_decode_unsupported(torch.nn.Linear(2, 2))
+    training = _model("gpt2").train()
+    assert lean_decode_unsupported(training) == "" and lean_decode_step(training) is None  # dropout would be skipped
+    # and they still sample (through the forward), with no lean step called
+    calls = _counted_steps(monkeypatch, "gpt2")
+    ids, mask = _prompts()
+    rollout = sample_responses(eager, ids, mask, SamplingConfig(max_new_tokens=6), EOS, PAD,
+                               generator=torch.Generator().manual_seed(0))
+    assert rollout.response_ids.shape == (4, 6) and not calls
