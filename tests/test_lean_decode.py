@@ -2,7 +2,20 @@
 
 import pytest
 import torch
-from transformers import GPT2Config, GPT2LMHeadModel, LlamaConfig, LlamaForCausalLM, MistralConfig, MistralForCausalLM
+from transformers import (
+    GPT2Config,
+    GPT2LMHeadModel,
+    GPTNeoXConfig,
+    GPTNeoXForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+    Qwen3Config,
+    Qwen3ForCausalLM,
+)
 
 import quartet.rollout.decode as decode
 import quartet.rollout.generate as generate
@@ -13,17 +26,26 @@ from quartet.rollout.generate import sample_responses
 EOS, PAD, VOCAB = 1, 0, 97
 
 
+LLAMA_SHAPED = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config, Qwen2ForCausalLM),
+                "qwen3": (Qwen3Config, Qwen3ForCausalLM), "mistral": (MistralConfig, MistralForCausalLM),
+                "mistral-sliding": (MistralConfig, MistralForCausalLM)}
+
+
 def _model(arch: str, attn: str = "sdpa"):
     torch.manual_seed(0)
+    special = dict(pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS)
     if arch == "gpt2":
-        config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2, pad_token_id=PAD,
-                            eos_token_id=EOS, bos_token_id=EOS, scale_attn_by_inverse_layer_idx=True)
+        config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2,
+                            scale_attn_by_inverse_layer_idx=True, **special)
         model = GPT2LMHeadModel(config)
     else:  # grouped-query attention: two query heads per key/value head
-        config = LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                             num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=64,
-                             pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS)
-        model = LlamaForCausalLM(config)
+        config_class, model_class = LLAMA_SHAPED[arch]
+        config = config_class(vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+                              **special)
+        if arch.startswith("mistral"):  # a window shorter than prompt + answer: sliding-window cache layers
+            config.sliding_window = 9 if arch == "mistral-sliding" else None
+        model = model_class(config)
     config._attn_implementation = attn
     return model.eval()
 
@@ -45,6 +67,7 @@ def _sample(model, ids, mask, cfg, n, lean: bool, monkeypatch):
 
 
 def _counted_steps(monkeypatch, arch: str) -> list[int]:
+    """Counts the lean steps taken (each decode step after the prefill's token)."""
     calls: list[int] = []
     name = "_gpt2_step" if arch == "gpt2" else "_llama_step"
     original = getattr(decode, name)
@@ -73,6 +96,23 @@ def test_lean_steps_sample_bit_identical_tokens_and_logprobs(monkeypatch, arch, 
     assert torch.equal(lean.response_mask, forward.response_mask)
     assert torch.equal(lean.logprobs, forward.logprobs)  # bit for bit, not within a tolerance
     assert lean.response_mask.sum() > 4 * len(ids)  # the rows really decoded
+
+
+@pytest.mark.parametrize("arch", ["qwen2", "qwen3", "mistral", "mistral-sliding"])
+def test_llama_shaped_models_decode_bit_identically(monkeypatch, arch):
+    """Qwen2 (projection biases), Qwen3 (per-head query/key norms), Mistral; with a sliding window the
+    cache layers are not preallocated, so the steps go through the forward."""
+    model = _model(arch)
+    ids, mask = _prompts()
+    cfg = SamplingConfig(max_new_tokens=12, temperature=1.1, top_k=40)
+    calls = _counted_steps(monkeypatch, arch)
+    lean = sample_responses(model, ids, mask, cfg, EOS, PAD, generator=torch.Generator().manual_seed(5), n=2)
+    monkeypatch.undo()
+    assert len(calls) == (0 if arch == "mistral-sliding" else lean.response_ids.shape[1] - 1)
+    forward = _sample(model, ids, mask, cfg, 2, lean=False, monkeypatch=monkeypatch)
+    assert torch.equal(lean.response_ids, forward.response_ids)
+    assert torch.equal(lean.logprobs, forward.logprobs)
+    assert lean.response_mask.sum() > 4 * len(ids)
 
 
 @pytest.mark.parametrize("arch", ["gpt2", "llama"])
@@ -105,9 +145,9 @@ def test_models_lean_steps_cannot_take_decode_through_their_forward(monkeypatch)
     hooked = _model("llama")
     hooked.model.layers[0].register_forward_pre_hook(lambda mod, args: None)
     assert "hooks" in lean_decode_unsupported(hooked)
-    other = MistralForCausalLM(MistralConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
-                                             num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=2))
-    assert "MistralForCausalLM is not one the lean step knows" in lean_decode_unsupported(other)
+    other = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
+                                             num_hidden_layers=1, num_attention_heads=2))
+    assert "GPTNeoXForCausalLM is not one the lean step knows" in lean_decode_unsupported(other)
     assert "not a plain Hugging Face model" in lean_decode_unsupported(torch.nn.Linear(2, 2))
     training = _model("gpt2").train()
     assert lean_decode_unsupported(training) == "" and lean_decode_step(training) is None  # dropout would be skipped

@@ -5,8 +5,8 @@ Face `generate`: temperature, then top-k, then top-p; EOS blocked until min_new_
 The log-prob of each sampled token is taken from the temperature-scaled, *unfiltered*
 distribution: exactly what a later forward pass with the same temperature recomputes, so
 PPO's old log-probs can come from here instead of an extra actor forward. The prompt is
-prefilled through the model's forward; GPT-2 and Llama models then decode with lean steps
-(rollout/decode.py: the same operations without the forward's per-call Python), others
+prefilled through the model's forward; GPT-2 and Llama-shaped models then decode with lean
+steps (rollout/decode.py: the same operations without the forward's per-call Python), others
 through the forward.
 """
 
@@ -194,7 +194,8 @@ def _sample_loop(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: 
     tokens = torch.full((batch, max_new), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(batch, max_new, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    # lean steps (rollout/decode.py) where the model allows, each writing into the preallocated cache layers
+    # lean steps (rollout/decode.py: GPT-2 and Llama-shaped models, without the forward's per-call Python)
+    # write into the preallocated cache layers: only where every layer is one
     step = lean_decode_step(model)
     if step is not None and (len(cache.layers) != model.config.num_hidden_layers
                              or not all(type(layer) is _PreallocatedLayer for layer in cache.layers)):
