@@ -14,6 +14,9 @@ from collections.abc import Callable
 
 import torch
 from transformers import PreTrainedModel
+from transformers.modeling_utils import slice_logits_to_keep
+
+from quartet.models.lean import lean_body, lean_causal_lm
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -41,9 +44,13 @@ def score_head(model: PreTrainedModel) -> torch.nn.Module:
 
 def token_values(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
     """One scalar per token from a one-output sequence-classification model: [batch, seq]."""
-    hidden = model.base_model(
-        input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask)
-    ).last_hidden_state  # [batch, seq, hidden]
+    positions = position_ids_from_mask(attention_mask)
+    body = lean_body(model.base_model)  # the same numbers without the forward's per-call Python (models/lean.py)
+    if body is not None:
+        hidden = body(input_ids, attention_mask, positions)
+    else:
+        hidden = model.base_model(input_ids=input_ids, attention_mask=attention_mask,
+                                  position_ids=positions).last_hidden_state  # [batch, seq, hidden]
     head = score_head(model)
     return head(hidden.to(head.weight.dtype)).squeeze(-1).float()
 
@@ -90,7 +97,11 @@ def causal_lm_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_
     `logits_to_keep=k` computes the LM head on the last k positions only (0 = all), which
     saves the head's work on prompt positions when only response log-probs are needed.
     """
-    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids_from_mask(attention_mask),
+    positions = position_ids_from_mask(attention_mask)
+    if lean_causal_lm(model):  # the same numbers without the forward's per-call Python (models/lean.py)
+        hidden = lean_body(model.base_model)(input_ids, attention_mask, positions)
+        return model.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
+    out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                 logits_to_keep=logits_to_keep, use_cache=False)
     return out.logits
 

@@ -6,7 +6,7 @@ The log-prob of each sampled token is taken from the temperature-scaled, *unfilt
 distribution: exactly what a later forward pass with the same temperature recomputes, so
 PPO's old log-probs can come from here instead of an extra actor forward. The prompt is
 prefilled through the model's forward; GPT-2 and Llama-shaped models then decode with lean
-steps (rollout/decode.py: the same operations without the forward's per-call Python), others
+steps (models/lean.py: the same operations without the forward's per-call Python), others
 through the forward.
 """
 
@@ -21,8 +21,8 @@ from transformers.cache_utils import DynamicLayer
 from quartet.config import SamplingConfig
 from quartet.data.collate import collate_prompts
 from quartet.models.forward import cache_kwarg, position_ids_from_mask
+from quartet.models.lean import lean_decode_step
 from quartet.rl.masks import response_mask
-from quartet.rollout.decode import lean_decode_step
 
 
 @dataclass
@@ -194,7 +194,7 @@ def _sample_loop(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: 
     tokens = torch.full((batch, max_new), pad_token_id, dtype=torch.long, device=device)
     logprobs = torch.zeros(batch, max_new, device=device)
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
-    # lean steps (rollout/decode.py: GPT-2 and Llama-shaped models, without the forward's per-call Python)
+    # lean steps (models/lean.py: GPT-2 and Llama-shaped models, without the forward's per-call Python)
     # write into the preallocated cache layers: only where every layer is one
     step = lean_decode_step(model)
     if step is not None and (len(cache.layers) != model.config.num_hidden_layers

@@ -25,6 +25,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quartet.config import RLConfig
 from quartet.models.forward import head_parameters, share_trunk
+from quartet.models.lean import lean_unsupported
 from quartet.models.loading import check_model_dir, save_model
 from quartet.models.policy import ActorCritic
 from quartet.models.tokenizer import load_tokenizer
@@ -41,7 +42,6 @@ from quartet.rl import (
 )
 from quartet.rl.algorithms import get_algorithm
 from quartet.rl.experience import Experience
-from quartet.rollout.decode import lean_decode_unsupported
 from quartet.runs.checkpoint import load_weights
 from quartet.runs.faults import NonFiniteGuard
 from quartet.runs.loop import Job, RunLoop, StepOutcome
@@ -76,9 +76,9 @@ class RLTrainer(Job):
         check_batches_split(cfg, self.ranks)
         o = cfg.optim
         self.group_size = prompt_sharing(cfg, actor, critic, self.ranks)  # 1: every row computes its prompt
-        if cfg.rollout.backend == "hf" and (why := lean_decode_unsupported(actor)):
-            self.ranks.print(f"[{cfg.algorithm.name}] note: the rollout decodes through the model's forward "
-                             f"(slower at small batches): {why}")
+        if why := lean_unsupported(actor):
+            self.ranks.print(f"[{cfg.algorithm.name}] note: the actor's decode steps and forwards run through its "
+                             f"forward, without lean passes (slower at small batches): {why}")
         self.experience = ExperienceMaker(cfg, self.algorithm, actor, reference, reward, tokenizer, prompts, self.ranks,
                                           reward_stats, metric_fns, self.group_size)
         if cfg.models.shared_trunk:

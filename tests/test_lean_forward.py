@@ -1,4 +1,5 @@
-"""Lean decode steps (rollout/decode.py) sample exactly what decoding through the model's forward samples."""
+"""Lean passes (models/lean.py): decode steps sample, and full forwards compute (gradients included),
+exactly what the models' own forwards do."""
 
 import pytest
 import torch
@@ -17,10 +18,12 @@ from transformers import (
     Qwen3ForCausalLM,
 )
 
-import quartet.rollout.decode as decode
+import quartet.models.forward as forward_module
+import quartet.models.lean as lean
 import quartet.rollout.generate as generate
 from quartet.config import SamplingConfig
-from quartet.rollout.decode import lean_decode_step, lean_decode_unsupported
+from quartet.models.forward import causal_lm_logits, token_values
+from quartet.models.lean import lean_decode_step, lean_unsupported
 from quartet.rollout.generate import sample_responses
 
 EOS, PAD, VOCAB = 1, 0, 97
@@ -69,9 +72,9 @@ def _sample(model, ids, mask, cfg, n, lean: bool, monkeypatch):
 def _counted_steps(monkeypatch, arch: str) -> list[int]:
     """Counts the lean steps taken (each decode step after the prefill's token)."""
     calls: list[int] = []
-    name = "_gpt2_step" if arch == "gpt2" else "_llama_step"
-    original = getattr(decode, name)
-    monkeypatch.setattr(decode, name, lambda *a: calls.append(1) or original(*a))
+    name = "_gpt2_body" if arch == "gpt2" else "_llama_body"
+    original = getattr(lean, name)
+    monkeypatch.setattr(lean, name, lambda *a: calls.append(1) or original(*a))
     return calls
 
 
@@ -133,7 +136,7 @@ def test_hooks_on_called_submodules_still_run_in_lean_steps(monkeypatch):
     bias = torch.zeros(VOCAB)
     bias[7] = 50.0  # the hook makes token 7 certain
     model.lm_head.register_forward_hook(lambda mod, inp, out: out + bias)
-    assert lean_decode_unsupported(model) == ""
+    assert lean_unsupported(model) == ""
     ids, mask = _prompts()
     rollout = _sample(model, ids, mask, SamplingConfig(max_new_tokens=5), 1, lean=True, monkeypatch=monkeypatch)
     assert (rollout.response_ids == 7).all()
@@ -141,19 +144,86 @@ def test_hooks_on_called_submodules_still_run_in_lean_steps(monkeypatch):
 
 def test_models_lean_steps_cannot_take_decode_through_their_forward(monkeypatch):
     eager = _model("gpt2", attn="eager")
-    assert "'eager'" in lean_decode_unsupported(eager)
+    assert "'eager'" in lean_unsupported(eager)
     hooked = _model("llama")
     hooked.model.layers[0].register_forward_pre_hook(lambda mod, args: None)
-    assert "hooks" in lean_decode_unsupported(hooked)
+    assert "hooks" in lean_unsupported(hooked)
     other = GPTNeoXForCausalLM(GPTNeoXConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=64,
                                              num_hidden_layers=1, num_attention_heads=2))
-    assert "GPTNeoXForCausalLM is not one the lean step knows" in lean_decode_unsupported(other)
-    assert "not a plain Hugging Face model" in lean_decode_unsupported(torch.nn.Linear(2, 2))
+    assert "GPTNeoXForCausalLM is not one the lean passes know" in lean_unsupported(other)
+    assert "not a plain Hugging Face model" in lean_unsupported(torch.nn.Linear(2, 2))
     training = _model("gpt2").train()
-    assert lean_decode_unsupported(training) == "" and lean_decode_step(training) is None  # dropout would be skipped
+    assert lean_unsupported(training) == "" and lean_decode_step(training) is None  # dropout would be skipped
     # and they still sample (through the forward), with no lean step called
     calls = _counted_steps(monkeypatch, "gpt2")
     ids, mask = _prompts()
     rollout = sample_responses(eager, ids, mask, SamplingConfig(max_new_tokens=6), EOS, PAD,
                                generator=torch.Generator().manual_seed(0))
     assert rollout.response_ids.shape == (4, 6) and not calls
+
+
+def _plain_forwards(monkeypatch):
+    """Every forward through the model's own `forward` (the lean passes off)."""
+    monkeypatch.setattr(forward_module, "lean_causal_lm", lambda model: False)
+    monkeypatch.setattr(forward_module, "lean_body", lambda body: None)
+
+
+def _logits_and_grads(model, ids, mask, keep, scalar):
+    model.zero_grad(set_to_none=True)
+    if scalar:
+        out = token_values(model, ids, mask)
+    else:
+        out = causal_lm_logits(model, ids, mask, logits_to_keep=keep)
+    weights = torch.linspace(-1, 1, out.numel()).view_as(out)
+    (out * weights).sum().backward()
+    return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def _classifier(arch: str):
+    from transformers import GPT2ForSequenceClassification, LlamaForSequenceClassification
+
+    causal = _model(arch)
+    config = causal.config
+    config.num_labels = 1
+    torch.manual_seed(1)
+    cls = GPT2ForSequenceClassification if arch == "gpt2" else LlamaForSequenceClassification
+    return cls(config).eval()
+
+
+# causal LMs (all logits, the last 3 positions' only) and per-token values of sequence classifiers
+FORWARDS = [(arch, keep, False) for arch in ("gpt2", "llama", "qwen2", "qwen3", "mistral") for keep in (0, 3)]
+FORWARDS += [("gpt2", 0, True), ("llama", 0, True)]
+
+
+@pytest.mark.parametrize("arch, keep, scalar", FORWARDS)
+@pytest.mark.parametrize("padded", [True, False], ids=["left-padded", "unpadded"])
+def test_lean_forwards_equal_the_models_forward_and_gradients_bit_for_bit(monkeypatch, arch, padded, keep, scalar):
+    model = _classifier(arch) if scalar else _model(arch)
+    ids, mask = _prompts()
+    if not padded:
+        ids, mask = ids[[1, 3]], mask[[1, 3]]
+    calls = _counted_steps(monkeypatch, arch)
+    lean_out, lean_grads = _logits_and_grads(model, ids, mask, keep, scalar)
+    assert len(calls) == 1  # the lean body ran
+    monkeypatch.undo()
+    _plain_forwards(monkeypatch)
+    plain_out, plain_grads = _logits_and_grads(model, ids, mask, keep, scalar)
+    assert torch.equal(lean_out, plain_out)
+    assert lean_grads.keys() == plain_grads.keys() and len(lean_grads) == len(list(model.parameters()))
+    for name in plain_grads:
+        assert torch.equal(lean_grads[name], plain_grads[name]), name
+
+
+def test_lean_forwards_follow_bf16_autocast_and_leave_train_mode_to_the_model(monkeypatch):
+    model = _model("llama")
+    ids, mask = _prompts()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        lean_out = causal_lm_logits(model, ids, mask)
+        with monkeypatch.context() as plain:
+            _plain_forwards(plain)
+            plain_out = causal_lm_logits(model, ids, mask)
+    assert lean_out.dtype == torch.bfloat16 and torch.equal(lean_out, plain_out)
+    model.train()  # dropout belongs to the model's forward: no lean pass in train mode
+    calls = _counted_steps(monkeypatch, "llama")
+    causal_lm_logits(model, ids, mask)
+    assert not calls
