@@ -164,7 +164,7 @@ def test_models_lean_steps_cannot_take_decode_through_their_forward(monkeypatch)
 
 def _plain_forwards(monkeypatch):
     """Every forward through the model's own `forward` (the lean passes off)."""
-    monkeypatch.setattr(forward_module, "lean_causal_lm", lambda model: False)
+    monkeypatch.setattr(forward_module, "lean_causal_lm_body", lambda model: None)
     monkeypatch.setattr(forward_module, "lean_body", lambda body: None)
 
 

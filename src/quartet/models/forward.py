@@ -16,7 +16,7 @@ import torch
 from transformers import PreTrainedModel
 from transformers.modeling_utils import slice_logits_to_keep
 
-from quartet.models.lean import lean_body, lean_causal_lm
+from quartet.models.lean import lean_body, lean_causal_lm_body
 
 
 def position_ids_from_mask(attention_mask: torch.Tensor) -> torch.Tensor:
@@ -98,9 +98,9 @@ def causal_lm_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_
     saves the head's work on prompt positions when only response log-probs are needed.
     """
     positions = position_ids_from_mask(attention_mask)
-    if lean_causal_lm(model):  # the same numbers without the forward's per-call Python (models/lean.py)
-        hidden = lean_body(model.base_model)(input_ids, attention_mask, positions)
-        return model.lm_head(slice_logits_to_keep(hidden, logits_to_keep))
+    body = lean_causal_lm_body(model)  # the same numbers without the forward's per-call Python (models/lean.py)
+    if body is not None:
+        return model.lm_head(slice_logits_to_keep(body(input_ids, attention_mask, positions), logits_to_keep))
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
                 logits_to_keep=logits_to_keep, use_cache=False)
     return out.logits

@@ -96,6 +96,19 @@ def lean_body(body: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor, to
     the body's own forward must run (`lean_unsupported`, or train mode: lean passes leave dropout out)."""
     if body.training or lean_unsupported(body):
         return None
+    return _full_forward(body)
+
+
+def lean_causal_lm_body(model: torch.nn.Module
+                        ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
+    """`lean_body` of a causal LM's body, whose LM head then gives the forward's logits; None where the
+    model's own forward must run."""
+    if model.training or not _is_causal_lm(model) or lean_unsupported(model):
+        return None
+    return _full_forward(model.base_model)
+
+
+def _full_forward(body: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     run = _gpt2_body if _known(body, "Model") == "gpt2" else _llama_body
 
     def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
@@ -125,11 +138,6 @@ def lean_decode_step(model: torch.nn.Module) -> DecodeStep | None:
 
 def _is_causal_lm(model: torch.nn.Module) -> bool:
     return bool(_known(model, "LMHeadModel") or _known(model, "ForCausalLM"))
-
-
-def lean_causal_lm(model: torch.nn.Module) -> bool:
-    """Whether `causal_lm_logits`-style calls of `model` can take the lean body and its LM head."""
-    return not model.training and _is_causal_lm(model) and not lean_unsupported(model)
 
 
 def _gpt2_body(body, input_ids: torch.Tensor, positions: torch.Tensor, mask_of: Callable, layers: list) -> torch.Tensor:
