@@ -53,13 +53,8 @@ def lean_unsupported(model: torch.nn.Module) -> str:
     name = type(model).__name__
     if not isinstance(model, PreTrainedModel):
         return f"{name} is not a plain Hugging Face model"
-    causal = _known(model, "LMHeadModel") or _known(model, "ForCausalLM")
-    family = _known(model, "Model")
-    if causal:
-        body, outer = model.base_model, [model]
-        family = _known(body, "Model")
-    else:
-        body, outer = model, []
+    body, outer = (model.base_model, [model]) if _is_causal_lm(model) else (model, [])
+    family = _known(body, "Model")
     known = ", ".join(["GPT2LMHeadModel", *(f"{p}ForCausalLM" for p in _LLAMA_LIKE.values())])
     if family is None:
         return f"{name} is not one the lean passes know ({known}, and their bodies)"
@@ -109,7 +104,7 @@ def lean_causal_lm_body(model: torch.nn.Module
 
 
 def _full_forward(body: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
-    run = _gpt2_body if _known(body, "Model") == "gpt2" else _llama_body
+    run = _body_runner(body)
 
     def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
         mask = lambda embeds: create_causal_mask(config=body.config, inputs_embeds=embeds,  # noqa: E731
@@ -131,13 +126,17 @@ def lean_decode_step(model: torch.nn.Module) -> DecodeStep | None:
     if model.training or not _is_causal_lm(model) or lean_unsupported(model):
         return None
     body = model.base_model
-    run = _gpt2_body if _known(body, "Model") == "gpt2" else _llama_body
+    run = _body_runner(body)
     return lambda tokens, positions, layers, mask: model.lm_head(
         run(body, tokens, positions, lambda embeds: mask, layers))[:, -1]
 
 
 def _is_causal_lm(model: torch.nn.Module) -> bool:
     return bool(_known(model, "LMHeadModel") or _known(model, "ForCausalLM"))
+
+
+def _body_runner(body: torch.nn.Module) -> Callable:
+    return _gpt2_body if _known(body, "Model") == "gpt2" else _llama_body
 
 
 def _gpt2_body(body, input_ids: torch.Tensor, positions: torch.Tensor, mask_of: Callable, layers: list) -> torch.Tensor:
