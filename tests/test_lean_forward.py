@@ -4,6 +4,7 @@ exactly what the models' own forwards do."""
 import pytest
 import torch
 from transformers import (
+    DynamicCache,
     GPT2Config,
     GPT2LMHeadModel,
     GPTNeoXConfig,
@@ -23,7 +24,8 @@ import quartet.models.lean as lean
 import quartet.rollout.generate as generate
 from quartet.config import SamplingConfig
 from quartet.models.forward import causal_lm_logits, token_values
-from quartet.models.lean import lean_decode_step, lean_unsupported
+from quartet.models.lean import lean_causal_lm_body, lean_decode_step, lean_unsupported
+from quartet.models.shared_prompt import shared_prompt_logits
 from quartet.rollout.generate import sample_responses
 
 EOS, PAD, VOCAB = 1, 0, 97
@@ -164,7 +166,7 @@ def test_models_lean_steps_cannot_take_decode_through_their_forward(monkeypatch)
 
 def _plain_forwards(monkeypatch):
     """Every forward through the model's own `forward` (the lean passes off)."""
-    monkeypatch.setattr(forward_module, "lean_causal_lm_body", lambda model: None)
+    monkeypatch.setattr(forward_module, "lean_causal_lm_body", lambda model, cache=None: None)
     monkeypatch.setattr(forward_module, "lean_body", lambda body: None)
 
 
@@ -227,3 +229,46 @@ def test_lean_forwards_follow_bf16_autocast_and_leave_train_mode_to_the_model(mo
     calls = _counted_steps(monkeypatch, "llama")
     causal_lm_logits(model, ids, mask)
     assert not calls
+
+
+def _shared_logits_and_grads(model, n):
+    """Shared-prompt logits (a prefill into a KV cache, then the responses attending to it) for the four
+    prompts x `n` samples, and every parameter's gradient of a weighted sum of them."""
+    prompt_ids, prompt_mask = _prompts()
+    torch.manual_seed(3)
+    response_ids = torch.randint(2, VOCAB, (4 * n, 5))
+    response_mask = torch.ones_like(response_ids)
+    response_mask[1, 3:] = 0  # an answer that ended early: right padding inside the response forward
+    model.zero_grad(set_to_none=True)
+    out = shared_prompt_logits(model, prompt_ids, prompt_mask, response_ids, response_mask, n)
+    (out * torch.linspace(-1, 1, out.numel()).view_as(out)).sum().backward()
+    return out.detach(), {name: p.grad.clone() for name, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("arch", ["gpt2", "llama", "qwen3", "mistral"])
+def test_lean_cached_forwards_of_shared_prompts_equal_the_models_forward_bit_for_bit(monkeypatch, arch):
+    model = _model(arch)
+    calls = _counted_steps(monkeypatch, arch)
+    lean_out, lean_grads = _shared_logits_and_grads(model, n=3)
+    assert len(calls) == 2  # the prompts' forward and the responses' forward both ran lean
+    monkeypatch.undo()
+    _plain_forwards(monkeypatch)
+    plain_out, plain_grads = _shared_logits_and_grads(model, n=3)
+    assert torch.equal(lean_out, plain_out)
+    assert lean_grads.keys() == plain_grads.keys() and len(lean_grads) == len(list(model.parameters()))
+    for name in plain_grads:
+        assert torch.equal(lean_grads[name], plain_grads[name]), name
+
+
+def test_lean_cached_forwards_take_plain_dynamic_caches_only():
+    model = _model("llama")
+    assert lean_causal_lm_body(model, DynamicCache(config=model.config)) is not None
+    assert lean_causal_lm_body(model, DynamicCache(config=model.config, offloading=True)) is None
+
+    class OwnCache(DynamicCache):  # a subclass may do more in its update
+        pass
+
+    assert lean_causal_lm_body(model, OwnCache(config=model.config)) is None
+    assert lean_causal_lm_body(model, DynamicCache()) is None  # layers made on first use: not all there
+    sliding = _model("mistral-sliding")
+    assert lean_causal_lm_body(sliding, DynamicCache(config=sliding.config)) is None

@@ -13,7 +13,7 @@ import inspect
 from collections.abc import Callable
 
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
 from transformers.modeling_utils import slice_logits_to_keep
 
 from quartet.models.lean import lean_body, lean_causal_lm_body
@@ -91,18 +91,21 @@ def cache_kwarg(model: PreTrainedModel) -> str:
 
 
 def causal_lm_logits(model: PreTrainedModel, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                     logits_to_keep: int = 0) -> torch.Tensor:
+                     logits_to_keep: int = 0, cache: DynamicCache | None = None) -> torch.Tensor:
     """Logits of a causal LM with padding-independent positions.
 
     `logits_to_keep=k` computes the LM head on the last k positions only (0 = all), which
     saves the head's work on prompt positions when only response log-probs are needed.
+    With a KV `cache`, `input_ids` continue the positions it holds (attending to them, and appended
+    to it); `attention_mask` then covers the cached positions and the new ones.
     """
-    positions = position_ids_from_mask(attention_mask)
-    body = lean_causal_lm_body(model)  # the same numbers without the forward's per-call Python (models/lean.py)
+    positions = position_ids_from_mask(attention_mask)[:, -input_ids.shape[1]:]  # the new tokens' positions
+    body = lean_causal_lm_body(model, cache)  # the same numbers without the forward's per-call Python (models/lean.py)
     if body is not None:
         return model.lm_head(slice_logits_to_keep(body(input_ids, attention_mask, positions), logits_to_keep))
+    cached = {} if cache is None else {cache_kwarg(model): cache}
     out = model(input_ids=input_ids, attention_mask=attention_mask, position_ids=positions,
-                logits_to_keep=logits_to_keep, use_cache=False)
+                logits_to_keep=logits_to_keep, use_cache=cache is not None, **cached)
     return out.logits
 
 

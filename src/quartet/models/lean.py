@@ -11,7 +11,10 @@ outputs and gradients are bit-identical to the forward's (tests/test_lean_forwar
 It covers GPT-2 and the Llama-shaped Llama, Mistral, Qwen2 and Qwen3 bodies (`GPT2Model`,
 `LlamaModel`, ...) and their causal LMs, with SDPA attention and full-attention layers only, in
 eval mode (online RL keeps its models there), without gradient checkpointing, compilation or
-hooks on the modules it steps around; any other model runs its own forward.
+hooks on the modules it steps around; any other model runs its own forward. Full forwards run
+without a cache (scoring, the update) or on a plain `DynamicCache` (shared prompts: the prompts'
+forward fills it, the responses' forward attends to it); decode steps write into the sampler's
+preallocated cache layers.
 """
 
 from __future__ import annotations
@@ -20,7 +23,8 @@ import sys
 from collections.abc import Callable
 
 import torch
-from transformers import PreTrainedModel
+from transformers import DynamicCache, PreTrainedModel
+from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import create_causal_mask
 
@@ -94,22 +98,38 @@ def lean_body(body: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor, to
     return _full_forward(body)
 
 
-def lean_causal_lm_body(model: torch.nn.Module
+def lean_causal_lm_body(model: torch.nn.Module, cache: DynamicCache | None = None
                         ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] | None:
     """`lean_body` of a causal LM's body, whose LM head then gives the forward's logits; None where the
-    model's own forward must run."""
+    model's own forward must run.
+
+    With a `cache`, the body attends to the positions it holds and appends the new ones to it, as the
+    forward does with `use_cache=True` (a plain `DynamicCache` of full-attention layers only; any other
+    cache gives None)."""
     if model.training or not _is_causal_lm(model) or lean_unsupported(model):
         return None
-    return _full_forward(model.base_model)
+    if cache is not None and not _plain_cache(cache, model.config.num_hidden_layers):
+        return None
+    return _full_forward(model.base_model, cache)
 
 
-def _full_forward(body: torch.nn.Module) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
+def _plain_cache(cache: DynamicCache, num_layers: int) -> bool:
+    """A DynamicCache whose layers are all there and all plain `DynamicLayer`s, with nothing (offloading) in
+    its own `update`: what the forward does with it is one `layer.update(keys, values)` per layer."""
+    return (type(cache) is DynamicCache and not cache.offloading and len(cache.layers) == num_layers
+            and all(type(layer) is DynamicLayer for layer in cache.layers))
+
+
+def _full_forward(body: torch.nn.Module, cache: DynamicCache | None = None
+                  ) -> Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor]:
     run = _body_runner(body)
+    layers = [None] * body.config.num_hidden_layers if cache is None else cache.layers
 
     def forward(input_ids: torch.Tensor, attention_mask: torch.Tensor, position_ids: torch.Tensor) -> torch.Tensor:
+        # the mask sized against the cache before this forward's keys go in, as the forward builds it
         mask = lambda embeds: create_causal_mask(config=body.config, inputs_embeds=embeds,  # noqa: E731
-                                                 attention_mask=attention_mask, cache=None, position_ids=position_ids)
-        return run(body, input_ids, position_ids, mask, [None] * body.config.num_hidden_layers)
+                                                 attention_mask=attention_mask, cache=cache, position_ids=position_ids)
+        return run(body, input_ids, position_ids, mask, layers)
 
     return forward
 

@@ -13,7 +13,8 @@ group's rows:
      with positions continuing from each prompt's real length (counted from the attention mask,
      as `position_ids_from_mask` does on the whole sequence).
 
-The result equals `response_logits` on the expanded batch, with or without gradients.
+The result equals `response_logits` on the expanded batch, with or without gradients. Both
+forwards go through `causal_lm_logits`, so GPT-2 and Llama-shaped models take its lean passes.
 Models whose cached forward is not the same computation (sliding-window or linear-attention
 layers, shared-KV layers, sequence-length-dependent RoPE scaling, gradient checkpointing in
 training) are refused by `prompt_sharing_supported`.
@@ -27,7 +28,7 @@ import torch
 from transformers import DynamicCache, PreTrainedModel
 from transformers.cache_utils import DynamicLayer
 
-from quartet.models.forward import cache_kwarg, position_ids_from_mask
+from quartet.models.forward import cache_kwarg, causal_lm_logits
 
 # RoPE variants whose frequencies depend on the length of the sequence in the forward pass: a
 # prompt-only forward would rotate the prompt differently from a whole-sequence forward.
@@ -123,19 +124,17 @@ def shared_prompt_logit_parts(model: PreTrainedModel, prompt_ids: torch.Tensor, 
     ok, reason = prompt_sharing_supported(model)
     if not ok:
         raise ValueError(f"cannot share prompts across a group: {reason}")
-    cache, cache_key = DynamicCache(config=model.config), cache_kwarg(model)
-    prefill = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=position_ids_from_mask(prompt_mask),
-                    use_cache=True, logits_to_keep=1, **{cache_key: cache})
+    cache = DynamicCache(config=model.config)
+    prefill = causal_lm_logits(model, prompt_ids, prompt_mask, logits_to_keep=1, cache=cache)  # [G, 1, vocab]
     if cache.get_seq_length() != prompt_len:
-        raise RuntimeError(f"{type(model).__name__} did not fill the KV cache passed as {cache_key!r}")
-    first = prefill.logits[:, -1:].repeat_interleave(n, 0)  # [G*n, 1, vocab]: predicts response token 0
+        raise RuntimeError(f"{type(model).__name__} did not fill the KV cache passed as {cache_kwarg(model)!r}")
+    first = prefill.repeat_interleave(n, 0)  # [G*n, 1, vocab]: predicts response token 0
     if response_len == 1:
         return first, None
     cache.batch_repeat_interleave(n)  # [G*n, heads, P, head_dim] per layer, differentiable
     mask = torch.cat([prompt_mask.repeat_interleave(n, 0), response_mask[:, :-1].to(prompt_mask.dtype)], 1)
-    positions = position_ids_from_mask(mask)[:, prompt_len:]  # [G*n, R - 1], continuing each prompt's count
-    rest = model(input_ids=response_ids[:, :-1], attention_mask=mask, position_ids=positions,
-                 use_cache=True, **{cache_key: cache}).logits  # [G*n, R - 1, vocab]
+    # positions continue each prompt's count (from the whole mask, as on the whole sequence)
+    rest = causal_lm_logits(model, response_ids[:, :-1], mask, cache=cache)  # [G*n, R - 1, vocab]
     return first, rest
 
 
