@@ -18,7 +18,8 @@ only. Slow points run fewer steps (one warm-up step is always left out of the me
 a JSON file (every program's full result), docs/scaling.png (s/step, and Quartet/floor, against
 the size on each axis) and prints a markdown table of s/step, ratios, peak RSS and where the time
 goes (generation, scoring, update) at each size. With `--repeat` R every point runs R rounds,
-alternating its programs; the table shows the medians and each round's ratio.
+alternating its programs (the small points, where one step takes a second or less, two or three
+times as many); the table shows the medians and each round's ratio.
 
     OMP_NUM_THREADS=2 .venv/bin/python benchmarks/scaling.py --repeat 2       # about 30 min (2026-12-01)
     .venv/bin/python benchmarks/scaling.py --axes prompt --algos grpo         # one axis, one algorithm
@@ -57,6 +58,7 @@ class Point:
     prompt_len: int = 16
     new_tokens: int = 32
     steps: int = 4  # warm-up included
+    rounds: int = 1  # rounds per --repeat: more where a step is short and one round's noise exceeds the gaps
 
     @property
     def label(self) -> str:
@@ -80,12 +82,16 @@ def non_embedding_params(n_layer: int, n_embd: int) -> float:
 
 def grid() -> list[Point]:
     """The anchor, then each axis alone; step counts sized so one round of the whole grid takes about 15
-    minutes at two threads (2026-12-01; the largest points: one warm-up and one measured step)."""
-    points = [Point("anchor", 0, steps=5)]  # measured once, on every axis
-    model = [(6, 384, 6, 4), (8, 512, 8, 3), (12, 768, 12, 2)]
-    points += [Point("model", round(non_embedding_params(l, d), 1), l, d, h, steps=s) for l, d, h, s in model]
-    points += [Point("answer", r, new_tokens=r, steps=s) for r, s in ((128, 3), (512, 2))]
-    points += [Point("prompt", p, prompt_len=p, steps=s) for p, s in ((128, 3), (512, 2))]
+    minutes at two threads (2026-12-01; the largest points: one warm-up and one measured step). The
+    small points, whose steps take a second or less, run two or three times the rounds: there single
+    rounds of one program differ by 10 % (0.89x to 1.12x for one point's ratio), more than the gaps
+    measured."""
+    points = [Point("anchor", 0, steps=5, rounds=3)]  # measured once, on every axis
+    model = [(6, 384, 6, 4, 2), (8, 512, 8, 3, 1), (12, 768, 12, 2, 1)]
+    points += [Point("model", round(non_embedding_params(l, d), 1), l, d, h, steps=s, rounds=k)
+               for l, d, h, s, k in model]
+    points += [Point("answer", r, new_tokens=r, steps=s, rounds=k) for r, s, k in ((128, 3, 2), (512, 2, 1))]
+    points += [Point("prompt", p, prompt_len=p, steps=s, rounds=k) for p, s, k in ((128, 3, 2), (512, 2, 1))]
     return points
 
 
@@ -131,17 +137,18 @@ def merged(results: list[dict]) -> dict:
 
 
 def run(points: list[Point], algos: str, save, repeat: int = 1) -> list[dict]:
-    """Every point's programs, `repeat` rounds per point (alternating, so drift hits every program alike);
-    `save(rows)` after each point, so a long run that stops keeps what it measured. A program that fails is
-    reported and its point left out (the others still run)."""
+    """Every point's programs, `repeat` x `point.rounds` rounds per point (alternating, so drift hits every
+    program alike); `save(rows)` after each point, so a long run that stops keeps what it measured. A program
+    that fails is reported and its point left out (the others still run)."""
     rows = []
     for point in points:
         row = {"point": asdict(point), "label": point.label, "load_avg_before": [round(x, 2) for x in os.getloadavg()],
                "results": {}, "rounds": {}}
         failed = False
-        for round_ in range(repeat):
+        n_rounds = repeat * point.rounds
+        for round_ in range(n_rounds):
             for name, (cmd, cwd) in programs(point, algos).items():
-                print(f"[{point.axis} {point.label}{f' round {round_ + 1}' if repeat > 1 else ''}] {name} ...",
+                print(f"[{point.axis} {point.label}{f' round {round_ + 1}' if n_rounds > 1 else ''}] {name} ...",
                       file=sys.stderr, end=" ", flush=True)
                 try:
                     result = run_json(cmd, cwd)
@@ -157,7 +164,7 @@ def run(points: list[Point], algos: str, save, repeat: int = 1) -> list[dict]:
             continue
         row["results"] = {name: merged(results) for name, results in row["rounds"].items()}
         row["ratios_per_round"] = [ratios({"results": {name: results[i] for name, results in row["rounds"].items()}})
-                                   for i in range(repeat)]
+                                   for i in range(n_rounds)]
         row["load_avg_after"] = [round(x, 2) for x in os.getloadavg()]
         rows.append(row)
         save(rows)
@@ -238,7 +245,9 @@ def plot(rows: list[dict], path: Path, threads: str | None, repeat: int = 1) -> 
         bottom.set_xlabel(xlabel[axis])
     axes[0][0].legend(fontsize=7)
     axes[1][0].legend(fontsize=7)
-    rounds = f", medians of {repeat} rounds" if repeat > 1 else ""
+    counts = sorted({len(r.get("ratios_per_round", [])) or repeat for r in rows} or {repeat})
+    rounds = f", medians of {'-'.join(map(str, (counts[0], counts[-1]) if len(counts) > 1 else counts))} rounds" \
+        if counts[-1] > 1 else ""
     fig.suptitle("Quartet's PPO and GRPO steps against the plain-PyTorch floors\n"
                  f"(fp32, {threads or '?'} thread(s), one invocation{rounds}; dashed: 1.05x)", fontsize=9)
     fig.tight_layout()
@@ -265,7 +274,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
         axes = set(a.axes.split(",")) | {"anchor"}
         points = [pt for pt in grid() if pt.axis in axes]
         if a.quick:
-            points = [pt for pt in points if sum(q.axis == pt.axis and q.size < pt.size for q in points) < 1]
+            points = [Point(**{**asdict(pt), "rounds": 1}) for pt in points
+                      if sum(q.axis == pt.axis and q.size < pt.size for q in points) < 1]
             a.steps = a.steps or 2
         if a.steps:
             points = [Point(**{**asdict(pt), "steps": a.steps}) for pt in points]

@@ -144,7 +144,8 @@ def test_update_profile_reports_both_paths_and_sharing_saves_body_work(update_pr
     assert flop["shared"]["LM head"] / flop["per_row"]["LM head"] == pytest.approx((2 + 8 * 3) / (8 * 4), rel=0.02)
 
 
-def test_scaling_merges_rounds_into_medians_and_keeps_each_rounds_ratio(monkeypatch):
+@pytest.mark.parametrize("repeat, rounds", [(3, 1), (1, 3)], ids=["repeat", "point-rounds"])
+def test_scaling_merges_rounds_into_medians_and_keeps_each_rounds_ratio(monkeypatch, repeat, rounds):
     scaling = load_benchmark(BENCH.parent / "scaling.py")
     steps = iter([1.0, 2.0, 1.2, 1.8, 1.4, 1.6])  # ppo/quartet, ppo/floor, round after round
 
@@ -157,7 +158,7 @@ def test_scaling_merges_rounds_into_medians_and_keeps_each_rounds_ratio(monkeypa
 
     monkeypatch.setattr(scaling, "run_json", fake_run)
     saved = []
-    rows = scaling.run([scaling.Point("anchor", 0)], "ppo", saved.append, repeat=3)
+    rows = scaling.run([scaling.Point("anchor", 0, rounds=rounds)], "ppo", saved.append, repeat=repeat)
     row = rows[0]
     assert row["results"]["ppo/quartet"]["sec_per_step_median"] == 1.2  # median of 1.0, 1.2, 1.4
     assert row["results"]["ppo/floor"]["sec_per_step_median"] == 1.8
