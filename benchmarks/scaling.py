@@ -21,7 +21,7 @@ goes (generation, scoring, update) at each size. With `--repeat` R every point r
 alternating its programs (the small points, where one step takes a second or less, two or three
 times as many); the table shows the medians and each round's ratio.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/scaling.py --repeat 2       # about 30 min (2026-12-01)
+    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/scaling.py --repeat 2       # about 38 min (2026-12-01)
     .venv/bin/python benchmarks/scaling.py --axes prompt --algos grpo         # one axis, one algorithm
     .venv/bin/python benchmarks/scaling.py --plot-only docs/scaling.json      # table and plot again
 
