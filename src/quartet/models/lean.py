@@ -116,7 +116,7 @@ def lean_causal_lm_body(model: torch.nn.Module, cache: DynamicCache | None = Non
 def _plain_cache(cache: DynamicCache, num_layers: int) -> bool:
     """A DynamicCache whose layers are all there and all plain `DynamicLayer`s, with nothing (offloading) in
     its own `update`: what the forward does with it is one `layer.update(keys, values)` per layer."""
-    return (type(cache) is DynamicCache and not cache.offloading and len(cache.layers) == num_layers
+    return (type(cache) is DynamicCache and not getattr(cache, "offloading", False) and len(cache.layers) == num_layers
             and all(type(layer) is DynamicLayer for layer in cache.layers))
 
 
