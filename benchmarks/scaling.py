@@ -245,9 +245,9 @@ def plot(rows: list[dict], path: Path, threads: str | None, repeat: int = 1) -> 
         bottom.set_xlabel(xlabel[axis])
     axes[0][0].legend(fontsize=7)
     axes[1][0].legend(fontsize=7)
-    counts = sorted({len(r.get("ratios_per_round", [])) or repeat for r in rows} or {repeat})
-    rounds = f", medians of {'-'.join(map(str, (counts[0], counts[-1]) if len(counts) > 1 else counts))} rounds" \
-        if counts[-1] > 1 else ""
+    counts = sorted({len(r.get("ratios_per_round", [])) or repeat for r in rows}) or [repeat]
+    low, high = counts[0], counts[-1]
+    rounds = "" if high == 1 else f", medians of {low if low == high else f'{low}-{high}'} rounds"
     fig.suptitle("Quartet's PPO and GRPO steps against the plain-PyTorch floors\n"
                  f"(fp32, {threads or '?'} thread(s), one invocation{rounds}; dashed: 1.05x)", fontsize=9)
     fig.tight_layout()

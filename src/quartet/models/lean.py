@@ -106,7 +106,7 @@ def lean_causal_lm_body(model: torch.nn.Module, cache: DynamicCache | None = Non
     With a `cache`, the body attends to the positions it holds and appends the new ones to it, as the
     forward does with `use_cache=True` (a plain `DynamicCache` of full-attention layers only; any other
     cache gives None)."""
-    if model.training or not _is_causal_lm(model) or lean_unsupported(model):
+    if not _lean_causal_lm(model):
         return None
     if cache is not None and not _plain_cache(cache, model.config.num_hidden_layers):
         return None
@@ -143,7 +143,7 @@ def lean_decode_step(model: torch.nn.Module) -> DecodeStep | None:
     transformers' SDPA path builds for one query token (None when no key is padding, else a
     boolean [batch, 1, 1, keys]), and returns the next-token logits [batch, vocab].
     """
-    if model.training or not _is_causal_lm(model) or lean_unsupported(model):
+    if not _lean_causal_lm(model):
         return None
     body = model.base_model
     run = _body_runner(body)
@@ -153,6 +153,11 @@ def lean_decode_step(model: torch.nn.Module) -> DecodeStep | None:
 
 def _is_causal_lm(model: torch.nn.Module) -> bool:
     return bool(_known(model, "LMHeadModel") or _known(model, "ForCausalLM"))
+
+
+def _lean_causal_lm(model: torch.nn.Module) -> bool:
+    """A causal LM the lean passes can run: a known one, in eval mode (they leave dropout out)."""
+    return not model.training and _is_causal_lm(model) and not lean_unsupported(model)
 
 
 def _body_runner(body: torch.nn.Module) -> Callable:
