@@ -39,9 +39,10 @@ LLAMA_SHAPED = {"llama": (LlamaConfig, LlamaForCausalLM), "qwen2": (Qwen2Config,
 def _model(arch: str, attn: str = "sdpa"):
     torch.manual_seed(0)
     special = dict(pad_token_id=PAD, eos_token_id=EOS, bos_token_id=EOS)
-    if arch == "gpt2":
+    if arch.startswith("gpt2"):  # stock GPT-2's gelu_new (a module), or the one-kernel GELU the benchmarks use
         config = GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=2,
-                            scale_attn_by_inverse_layer_idx=True, **special)
+                            scale_attn_by_inverse_layer_idx=True, **special,
+                            activation_function="gelu_pytorch_tanh" if arch == "gpt2-tanh" else "gelu_new")
         model = GPT2LMHeadModel(config)
     else:  # grouped-query attention: two query heads per key/value head
         config_class, model_class = LLAMA_SHAPED[arch]
@@ -74,13 +75,18 @@ def _sample(model, ids, mask, cfg, n, lean: bool, monkeypatch):
 def _counted_steps(monkeypatch, arch: str) -> list[int]:
     """Counts the lean steps taken (each decode step after the prefill's token)."""
     calls: list[int] = []
-    name = "_gpt2_body" if arch == "gpt2" else "_llama_body"
+    name = "_gpt2_runner" if arch.startswith("gpt2") else "_llama_runner"
     original = getattr(lean, name)
-    monkeypatch.setattr(lean, name, lambda *a: calls.append(1) or original(*a))
+
+    def counted_runner(*args):
+        run = original(*args)
+        return lambda *inputs: calls.append(1) or run(*inputs)
+
+    monkeypatch.setattr(lean, name, counted_runner)
     return calls
 
 
-@pytest.mark.parametrize("arch", ["gpt2", "llama"])
+@pytest.mark.parametrize("arch", ["gpt2", "gpt2-tanh", "llama"])
 @pytest.mark.parametrize("padded", [True, False], ids=["left-padded", "unpadded"])
 @pytest.mark.parametrize("n, cfg", [
     (1, SamplingConfig(max_new_tokens=12, temperature=0.8)),
@@ -144,6 +150,41 @@ def test_hooks_on_called_submodules_still_run_in_lean_steps(monkeypatch):
     assert (rollout.response_ids == 7).all()
 
 
+def test_plain_layers_run_as_their_ops_and_others_as_modules(monkeypatch):
+    """Lean passes call a plain layer's ops without the module call; a layer with a hook, a replaced
+    forward or a class they do not know is called as a module, so what it adds still happens."""
+    model = _model("gpt2-tanh")
+    block = model.transformer.h[0]
+    for module in (model.transformer.wte, model.transformer.wpe, block.ln_1, block.attn.c_attn, block.mlp.act,
+                   model.transformer.ln_f, model.lm_head):
+        assert lean._direct(module) is not module, type(module).__name__
+    assert lean._direct_mlp(block.mlp) is not block.mlp
+    for arch in ("llama", "qwen3"):
+        decoder = _model(arch).model.layers[0]
+        assert lean._direct(decoder.self_attn.q_proj) is not decoder.self_attn.q_proj
+        assert lean._direct(decoder.mlp.act_fn) is not decoder.mlp.act_fn
+        assert lean._direct_mlp(decoder.mlp) is not decoder.mlp
+    stock_gelu = _model("gpt2").transformer.h[0].mlp.act  # NewGELUActivation: several ops in Python
+    assert lean._direct(stock_gelu) is stock_gelu
+    mlp = model.transformer.h[1].mlp
+    mlp.act.forward = lambda x: x  # replaced, as kernels' `kernelize` does: what the MLP then computes
+    assert lean._direct(mlp.act) is mlp.act
+    x = torch.randn(2, 32)
+    assert torch.equal(lean._direct_mlp(mlp)(x), mlp.c_proj(mlp.c_fc(x)))
+
+    inputs: list[torch.Size] = []
+    block.mlp.c_fc.register_forward_hook(lambda module, args, out: inputs.append(args[0].shape))
+    assert lean._direct(block.mlp.c_fc) is block.mlp.c_fc and lean._direct_mlp(block.mlp) is not block.mlp
+    block.attn.c_proj.register_forward_pre_hook(lambda module, args: None)
+    assert lean._direct(block.attn.c_proj) is block.attn.c_proj
+    ids, mask = _prompts()
+    calls = _counted_steps(monkeypatch, "gpt2-tanh")
+    rollout = sample_responses(model, ids, mask, SamplingConfig(max_new_tokens=5, min_new_tokens=5), EOS, PAD,
+                               generator=torch.Generator().manual_seed(0))
+    assert len(calls) == 4 and rollout.response_ids.shape == (4, 5)
+    assert inputs == [torch.Size([4, 6, 32])] + [torch.Size([4, 1, 32])] * 4  # the prefill, then each lean step
+
+
 def test_models_lean_steps_cannot_take_decode_through_their_forward(monkeypatch):
     eager = _model("gpt2", attn="eager")
     assert "'eager'" in lean_unsupported(eager)
@@ -188,13 +229,14 @@ def _classifier(arch: str):
     config = causal.config
     config.num_labels = 1
     torch.manual_seed(1)
-    cls = GPT2ForSequenceClassification if arch == "gpt2" else LlamaForSequenceClassification
+    cls = GPT2ForSequenceClassification if arch.startswith("gpt2") else LlamaForSequenceClassification
     return cls(config).eval()
 
 
 # causal LMs (all logits, the last 3 positions' only) and per-token values of sequence classifiers
-FORWARDS = [(arch, keep, False) for arch in ("gpt2", "llama", "qwen2", "qwen3", "mistral") for keep in (0, 3)]
-FORWARDS += [("gpt2", 0, True), ("llama", 0, True)]
+FORWARDS = [(arch, keep, False) for arch in ("gpt2", "gpt2-tanh", "llama", "qwen2", "qwen3", "mistral")
+            for keep in (0, 3)]
+FORWARDS += [("gpt2-tanh", 0, True), ("llama", 0, True)]
 
 
 @pytest.mark.parametrize("arch, keep, scalar", FORWARDS)

@@ -4,9 +4,13 @@ At small batches a forward call's arithmetic takes less time than what the model
 does around it: config reads, output classes and decorators, cache bookkeeping, a module call
 per layer through wrappers (about 0.55 ms per decode step of a 4-layer GPT-2 at 32 rows, a tenth
 of the rollout; about 1 ms per full forward). A lean pass runs the same submodules (embeddings,
-norms, projections, MLPs, heads: adapters, hooks on them and autocast still apply),
-transformers' own mask function and SDPA attention function, in the model's order, so its
-outputs and gradients are bit-identical to the forward's (tests/test_lean_forward.py).
+norms, projections, MLPs, heads), transformers' own mask function and SDPA attention function,
+in the model's order, so its outputs and gradients are bit-identical to the forward's
+(tests/test_lean_forward.py). The plain torch and transformers layers among them (`Linear`,
+GPT-2's `Conv1D`, `LayerNorm`, `Embedding`, GELU and SiLU, GPT-2's and the gated MLPs) run as the
+ops their forwards call, without the module call, a few microseconds each at a decode step's
+sizes; a layer with hooks or adapters on it, or of any other class, is called as a module (its
+hooks run; autocast applies either way).
 
 It covers GPT-2 and the Llama-shaped Llama, Mistral, Qwen2 and Qwen3 bodies (`GPT2Model`,
 `LlamaModel`, ...) and their causal LMs, with SDPA attention and full-attention layers only, in
@@ -23,15 +27,29 @@ import sys
 from collections.abc import Callable
 
 import torch
+import torch.nn.functional as F
 from transformers import DynamicCache, PreTrainedModel
+from transformers.activations import GELUActivation, GELUTanh, SiLUActivation
 from transformers.cache_utils import DynamicLayer
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import create_causal_mask
+from transformers.models.gpt2.modeling_gpt2 import GPT2MLP
+from transformers.models.llama.modeling_llama import LlamaMLP
+from transformers.models.mistral.modeling_mistral import MistralMLP
+from transformers.models.qwen2.modeling_qwen2 import Qwen2MLP
+from transformers.models.qwen3.modeling_qwen3 import Qwen3MLP
+from transformers.pytorch_utils import Conv1D
 
 # Llama's layout (pre-norm decoder layers, rotary positions, gated MLP): model module -> class prefix
 _LLAMA_LIKE = {"llama": "Llama", "mistral": "Mistral", "qwen2": "Qwen2", "qwen3": "Qwen3"}
 _GPT2_MODULE = "transformers.models.gpt2.modeling_gpt2"
 
+# the layers `_direct` and `_direct_mlp` know, with the forwards they replicate (read at import: one replaced
+# later, by kernels' `kernelize` for instance, is called as it is); the gated MLPs' forward is
+# down_proj(act_fn(gate_proj(x)) * up_proj(x)), GPT2MLP's c_proj(act(c_fc(x))) and then dropout
+_PLAIN_FORWARDS = {cls: cls.forward for cls in (torch.nn.Linear, Conv1D, torch.nn.LayerNorm, torch.nn.Embedding,
+                                                GELUTanh, GELUActivation, torch.nn.SiLU, SiLUActivation, GPT2MLP,
+                                                LlamaMLP, MistralMLP, Qwen2MLP, Qwen3MLP)}
 DecodeStep = Callable[[torch.Tensor, torch.Tensor, list, torch.Tensor | None], torch.Tensor]
 
 
@@ -129,7 +147,7 @@ def _full_forward(body: torch.nn.Module, cache: DynamicCache | None = None
         # the mask sized against the cache before this forward's keys go in, as the forward builds it
         mask = lambda embeds: create_causal_mask(config=body.config, inputs_embeds=embeds,  # noqa: E731
                                                  attention_mask=attention_mask, cache=cache, position_ids=position_ids)
-        return run(body, input_ids, position_ids, mask, layers)
+        return run(input_ids, position_ids, mask, layers)
 
     return forward
 
@@ -146,9 +164,9 @@ def lean_decode_step(model: torch.nn.Module) -> DecodeStep | None:
     if not _lean_causal_lm(model):
         return None
     body = model.base_model
-    run = _body_runner(body)
-    return lambda tokens, positions, layers, mask: model.lm_head(
-        run(body, tokens, positions, lambda embeds: mask, layers))[:, -1]
+    run = _body_runner(body, one_query=True)
+    head = _direct(model.lm_head)
+    return lambda tokens, positions, layers, mask: head(run(tokens, positions, lambda embeds: mask, layers))[:, -1]
 
 
 def _is_causal_lm(model: torch.nn.Module) -> bool:
@@ -160,55 +178,134 @@ def _lean_causal_lm(model: torch.nn.Module) -> bool:
     return not model.training and _is_causal_lm(model) and not lean_unsupported(model)
 
 
-def _body_runner(body: torch.nn.Module) -> Callable:
-    return _gpt2_body if _known(body, "Model") == "gpt2" else _llama_body
+def _body_runner(body: torch.nn.Module, one_query: bool = False) -> Callable:
+    """`(input_ids, positions, mask_of, layers) -> last hidden state` of a GPT-2 or Llama-shaped body;
+    `one_query` for decode steps (one new token per row)."""
+    return _gpt2_runner(body, one_query) if _known(body, "Model") == "gpt2" else _llama_runner(body)
 
 
-def _gpt2_body(body, input_ids: torch.Tensor, positions: torch.Tensor, mask_of: Callable, layers: list) -> torch.Tensor:
+def _direct(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """`module`'s forward without the module call around it (the same ops, with the same arguments) for
+    the plain layers the lean passes meet: at a decode step's sizes the call costs a few microseconds
+    of a layer's tens. Anything else, or a layer with hooks (adapters, offloading), is the module itself.
+    """
+    cls = type(module)
+    if _hooked(module) or "forward" in vars(module) or cls.forward is not _PLAIN_FORWARDS.get(cls):
+        return module  # hooks, or a forward replaced (kernels' `kernelize`) or unknown
+    if cls is torch.nn.Linear:
+        weight, bias = module.weight, module.bias
+        return lambda x: F.linear(x, weight, bias)
+    if cls is Conv1D:  # GPT-2's projections: x @ weight + bias
+        weight, bias, out_features = module.weight, module.bias, module.nf
+        return lambda x: torch.addmm(bias, x.view(-1, x.size(-1)), weight).view(x.size()[:-1] + (out_features,))
+    if cls is torch.nn.LayerNorm:
+        shape, weight, bias, eps = module.normalized_shape, module.weight, module.bias, module.eps
+        return lambda x: F.layer_norm(x, shape, weight, bias, eps)
+    if cls is torch.nn.Embedding:
+        m = module
+        return lambda ids: F.embedding(ids, m.weight, m.padding_idx, m.max_norm, m.norm_type, m.scale_grad_by_freq,
+                                       m.sparse)
+    if cls in (GELUTanh, GELUActivation):  # forward: self.act(input)
+        return module.act
+    if cls is torch.nn.SiLU:
+        inplace = module.inplace
+        return lambda x: F.silu(x, inplace=inplace)
+    return F.silu  # SiLUActivation
+
+
+def _hooked(module: torch.nn.Module) -> bool:
+    """Hooks, an accelerate hook (offloading, device placement) or a compiled call: what only a module call runs."""
+    return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
+                or module._backward_pre_hooks or hasattr(module, "_hf_hook")
+                or getattr(module, "_compiled_call_impl", None) is not None
+                or torch.nn.modules.module._global_backward_hooks or torch.nn.modules.module._global_backward_pre_hooks)
+
+
+def _direct_mlp(mlp: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+    """GPT2MLP (eval: dropout is the identity) or a Llama-shaped gated MLP, composed of its layers' `_direct`
+    forms; any other MLP, or one with hooks, is the module itself."""
+    cls = type(mlp)
+    if _hooked(mlp) or "forward" in vars(mlp) or cls.forward is not _PLAIN_FORWARDS.get(cls):
+        return mlp
+    if cls is GPT2MLP and not mlp.dropout.training:
+        c_fc, act, c_proj = _direct(mlp.c_fc), _direct(mlp.act), _direct(mlp.c_proj)
+        return lambda x: c_proj(act(c_fc(x)))
+    if cls is not GPT2MLP:  # Llama's, Mistral's, Qwen2's or Qwen3's
+        gate, up, down, act = _direct(mlp.gate_proj), _direct(mlp.up_proj), _direct(mlp.down_proj), _direct(mlp.act_fn)
+        return lambda x: down(act(gate(x)) * up(x))
+    return mlp
+
+
+def _gpt2_runner(body: torch.nn.Module, one_query: bool) -> Callable:
     # GPT2Model.forward and GPT2Block.forward in eval mode, op for op (dropout is the identity)
-    embeds = body.wte(input_ids)
-    hidden = embeds + body.wpe(positions)
-    mask = mask_of(embeds)
-    for block, layer in zip(body.h, layers):
-        residual = hidden
-        attn = block.attn
-        query, key, value = attn.c_attn(block.ln_1(hidden)).split(attn.split_size, dim=2)
-        shape = (*key.shape[:-1], -1, attn.head_dim)
-        key, value = key.view(shape).transpose(1, 2), value.view(shape).transpose(1, 2)
-        if layer is not None:
-            key, value = layer.update(key, value)
-        query = query.view(shape).transpose(1, 2)
-        out, _ = sdpa_attention_forward(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling)
-        hidden = attn.c_proj(out.reshape(*out.shape[:-2], -1).contiguous()) + residual
-        residual = hidden
-        hidden = residual + block.mlp(block.ln_2(hidden))
-    return body.ln_f(hidden)
+    wte, wpe, ln_f = _direct(body.wte), _direct(body.wpe), _direct(body.ln_f)
+    blocks = [(b.attn, _direct(b.ln_1), _direct(b.attn.c_attn), _direct(b.attn.c_proj), _direct(b.ln_2),
+               _direct_mlp(b.mlp)) for b in body.h]
+    # one query token and no key/value groups: SDPA's call without `sdpa_attention_forward`'s checks around it
+    attend = _one_query_attention if one_query and not hasattr(body.h[0].attn, "num_key_value_groups") else _attention
+
+    def run(input_ids: torch.Tensor, positions: torch.Tensor, mask_of: Callable, layers: list) -> torch.Tensor:
+        embeds = wte(input_ids)
+        hidden = embeds + wpe(positions)
+        mask = mask_of(embeds)
+        for (attn, ln_1, c_attn, c_proj, ln_2, mlp), layer in zip(blocks, layers):
+            residual = hidden
+            query, key, value = c_attn(ln_1(hidden)).split(attn.split_size, dim=2)
+            shape = (*key.shape[:-1], -1, attn.head_dim)
+            key, value = key.view(shape).transpose(1, 2), value.view(shape).transpose(1, 2)
+            if layer is not None:
+                key, value = layer.update(key, value)
+            out = attend(attn, query.view(shape).transpose(1, 2), key, value, mask)
+            hidden = c_proj(out.reshape(*out.shape[:-2], -1).contiguous()) + residual
+            residual = hidden
+            hidden = residual + mlp(ln_2(hidden))
+        return ln_f(hidden)
+
+    return run
 
 
-def _llama_body(body, input_ids: torch.Tensor, positions: torch.Tensor, mask_of: Callable, layers: list
-                ) -> torch.Tensor:
+def _attention(attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+               mask: torch.Tensor | None) -> torch.Tensor:
+    return sdpa_attention_forward(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling)[0]
+
+
+def _one_query_attention(attn: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+                         mask: torch.Tensor | None) -> torch.Tensor:
+    # what `sdpa_attention_forward` does for one query token without key/value groups (GPT-2): not causal
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, dropout_p=0.0, scale=attn.scaling,
+                                          is_causal=False).transpose(1, 2).contiguous()
+
+
+def _llama_runner(body: torch.nn.Module) -> Callable:
     # LlamaModel.forward and LlamaDecoderLayer.forward in eval mode, op for op (Mistral's and Qwen2's are
     # Llama's; Qwen3 normalises each head's queries and keys before the rotation)
     apply_rotary_pos_emb = sys.modules[type(body).__module__].apply_rotary_pos_emb  # the model's own
-    hidden = body.embed_tokens(input_ids)
-    mask = mask_of(hidden)
-    cos, sin = body.rotary_emb(hidden, position_ids=positions)
-    for decoder, layer in zip(body.layers[: body.config.num_hidden_layers], layers):
-        residual = hidden
-        attn = decoder.self_attn
-        normed = decoder.input_layernorm(hidden)
-        input_shape = normed.shape[:-1]
-        shape = (*input_shape, -1, attn.head_dim)
-        query, key = attn.q_proj(normed).view(shape), attn.k_proj(normed).view(shape)
-        if hasattr(attn, "q_norm"):
-            query, key = attn.q_norm(query), attn.k_norm(key)
-        query, key = query.transpose(1, 2), key.transpose(1, 2)
-        value = attn.v_proj(normed).view(shape).transpose(1, 2)
-        query, key = apply_rotary_pos_emb(query, key, cos, sin)
-        if layer is not None:
-            key, value = layer.update(key, value)
-        out, _ = sdpa_attention_forward(attn, query, key, value, mask, dropout=0.0, scaling=attn.scaling)
-        hidden = residual + attn.o_proj(out.reshape(*input_shape, -1).contiguous())
-        residual = hidden
-        hidden = residual + decoder.mlp(decoder.post_attention_layernorm(hidden))
-    return body.norm(hidden)
+    embed, norm = _direct(body.embed_tokens), body.norm
+    decoders = [(d.self_attn, d.input_layernorm, _direct(d.self_attn.q_proj), _direct(d.self_attn.k_proj),
+                 _direct(d.self_attn.v_proj), _direct(d.self_attn.o_proj), d.post_attention_layernorm,
+                 _direct_mlp(d.mlp)) for d in body.layers[: body.config.num_hidden_layers]]
+
+    def run(input_ids: torch.Tensor, positions: torch.Tensor, mask_of: Callable, layers: list) -> torch.Tensor:
+        hidden = embed(input_ids)
+        mask = mask_of(hidden)
+        cos, sin = body.rotary_emb(hidden, position_ids=positions)
+        for (attn, input_norm, q_proj, k_proj, v_proj, o_proj, post_norm, mlp), layer in zip(decoders, layers):
+            residual = hidden
+            normed = input_norm(hidden)
+            input_shape = normed.shape[:-1]
+            shape = (*input_shape, -1, attn.head_dim)
+            query, key = q_proj(normed).view(shape), k_proj(normed).view(shape)
+            if hasattr(attn, "q_norm"):
+                query, key = attn.q_norm(query), attn.k_norm(key)
+            query, key = query.transpose(1, 2), key.transpose(1, 2)
+            value = v_proj(normed).view(shape).transpose(1, 2)
+            query, key = apply_rotary_pos_emb(query, key, cos, sin)
+            if layer is not None:
+                key, value = layer.update(key, value)
+            out = _attention(attn, query, key, value, mask)
+            hidden = residual + o_proj(out.reshape(*input_shape, -1).contiguous())
+            residual = hidden
+            hidden = residual + mlp(post_norm(hidden))
+        return norm(hidden)
+
+    return run
