@@ -168,3 +168,16 @@ def test_scaling_merges_rounds_into_medians_and_keeps_each_rounds_ratio(monkeypa
     assert "| 1.20 (0.60 / 0.00 / 0.60) | 1.80 (0.90 / 0.00 / 0.90) | 0.67 (0.50, 0.67, 0.87) | 140 / 200 |" in (
         scaling.markdown_table(rows))  # medians, then each round's ratio
     assert saved and saved[-1] is rows
+
+
+def test_sampler_benchmark_times_quartets_two_paths_on_the_same_rollouts(capsys):
+    sampler = load_benchmark(BENCH.parent / "sampler.py")
+    result = sampler.main(["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab", "64", "--batch", "6",
+                           "--group", "3", "--prompt-len", "3", "--new-tokens", "4", "--rounds", "2", "--no-floor"])
+    assert set(result["ms_per_rollout_median"]) == {"quartet", "quartet_forward"} and "over_floor" not in result
+    assert all(result["ms_per_rollout_min"][n] <= result["ms_per_rollout_median"][n] for n in ("quartet",
+                                                                                             "quartet_forward"))
+    assert result["lean_over_forward"] == pytest.approx(
+        result["ms_per_rollout_median"]["quartet"] / result["ms_per_rollout_median"]["quartet_forward"])
+    with pytest.raises(SystemExit, match="not a multiple"):
+        sampler.main(["--batch", "6", "--group", "4", "--no-floor"])
