@@ -47,9 +47,10 @@ _GPT2_MODULE = "transformers.models.gpt2.modeling_gpt2"
 # the layers `_direct` and `_direct_mlp` know, with the forwards they replicate (read at import: one replaced
 # later, by kernels' `kernelize` for instance, is called as it is); the gated MLPs' forward is
 # down_proj(act_fn(gate_proj(x)) * up_proj(x)), GPT2MLP's c_proj(act(c_fc(x))) and then dropout
+_GATED_MLPS = (LlamaMLP, MistralMLP, Qwen2MLP, Qwen3MLP)
 _PLAIN_FORWARDS = {cls: cls.forward for cls in (torch.nn.Linear, Conv1D, torch.nn.LayerNorm, torch.nn.Embedding,
                                                 GELUTanh, GELUActivation, torch.nn.SiLU, SiLUActivation, GPT2MLP,
-                                                LlamaMLP, MistralMLP, Qwen2MLP, Qwen3MLP)}
+                                                *_GATED_MLPS)}
 DecodeStep = Callable[[torch.Tensor, torch.Tensor, list, torch.Tensor | None], torch.Tensor]
 
 
@@ -189,9 +190,9 @@ def _direct(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     the plain layers the lean passes meet: at a decode step's sizes the call costs a few microseconds
     of a layer's tens. Anything else, or a layer with hooks (adapters, offloading), is the module itself.
     """
+    if not _plain(module):
+        return module
     cls = type(module)
-    if _hooked(module) or "forward" in vars(module) or cls.forward is not _PLAIN_FORWARDS.get(cls):
-        return module  # hooks, or a forward replaced (kernels' `kernelize`) or unknown
     if cls is torch.nn.Linear:
         weight, bias = module.weight, module.bias
         return lambda x: F.linear(x, weight, bias)
@@ -213,6 +214,13 @@ def _direct(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return F.silu  # SiLUActivation
 
 
+def _plain(module: torch.nn.Module) -> bool:
+    """A layer of a class `_PLAIN_FORWARDS` knows, with its forward as seen at import (not replaced on the
+    instance or the class, as kernels' `kernelize` does) and nothing that only a module call runs."""
+    cls = type(module)
+    return not _hooked(module) and "forward" not in vars(module) and cls.forward is _PLAIN_FORWARDS.get(cls)
+
+
 def _hooked(module: torch.nn.Module) -> bool:
     """Hooks, an accelerate hook (offloading, device placement) or a compiled call: what only a module call runs."""
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
@@ -224,13 +232,13 @@ def _hooked(module: torch.nn.Module) -> bool:
 def _direct_mlp(mlp: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     """GPT2MLP (eval: dropout is the identity) or a Llama-shaped gated MLP, composed of its layers' `_direct`
     forms; any other MLP, or one with hooks, is the module itself."""
-    cls = type(mlp)
-    if _hooked(mlp) or "forward" in vars(mlp) or cls.forward is not _PLAIN_FORWARDS.get(cls):
+    if not _plain(mlp):
         return mlp
+    cls = type(mlp)
     if cls is GPT2MLP and not mlp.dropout.training:
         c_fc, act, c_proj = _direct(mlp.c_fc), _direct(mlp.act), _direct(mlp.c_proj)
         return lambda x: c_proj(act(c_fc(x)))
-    if cls is not GPT2MLP:  # Llama's, Mistral's, Qwen2's or Qwen3's
+    if cls in _GATED_MLPS:
         gate, up, down, act = _direct(mlp.gate_proj), _direct(mlp.up_proj), _direct(mlp.down_proj), _direct(mlp.act_fn)
         return lambda x: down(act(gate(x)) * up(x))
     return mlp
