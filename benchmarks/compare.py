@@ -2,8 +2,8 @@
 """Quartet's PPO and GRPO steps beside the anchors in ../shared/bench-anchors, on configs A to E.
 
 For each config the programs run one after another in separate processes, `--repeat` times,
-alternating (these machines drift by about 10 % between runs, so only ratios from one
-invocation mean anything). TRL runs in its own pinned venvs (PPOTrainer is gone from trl 1.13
+alternating, with the order rotated each round so that no program always runs first (these
+machines drift by about 10 % between runs, so only ratios from one invocation mean anything). TRL runs in its own pinned venvs (PPOTrainer is gone from trl 1.13
 on, so PPO and GRPO need two):
 
     bash benchmarks/setup_trl_venv.sh /tmp/trlppo                               # once, about 2 minutes
@@ -83,6 +83,14 @@ def grpo_commands(config: str, steps: int, trl_python: Path | None) -> dict[str,
     return out
 
 
+def rotated(programs: list, round_index: int) -> list:
+    """The round's running order: the list rotated left by the round's index. Where a program sits in a
+    round biases it (the first tends to run slowest: a cold page cache, the host's clock), so each
+    takes every place in turn."""
+    k = round_index % len(programs) if programs else 0
+    return programs[k:] + programs[:k]
+
+
 def venv_python(venv: str, setup: str) -> Path | None:
     """The venv's python, or None (with a note on how to create it): its TRL column is left out."""
     python = Path(venv) / "bin" / "python"
@@ -112,8 +120,11 @@ def main(argv: list[str] | None = None) -> None:
         load_before = os.getloadavg()  # other work on a 2-core machine distorts the timings: recorded with them
         results: dict[str, list[dict]] = {}
         trl_python = trl_grpo if config in GRPO_CONFIGS else trl_ppo
-        for _ in range(a.repeat):
-            for name, (cmd, cwd) in commands(config, a.steps, trl_python).items():
+        orders = []
+        for round_index in range(a.repeat):
+            programs = rotated(list(commands(config, a.steps, trl_python).items()), round_index)
+            orders.append([name for name, _ in programs])
+            for name, (cmd, cwd) in programs:
                 print(f"[{config}] {name} ...", file=sys.stderr, end=" ", flush=True)
                 results.setdefault(name, []).append(run_json(cmd, cwd))
                 print(f"{results[name][-1]['sec_per_step_median']:.3f} s/step", file=sys.stderr, flush=True)
@@ -122,6 +133,7 @@ def main(argv: list[str] | None = None) -> None:
         q = results["quartet"][-1]
         runs = {name: [round(r["sec_per_step_median"], 4) for r in rs] for name, rs in results.items()}
         rows.append({"config": config, "sec_per_step": med, "peak_rss_mib": rss, "sec_per_step_runs": runs,
+                     "order_per_round": orders,
                      # each round ran the programs back to back: its ratio shows the machine's drift
                      "quartet_over_floor_per_round": [round(q / f, 3) for q, f in zip(runs["quartet"], runs["floor"])],
                      **({"quartet_per_row_over_floor_per_round": [round(q / f, 3) for q, f in

@@ -42,7 +42,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from compare import anchors_dir, run_json  # noqa: E402
+from compare import anchors_dir, rotated, run_json  # noqa: E402
 
 HERE = Path(__file__).resolve().parent
 N_CTX = 1024
@@ -137,8 +137,8 @@ def merged(results: list[dict]) -> dict:
 
 
 def run(points: list[Point], algos: str, save, repeat: int = 1) -> list[dict]:
-    """Every point's programs, `repeat` x `point.rounds` rounds per point (alternating, so drift hits every
-    program alike); `save(rows)` after each point, so a long run that stops keeps what it measured. A program
+    """Every point's programs, `repeat` x `point.rounds` rounds per point (alternating, the order rotated
+    each round, so drift and the first place hit every program alike); `save(rows)` after each point, so a long run that stops keeps what it measured. A program
     that fails is reported and its point left out (the others still run)."""
     rows = []
     for point in points:
@@ -147,7 +147,7 @@ def run(points: list[Point], algos: str, save, repeat: int = 1) -> list[dict]:
         failed = False
         n_rounds = repeat * point.rounds
         for round_ in range(n_rounds):
-            for name, (cmd, cwd) in programs(point, algos).items():
+            for name, (cmd, cwd) in rotated(list(programs(point, algos).items()), round_):
                 print(f"[{point.axis} {point.label}{f' round {round_ + 1}' if n_rounds > 1 else ''}] {name} ...",
                       file=sys.stderr, end=" ", flush=True)
                 try:

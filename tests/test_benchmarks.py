@@ -1,6 +1,7 @@
 """The PPO benchmark runs Quartet's real PPO stage and reports consistent numbers (tiny shapes here)."""
 
 import importlib.util
+import json
 import sys
 from pathlib import Path
 
@@ -147,11 +148,13 @@ def test_update_profile_reports_both_paths_and_sharing_saves_body_work(update_pr
 @pytest.mark.parametrize("repeat, rounds", [(3, 1), (1, 3)], ids=["repeat", "point-rounds"])
 def test_scaling_merges_rounds_into_medians_and_keeps_each_rounds_ratio(monkeypatch, repeat, rounds):
     scaling = load_benchmark(BENCH.parent / "scaling.py")
-    steps = iter([1.0, 2.0, 1.2, 1.8, 1.4, 1.6])  # ppo/quartet, ppo/floor, round after round
+    steps = {True: iter([1.0, 1.2, 1.4]), False: iter([2.0, 1.8, 1.6])}  # ppo/quartet's, ppo/floor's rounds
+    order = []
 
     def fake_run(cmd, cwd):
         quartet = "ppo_step.py" in " ".join(map(str, cmd))
-        sec = next(steps)
+        order.append(quartet)
+        sec = next(steps[quartet])
         phase = ({"phase_sec_median": {"generation": sec / 2, "scoring": 0.0, "update": sec / 2}} if quartet else
                  {"phase_sec_per_step_mean": {"generate": sec / 2, "train_fwd": sec / 4, "backward": sec / 4}})
         return {"sec_per_step_median": sec, "peak_rss_mib": 100 * sec, **phase}
@@ -168,6 +171,32 @@ def test_scaling_merges_rounds_into_medians_and_keeps_each_rounds_ratio(monkeypa
     assert "| 1.20 (0.60 / 0.00 / 0.60) | 1.80 (0.90 / 0.00 / 0.90) | 0.67 (0.50, 0.67, 0.87) | 140 / 200 |" in (
         scaling.markdown_table(rows))  # medians, then each round's ratio
     assert saved and saved[-1] is rows
+    assert order == [True, False, False, True, True, False]  # the order rotates round by round
+
+
+def test_compare_rotates_the_order_and_pairs_each_rounds_programs(monkeypatch, capsys, tmp_path):
+    compare = load_benchmark(BENCH.parent / "compare.py")
+    calls = []
+
+    def fake_run(cmd, cwd):
+        line = " ".join(map(str, cmd))
+        name = ("floor" if "floor" in line else "quartet_per_row" if "off" in line else "quartet")
+        calls.append(name)
+        round_ = sum(c == name for c in calls)  # 1, 2, 3: each program's round
+        sec = {"quartet": 1.0, "quartet_per_row": 1.5, "floor": 2.0}[name] * round_
+        return {"sec_per_step_median": sec, "peak_rss_mib": 100.0, "phase_sec_median": {}, "gen_tokens_per_s": 1.0,
+                "achieved_gflops": 1.0, "machine_matmul_gflops": 1.0}
+
+    monkeypatch.setattr(compare, "run_json", fake_run)
+    compare.main(["--configs", "D", "--repeat", "3", "--steps", "2", "--trl-grpo-venv", str(tmp_path / "none")])
+    first_round = ["quartet", "quartet_per_row", "floor"]
+    assert calls == first_round + first_round[1:] + first_round[:1] + first_round[2:] + first_round[:2]
+    row = json.loads(capsys.readouterr().out.strip().splitlines()[-1])[0]
+    assert row["order_per_round"] == [calls[0:3], calls[3:6], calls[6:9]]
+    # rounds are paired by program, not by place in the order: 1/2 in every round
+    assert row["quartet_over_floor_per_round"] == [0.5, 0.5, 0.5]
+    assert row["quartet_per_row_over_floor_per_round"] == [0.75, 0.75, 0.75]
+    assert row["sec_per_step"] == {"quartet": 2.0, "quartet_per_row": 3.0, "floor": 4.0}
 
 
 def test_sampler_benchmark_times_quartets_two_paths_on_the_same_rollouts(capsys):
