@@ -3,8 +3,8 @@
 
 For each config the programs run one after another in separate processes, `--repeat` times,
 alternating, with the order rotated each round so that no program always runs first (these
-machines drift by about 10 % between runs, so only ratios from one invocation mean anything). TRL runs in its own pinned venvs (PPOTrainer is gone from trl 1.13
-on, so PPO and GRPO need two):
+machines drift by about 10 % between runs, so only ratios from one invocation mean anything).
+TRL runs in its own pinned venvs (PPOTrainer is gone from trl 1.13 on, so PPO and GRPO need two):
 
     bash benchmarks/setup_trl_venv.sh /tmp/trlppo                               # once, about 2 minutes
     bash ../shared/bench-anchors/setup_trl_grpo_venv.sh /tmp/trlgrpo            # once, about 2 minutes
@@ -84,9 +84,8 @@ def grpo_commands(config: str, steps: int, trl_python: Path | None) -> dict[str,
 
 
 def rotated(programs: list, round_index: int) -> list:
-    """The round's running order: the list rotated left by the round's index. Where a program sits in a
-    round biases it (the first tends to run slowest: a cold page cache, the host's clock), so each
-    takes every place in turn."""
+    """The round's running order: the list rotated left by the round's index, so that each program takes
+    every place in turn (a program's place in a round can bias its timing)."""
     k = round_index % len(programs) if programs else 0
     return programs[k:] + programs[:k]
 

@@ -138,8 +138,9 @@ def merged(results: list[dict]) -> dict:
 
 def run(points: list[Point], algos: str, save, repeat: int = 1) -> list[dict]:
     """Every point's programs, `repeat` x `point.rounds` rounds per point (alternating, the order rotated
-    each round, so drift and the first place hit every program alike); `save(rows)` after each point, so a long run that stops keeps what it measured. A program
-    that fails is reported and its point left out (the others still run)."""
+    each round, so drift and each place in the order hit every program alike); `save(rows)` after each
+    point, so a long run that stops keeps what it measured. A program that fails is reported and its
+    point left out (the others still run)."""
     rows = []
     for point in points:
         row = {"point": asdict(point), "label": point.label, "load_avg_before": [round(x, 2) for x in os.getloadavg()],
