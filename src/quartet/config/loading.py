@@ -1,0 +1,274 @@
+"""Loading a stage config: YAML plus dotted overrides, validated up front, and its `--help` listing.
+
+An unknown key or a wrong type is a `ConfigError` that names the key and suggests the closest
+valid one; keys of the RL config's earlier flat sections are read under their new names.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import textwrap
+import warnings
+from pathlib import Path
+from typing import Any, Literal, TypeVar, get_args, get_origin
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from quartet.config.rl_presets import apply_rl_preset
+from quartet.config.sections import ConfigError, RLConfig
+
+# Where the keys of the flat `ppo:` and `generation:` sections of earlier versions live now; the
+# old names keep working (with a note), since users' YAML files and command lines carry them.
+LEGACY_RL_SECTIONS = {"generation": "rollout"}
+LEGACY_PPO_KEYS = {
+    **dict.fromkeys(("steps", "log_every", "sample_every", "n_samples", "save_every", "keep_checkpoints",
+                     "max_nonfinite_steps", "bf16", "compile"), "train"),
+    **dict.fromkeys(("rollout_batch_size", "mini_batch_size", "grad_accum", "ppo_epochs", "forward_batch_size"), "batch"),
+    **dict.fromkeys(("actor_lr", "critic_lr", "weight_decay", "max_grad_norm"), "optim"),
+    **dict.fromkeys(("beta", "kl_estimator", "adaptive_kl", "kl_target", "kl_horizon", "clip_reward_value", "gamma", "lam",
+                     "cliprange", "cliprange_value", "whiten_advantages", "score_normalization", "missing_eos_penalty",
+                     "vf_coef"), "algorithm"),
+    "logprobs_from_generation": "rollout",
+    "shared_trunk": "models",
+}
+
+
+def legacy_key(dotted: str) -> str | None:
+    """The current name of a key from before the RL config was grouped by concern, or None."""
+    section, _, leaf = dotted.partition(".")
+    if section in LEGACY_RL_SECTIONS and leaf:
+        return f"{LEGACY_RL_SECTIONS[section]}.{leaf}"
+    if section == "ppo" and leaf in LEGACY_PPO_KEYS:
+        return f"{LEGACY_PPO_KEYS[leaf]}.{leaf}"
+    return None
+
+
+def _migrate_legacy_keys(data: dict, overrides: dict[str, Any], valid: list[str]) -> tuple[dict, dict[str, Any]]:
+    """Rename legacy RL keys in a config mapping and its overrides, with one note naming them all."""
+    renamed: dict[str, str] = {}
+    data = dict(data)
+    for section in ("ppo", *LEGACY_RL_SECTIONS):
+        old = data.pop(section, None)
+        if old is None:
+            continue
+        if not isinstance(old, dict):
+            raise ConfigError(f"config key '{section}' must be a section (mapping), got {type(old).__name__}")
+        for leaf, value in old.items():
+            new = legacy_key(f"{section}.{leaf}")
+            if new is None:
+                raise ConfigError(f"unknown config key '{section}.{leaf}'{_suggest(f'{section}.{leaf}', valid)}")
+            new_section, new_leaf = new.split(".")
+            if not isinstance(data.setdefault(new_section, {}), dict):
+                raise ConfigError(f"config key '{new_section}' must be a section (mapping)")
+            data[new_section] = {**data[new_section], new_leaf: value}
+            renamed[f"{section}.{leaf}"] = new
+    new_overrides = {}
+    for dotted, value in overrides.items():
+        new = legacy_key(dotted)
+        if new is not None:
+            renamed[dotted] = new
+        new_overrides[new or dotted] = value
+    if renamed:
+        warnings.warn("config keys renamed (the old names still work): "
+                      + ", ".join(f"{old} -> {new}" for old, new in renamed.items()), FutureWarning, stacklevel=3)
+    return data, new_overrides
+
+
+ConfigT = TypeVar("ConfigT", bound=BaseModel)
+
+
+def _dotted_keys(model_cls: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model_cls.model_fields.items():
+        keys.append(prefix + name)
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys.extend(_dotted_keys(annotation, prefix + name + "."))
+    return keys
+
+
+# Names users bring from other frameworks, mapped to ours.
+_SYNONYMS = {"learning_rate": "lr", "per_device_train_batch_size": "batch_size", "gradient_accumulation_steps": "grad_accum",
+             "num_train_epochs": "epochs", "model_name_or_path": "path", "output": "output_dir"}
+
+
+def _suggest(key: str, valid: list[str]) -> str:
+    prefix, _, leaf = key.rpartition(".")
+    if leaf in _SYNONYMS:
+        candidate = f"{prefix}.{_SYNONYMS[leaf]}" if prefix else _SYNONYMS[leaf]
+        matches = [k for k in valid if k == candidate or k.endswith("." + _SYNONYMS[leaf])]
+        if matches:
+            return f"; did you mean '{candidate if candidate in valid else matches[0]}'?"
+    close = difflib.get_close_matches(key, valid, n=1, cutoff=0.5)
+    if not close:  # try the last component alone, e.g. "train.learning_rate" -> "train.lr"
+        leaf = key.rsplit(".", 1)[-1]
+        leaves = {k.rsplit(".", 1)[-1]: k for k in valid}
+        hits = difflib.get_close_matches(leaf, list(leaves), n=1, cutoff=0.5)
+        close = [leaves[hits[0]]] if hits else []
+    return f"; did you mean '{close[0]}'?" if close else ""
+
+
+def _check_keys(model_cls: type[BaseModel], data: dict, prefix: str, valid: list[str]) -> None:
+    for key, value in data.items():
+        dotted = prefix + str(key)
+        field = model_cls.model_fields.get(key)
+        if field is None:
+            raise ConfigError(f"unknown config key '{dotted}'{_suggest(dotted, valid)}")
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            if not isinstance(value, dict):
+                raise ConfigError(f"config key '{dotted}' must be a section (mapping), got {type(value).__name__}")
+            _check_keys(annotation, value, dotted + ".", valid)
+
+
+def _set_dotted(data: dict, dotted: str, value: Any) -> None:
+    parts = dotted.split(".")
+    node = data
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"cannot set '{dotted}': '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def parse_overrides(args: list[str]) -> dict[str, Any]:
+    """Turn `["--train.lr", "1e-4", "--lora.enabled=true"]` into {"train.lr": 1e-4, ...} (YAML-typed values)."""
+    overrides: dict[str, Any] = {}
+    i = 0
+    while i < len(args):
+        arg = args[i]
+        if not arg.startswith("--") or len(arg) <= 2:
+            raise ConfigError(f"unexpected argument '{arg}': overrides look like --section.key VALUE")
+        key = arg[2:]
+        if "=" in key:
+            key, raw = key.split("=", 1)
+            i += 1
+        else:
+            if i + 1 >= len(args):
+                raise ConfigError(f"override '--{key}' needs a value")
+            raw = args[i + 1]
+            i += 2
+        overrides[key.replace("-", "_")] = _parse_value(raw)
+    return overrides
+
+
+def _parse_value(raw: str) -> Any:
+    try:
+        value = yaml.safe_load(raw)
+    except yaml.YAMLError:
+        return raw
+    if isinstance(value, str):  # YAML 1.1 reads "1e-4" as text; numbers should be numbers
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
+
+
+def _format_validation_error(err: ValidationError, valid: list[str]) -> str:
+    lines = []
+    for item in err.errors():
+        key = ".".join(str(p) for p in item["loc"])
+        message = item["msg"]
+        if item["type"] == "extra_forbidden":
+            lines.append(f"unknown config key '{key}'{_suggest(key, valid)}")
+        elif key:
+            got = item.get("input")
+            shown = "" if isinstance(got, dict) else f" (got {got!r})"
+            lines.append(f"config key '{key}': {message}{shown}")
+        else:
+            lines.append(message.removeprefix("Value error, "))
+    return "; ".join(lines)
+
+
+def build_config(config_cls: type[ConfigT], data: dict | None = None, overrides: dict[str, Any] | None = None) -> ConfigT:
+    """Validate `data` with dotted `overrides` applied on top; raise ConfigError naming any bad key.
+
+    For the RL config, keys of earlier versions are renamed first and a named preset goes under
+    the file's values and the overrides.
+    """
+    data, overrides = copy.deepcopy(data or {}), dict(overrides or {})  # the caller's mappings stay as they were
+    valid = _dotted_keys(config_cls)
+    if issubclass(config_cls, RLConfig):
+        data, overrides = _migrate_legacy_keys(data, overrides, valid)
+        data = apply_rl_preset(data, overrides)
+    for dotted, value in overrides.items():
+        if dotted not in valid:
+            raise ConfigError(f"unknown config key '{dotted}'{_suggest(dotted, valid)}")
+        _set_dotted(data, dotted, value)
+    _check_keys(config_cls, data, "", valid)
+    try:
+        return config_cls.model_validate(data)
+    except ValidationError as err:
+        raise ConfigError(_format_validation_error(err, valid)) from None
+
+
+def read_yaml(path: str | Path) -> dict:
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"config file not found: {path}")
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except yaml.YAMLError as err:
+        raise ConfigError(f"{path}: not valid YAML: {err}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"{path}: the top level must be a mapping of sections, got {type(data).__name__}")
+    return data
+
+
+def load_config(config_cls: type[ConfigT], path: str | Path | None = None, override_args: list[str] | None = None) -> ConfigT:
+    """Load a stage config from an optional YAML file plus `--section.key VALUE` CLI overrides."""
+    data = read_yaml(path) if path else {}
+    return build_config(config_cls, data, parse_overrides(override_args or []))
+
+
+def dump_config(config: BaseModel, path: str | Path) -> None:
+    """Write the resolved config as YAML (every field, defaults included)."""
+    Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")
+
+
+# ----------------------------------------------------------------------------- help
+
+
+def _type_name(annotation: Any) -> str:
+    """A short name of a field's type for --help: int, float?, k1|k2|k3, str|list[str]."""
+    args = [a for a in get_args(annotation) if a is not type(None)]
+    optional = len(args) < len(get_args(annotation))
+    if get_origin(annotation) is Literal:
+        return "|".join(str(a) for a in get_args(annotation))
+    if args and get_origin(annotation) is not list:
+        name = "|".join(_type_name(a) for a in args)
+    else:
+        name = getattr(annotation, "__name__", str(annotation)) if get_origin(annotation) is None else str(annotation)
+    return name + ("?" if optional else "")
+
+
+def describe_config(config_cls: type[BaseModel], width: int = 120) -> str:
+    """Every key of a stage config with its type, default and description, grouped by section."""
+    lines = ["config keys (in a --config YAML file, or on the command line as --section.key VALUE;",
+             "'?' marks a key that may be null):"]
+    fields = config_cls.model_fields
+    top = [name for name, field in fields.items()
+           if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))]
+    groups = [("", config_cls, None, top)] if top else []
+    for name, field in fields.items():
+        if name not in top:  # a section: its defaults are the stage's (e.g. run.output_dir per stage)
+            groups.append((name, field.annotation, field.default, list(field.annotation.model_fields)))
+    for section, section_cls, section_default, names in groups:
+        doc = (section_cls.__doc__ or "").strip().splitlines()[0] if section else "settings of the whole stage"
+        lines += ["", f"{section or '(top level)'}: {doc}"]
+        for name in names:
+            field = section_cls.model_fields[name]
+            default = getattr(section_default, name) if section_default is not None else field.default
+            key = f"--{section}.{name}" if section else f"--{name}"
+            head = f"  {key:<34} {_type_name(field.annotation):<14} {default!s:<10} "
+            indent = " " * 63
+            text = textwrap.wrap(field.description or "", width=max(40, width - max(len(head), len(indent))))
+            lines.append(head + (text[0] if text else ""))
+            lines.extend(indent + more for more in text[1:])
+    return "\n".join(lines)
