@@ -70,3 +70,15 @@ def test_presets_build_and_run(name, tokenizer):
     assert n_params > 10_000
     with torch.no_grad():
         assert model(torch.tensor([[1, 2, 3]])).logits.shape == (1, 3, len(tokenizer))
+
+
+def test_gpt2_preset_takes_the_fused_tanh_gelu_with_stock_gpt2s_math(tokenizer):
+    """gpt2-tiny runs the anchors' one-kernel tanh GELU (what the lean passes call directly), whose
+    values are stock GPT-2's five-kernel gelu_new up to rounding."""
+    from transformers.activations import ACT2FN, GELUTanh
+
+    model = build_preset_model("gpt2-tiny", tokenizer)
+    activation = model.transformer.h[0].mlp.act
+    assert type(activation) is GELUTanh
+    x = torch.linspace(-8, 8, 4001)
+    assert torch.allclose(activation(x), ACT2FN["gelu_new"](x), rtol=0, atol=1e-5)  # the erf GELU is 4.7e-4 away
