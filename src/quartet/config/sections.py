@@ -115,19 +115,24 @@ class StageConfig(Section):
     run: RunSection = RunSection()
 
 
-class SFTConfig(StageConfig):
-    """`quartet sft`: supervised fine-tuning of the initial actor (and reference)."""
+class FreshModelStageConfig(StageConfig):
+    """A stage that may start from no model at all: without a path or a preset it builds the `tiny` preset."""
 
     model: ModelConfig = ModelConfig()
-    data: DataConfig = DataConfig()
-    train: TrainConfig = TrainConfig()
-    lora: LoraConfig = LoraConfig()
 
     @model_validator(mode="after")
-    def _default_model(self) -> "SFTConfig":
+    def _default_model(self) -> "FreshModelStageConfig":
         if not self.model.path and not self.model.preset:
             self.model.preset = "tiny"
         return self
+
+
+class SFTConfig(FreshModelStageConfig):
+    """`quartet sft`: supervised fine-tuning of the initial actor (and reference)."""
+
+    data: DataConfig = DataConfig()
+    train: TrainConfig = TrainConfig()
+    lora: LoraConfig = LoraConfig()
 
 
 class RewardLossConfig(Section):
@@ -137,21 +142,14 @@ class RewardLossConfig(Section):
     center_coef: float = Field(0.0, ge=0.0, description="Reward centering: keeps scores near zero (e.g. 0.01).")
 
 
-class RewardConfig(StageConfig):
+class RewardConfig(FreshModelStageConfig):
     """`quartet reward`: a one-output sequence classifier trained on chosen/rejected pairs."""
 
     run: RunSection = RunSection(output_dir="runs/reward")
-    model: ModelConfig = ModelConfig()
     data: DataConfig = DataConfig()
     train: TrainConfig = TrainConfig(lr=1e-4)
     loss: RewardLossConfig = RewardLossConfig()
     lora: LoraConfig = LoraConfig()
-
-    @model_validator(mode="after")
-    def _default_model(self) -> "RewardConfig":
-        if not self.model.path and not self.model.preset:
-            self.model.preset = "tiny"
-        return self
 
 
 class DPOLossConfig(Section):
