@@ -24,7 +24,9 @@ def _deep_merge(base: dict, top: dict) -> dict:
 
 # Named defaults, each following the paper or framework named beside it (README: "Algorithms").
 # Choosing `algorithm.name: X` applies the preset of the same name, if there is one.
-_GROUP = {"rollout": {"n": 8}, "batch": {"ppo_epochs": 1}, "models": {"critic_init": "actor"}}
+# The group algorithms normalise or centre raw scores, unclipped, as TRL, verl and OpenRLHF do for GRPO and RLOO.
+_GROUP = {"rollout": {"n": 8}, "batch": {"ppo_epochs": 1}, "models": {"critic_init": "actor"},
+          "algorithm": {"clip_reward_value": None}}
 RL_PRESETS: dict[str, dict[str, Any]] = {
     # DeepSpeed-Chat step 3 (applications/DeepSpeed-Chat, ppo_trainer.py defaults)
     "deepspeed-chat": {
@@ -52,15 +54,17 @@ RL_PRESETS: dict[str, dict[str, Any]] = {
     # whole-sequence REINFORCE with the leave-one-out baseline (token sums over a constant)
     "rloo": _deep_merge(_GROUP, {"algorithm": {"name": "rloo", "beta": 0.05, "kl_estimator": "k1",
                                                "kl_penalty": "reward", "loss_aggregation": "seq-mean-token-sum-norm"}}),
-    # REINFORCE++ (Hu 2025; OpenRLHF's --advantage_estimator reinforce, init_kl_coef 0.01): k1 in the
-    # reward, gamma 1, returns whitened over the batch; one sample per prompt
+    # REINFORCE++ (Hu 2025; OpenRLHF's --advantage_estimator reinforce, init_kl_coef 0.01, reward_clip_range
+    # +-10): k1 in the reward, gamma 1, returns whitened over the batch; one sample per prompt
     "reinforce++": {"algorithm": {"name": "reinforce++", "beta": 0.01, "kl_estimator": "k1", "kl_penalty": "reward",
-                                  "gamma": 1.0, "loss_aggregation": "token-mean"},
+                                  "gamma": 1.0, "loss_aggregation": "token-mean", "clip_reward_value": 10.0},
                     "batch": {"ppo_epochs": 1}, "models": {"critic_init": "actor"}},
-    # REINFORCE++-baseline (Hu 2025; OpenRLHF's reinforce_baseline): the group mean subtracted first
+    # REINFORCE++-baseline (Hu 2025; OpenRLHF's reinforce_baseline): the group mean of the clipped scores
+    # subtracted first (OpenRLHF centres, then clips at +-10; here one clipped score serves both)
     "reinforce++-baseline": _deep_merge(_GROUP, {"algorithm": {"name": "reinforce++-baseline", "beta": 0.01,
                                                                "kl_estimator": "k1", "kl_penalty": "reward",
-                                                               "gamma": 1.0, "loss_aggregation": "token-mean"}}),
+                                                               "gamma": 1.0, "loss_aggregation": "token-mean",
+                                                               "clip_reward_value": 10.0}}),
 }
 
 

@@ -251,6 +251,9 @@ class RolloutConfig(SamplingConfig):
                           "when off or when the backend's log-probs differ from the trainer's.")
 
 
+GSPO_AGGREGATION = "seq-mean-token-mean"  # GSPO (Zheng et al. 2025) averages its sequence objective over sequences
+
+
 class AlgorithmConfig(Section):
     """The RL algorithm (a registered name, see quartet.rl.algorithms) and its constants."""
 
@@ -265,7 +268,10 @@ class AlgorithmConfig(Section):
     adaptive_kl: bool = Field(False, description="Ziegler et al.'s adaptive KL controller.")
     kl_target: float = Field(6.0, gt=0, description="Adaptive KL: the KL per response the controller steers to.")
     kl_horizon: int = Field(10000, gt=0, description="Adaptive KL: samples over which beta moves by at most 20%.")
-    clip_reward_value: float = Field(5.0, gt=0, description="Scores are clipped to +- this before they enter the rewards.")
+    clip_reward_value: float | None = Field(
+        5.0, gt=0, description="Scores are clipped to +- this (null: not clipped) before the rewards and advantages "
+                               "read them; one clipped score serves every estimator. Default 5 (PPO, DeepSpeed-Chat); "
+                               "the group presets do not clip, REINFORCE++'s clip at 10 (OpenRLHF).")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
     lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
     cliprange: float = Field(0.2, gt=0, description="PPO ratio clip range (the low side when clip_high is set).")
@@ -273,14 +279,16 @@ class AlgorithmConfig(Section):
     dual_clip: float | None = Field(None, gt=1, description="Dual clip c (Ye et al. 2020): caps the loss of a token with "
                                                            "a negative advantage at -A * c (typically 3).")
     sequence_ratio: bool = Field(False, description="GSPO: one importance ratio per sequence (the geometric mean of its "
-                                                    "tokens' ratios) instead of one per token.")
+                                                    "tokens' ratios) instead of one per token; averages over sequences "
+                                                    "(loss_aggregation seq-mean-token-mean, chosen when unset).")
     loss_aggregation: Literal["token-mean", "seq-mean-token-mean", "seq-mean-token-sum-norm"] | None = Field(
         None, description="How per-token losses become one: over all tokens of the mini-batch (DAPO), per sequence "
                           "then over sequences (GRPO), or per-sequence sums over max_new_tokens (Dr. GRPO); "
                           "default: the algorithm's.")
     scale_rewards: Literal["group", "batch", "none"] = Field(
         "group", description="GRPO: divide by the group's std, the batch's std, or not at all (Dr. GRPO).")
-    advantage_eps: float = Field(1e-6, gt=0, description="Added to the std a group advantage is divided by.")
+    advantage_eps: float = Field(1e-6, gt=0, description="Added to the std a group advantage is divided by "
+                                                        "(verl's 1e-6; TRL uses 1e-4).")
     cliprange_value: float = Field(0.2, gt=0, description="Value clip range of the critic's loss.")
     whiten_advantages: bool = Field(True, description="Whiten advantages over the batch's valid tokens.")
     score_normalization: Literal["none", "stored", "running"] = Field(
@@ -305,6 +313,10 @@ class AlgorithmConfig(Section):
         from quartet.rl.algorithms import get_algorithm  # torch, only once a config is built
 
         get_algorithm(self.name)
+        if self.sequence_ratio and self.loss_aggregation not in (None, GSPO_AGGREGATION):
+            # GSPO's objective is a mean over sequences; a token mean would weigh each sequence by its length
+            raise ValueError(f"algorithm.sequence_ratio (GSPO) averages over sequences: set algorithm.loss_aggregation "
+                             f"to {GSPO_AGGREGATION}, not {self.loss_aggregation}")
         return self
 
     @property
@@ -320,7 +332,10 @@ class AlgorithmConfig(Section):
 
     @property
     def aggregation(self) -> str:
-        return self.loss_aggregation or self.spec.loss_aggregation
+        """The loss aggregation in force: the one set, else GSPO's with a sequence ratio, else the algorithm's."""
+        if self.loss_aggregation:
+            return self.loss_aggregation
+        return GSPO_AGGREGATION if self.sequence_ratio else self.spec.loss_aggregation
 
     @property
     def uses_reference(self) -> bool:

@@ -44,7 +44,7 @@ class AdvantageInputs:
 
     rewards: torch.Tensor  # per-token rewards: the score at each row's last token, plus the KL penalty when in the reward
     mask: torch.Tensor  # 1 on valid response tokens
-    scores: torch.Tensor  # [B] the sequence scores as shaped (normalised, EOS-penalised)
+    scores: torch.Tensor  # [B] the sequence scores as shaped (normalised, EOS-penalised, clipped): those in `rewards`
     values: torch.Tensor | None = None  # V(S_t) of the critic, for estimators that need one
     group_ids: torch.Tensor | None = None  # [B] which prompt each row answers, for group baselines
 
@@ -174,7 +174,8 @@ def reinforce_plus_plus(batch: AdvantageInputs, settings: Any) -> tuple[torch.Te
 @register_advantage("reinforce++-baseline")
 def reinforce_plus_plus_baseline(batch: AdvantageInputs, settings: Any) -> tuple[torch.Tensor, None]:
     """REINFORCE++-baseline: the group's mean score subtracted at each response's last token first,
-    then REINFORCE++'s returns and whitening over the batch."""
+    then REINFORCE++'s returns and whitening over the batch. The baseline is the mean of the same
+    (clipped) scores the rewards carry, so a higher score never ranks lower."""
     last = last_valid_index(batch.mask)  # [B]
     positions = torch.arange(batch.mask.shape[1], device=batch.mask.device)  # [T]
     is_last = (positions.unsqueeze(0) == last.unsqueeze(1)).to(batch.rewards.dtype)  # [B, T]

@@ -15,7 +15,8 @@ here is a function of the logits
              rDPO (Chowdhury et al. 2024, arXiv:2403.00409)
 
 These are the formulas of TRL's ``DPOTrainer.dpo_loss`` for the same ``loss_type`` names.
-``chosen_nll_loss`` is the RPO term (TRL's ``rpo_alpha``), ``preference_metrics`` the
+``chosen_nll_loss`` is RPO's term as TRL computes it (``rpo_alpha``; one token mean over the batch),
+``preference_metrics`` the
 ``rewards/*`` numbers TRL users watch. Torch only: no models, no I/O, no configs.
 """
 
@@ -111,7 +112,10 @@ def dpo_loss(
 
     ``chosen_rewards = beta * (policy_chosen - ref_chosen)`` and
     ``rejected_rewards = beta * (policy_rejected - ref_rejected)`` are detached (for metrics).
-    Reduce the losses with ``.mean()``; add ``rpo_alpha * chosen_nll_loss(...)`` for RPO.
+    Reduce the losses with ``.mean()``. RPO adds ``rpo_alpha`` times an NLL term on the chosen answer;
+    ``quartet dpo`` adds it per pair, each chosen answer's mean token NLL
+    (``-sequence_logps(..., average=True)``, the paper's normalisation), so every pair weighs the same
+    whatever its length; ``chosen_nll_loss`` is TRL's variant, one token mean over the batch.
 
     Raises ``ValueError`` for an unknown ``loss_type``, ``beta <= 0``, ``label_smoothing`` outside
     ``[0, 0.5)`` (at 0.5 the labels carry no information; robust divides by 0), label smoothing with

@@ -193,7 +193,8 @@ class RLTrainer(Job):
         mode, mask = self.cfg.algorithm.aggregation, exp.loss_mask
 
         def shares(rows: torch.Tensor, whole: torch.Tensor, by: str) -> float:
-            return float(loss_units(mask[rows], by).to(torch.float32) / loss_units(mask[whole], by).to(torch.float32).clamp(min=1))
+            # integer counts divided in float64: the shares sum to 1 to 1e-16, not float32's 6e-8
+            return int(loss_units(mask[rows], by)) / max(int(loss_units(mask[whole], by)), 1)
 
         start, end = self.ranks.share(mini)
         micro_size = self.cfg.batch.mini_batch_size // self.cfg.batch.grad_accum // self.ranks.world

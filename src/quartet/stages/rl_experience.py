@@ -218,9 +218,10 @@ class ExperienceMaker:
             max_new = self.cfg.rollout.max_new_tokens
             scores = scores + overlong_penalty(mask.sum(1), max_new, a.overlong_buffer or max(1, max_new // 5),
                                                a.overlong_penalty_factor)
+        if a.clip_reward_value is not None:  # once, so the rewards and every estimator read the same score
+            scores = scores.clamp(-a.clip_reward_value, a.clip_reward_value)
         rewards, kl_penalty = per_token_rewards(old_logprobs, old_logprobs if ref_logprobs is None else ref_logprobs,
-                                                scores, mask, 0.0 if a.kl_in_loss else self.beta,
-                                                a.clip_reward_value, a.kl_estimator)
+                                                scores, mask, 0.0 if a.kl_in_loss else self.beta, None, a.kl_estimator)
         advantages, returns = self.algorithm.advantages(
             AdvantageInputs(rewards=rewards, mask=mask, scores=scores, values=old_values, group_ids=batch.group_ids), a)
         return Experience(
