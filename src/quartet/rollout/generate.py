@@ -33,6 +33,14 @@ class Rollout:
     response_mask: torch.Tensor  # [batch, response_len], 1 up to and including the first EOS
     logprobs: torch.Tensor  # [batch, response_len], log pi(token) at the sampling temperature
     has_eos: torch.Tensor  # [batch] bool
+    # multi-turn episodes (rollout/episodes.py): the tokens the policy chose, 0 on observations; None: all of them
+    action_mask: torch.Tensor | None = None  # [batch, response_len]
+    turn_ids: torch.Tensor | None = None  # [batch, response_len] the turn of each chosen token, -1 elsewhere
+
+    @property
+    def chosen_mask(self) -> torch.Tensor:
+        """1 on the tokens the policy chose: what trains and measures it (the response mask in one turn)."""
+        return self.response_mask if self.action_mask is None else self.action_mask
 
     @property
     def finish_reasons(self) -> list[str]:
@@ -97,13 +105,21 @@ class _PreallocatedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start, end = self.length, self.length + key_states.shape[-2]
-        if end > self.capacity:
-            raise RuntimeError(f"KV cache sized for {self.capacity} positions, asked for {end}")
+        if end > self.capacity:  # multi-turn observations can outgrow the estimate: grow, keeping what is cached
+            self._grow(max(end, 2 * self.capacity))
         self._key_buffer[:, :, start:end] = key_states
         self._value_buffer[:, :, start:end] = value_states
         self.length = end
         self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
         return self.keys, self.values
+
+    def _grow(self, capacity: int) -> None:
+        for name in ("_key_buffer", "_value_buffer"):
+            old = getattr(self, name)
+            buffer = old.new_empty(*old.shape[:2], capacity, old.shape[-1])
+            buffer[:, :, :self.length] = old[:, :, :self.length]
+            setattr(self, name, buffer)
+        self.capacity = capacity
 
     def get_seq_length(self) -> int:
         return self.length
@@ -117,7 +133,7 @@ class _PreallocatedLayer(DynamicLayer):
         self.keys, self.values = self._key_buffer[:, :, :self.length], self._value_buffer[:, :, :self.length]
 
 
-def _rollout_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:
+def rollout_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:
     """The model's own dynamic cache, with each plain full-attention layer preallocated.
 
     Other layer kinds (sliding-window, linear-attention, shared-KV) keep their own classes,
@@ -163,6 +179,40 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
     return Rollout(prompt_ids, prompt_mask, response_ids, mask.to(prompt_mask.dtype), logprobs[:, :steps] * mask, has_eos)
 
 
+class TokenSampler:
+    """One sampling step: a token per row from next-token logits, with its log-prob at the sampling temperature.
+
+    Temperature, then top-k and top-p, EOS blocked before `min_new_tokens`; each step draws one
+    uniform number per row of the global batch of `total_rows` (this batch is `rows` of it). The
+    [batch, vocab] buffers are allocated once and reused by every step.
+    """
+
+    def __init__(self, cfg: SamplingConfig, eos_token_id: int, pad_token_id: int, batch: int, like: torch.Tensor):
+        self.cfg, self.eos_token_id, self.pad_token_id = cfg, eos_token_id, pad_token_id
+        self.temperature = 1.0 if cfg.greedy else cfg.temperature
+        self.filtering = bool(cfg.top_k) or cfg.top_p < 1.0
+        self.logp_all = torch.empty_like(like)  # [batch, vocab]
+        self.probs = torch.empty_like(like)
+
+    def draw(self, next_logits: torch.Tensor, t: int, generator: torch.Generator | None, rows: slice, total_rows: int,
+             finished: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Step `t`'s tokens [batch] (pad where `finished`) and their log-probs [batch]; scales `next_logits` in place."""
+        cfg = self.cfg
+        scaled = next_logits.div_(self.temperature)  # in place: the model returned fresh logits
+        torch.log_softmax(scaled, dim=-1, out=self.logp_all)  # unfiltered: what a later forward pass recomputes
+        if t < cfg.min_new_tokens:
+            scaled[:, self.eos_token_id] = float("-inf")  # after logp_all was taken, which keeps EOS's true log-prob
+        if cfg.greedy:
+            token = scaled.argmax(-1)
+        else:
+            torch.softmax(filter_logits(scaled, cfg.top_k, cfg.top_p) if self.filtering else scaled, dim=-1,
+                          out=self.probs)
+            token = sample_categorical(self.probs, torch.rand(total_rows, generator=generator,
+                                                              device=next_logits.device)[rows])
+        token.masked_fill_(finished, self.pad_token_id)
+        return token, self.logp_all.gather(1, token[:, None]).squeeze(1)
+
+
 def _sample_loop(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: SamplingConfig,
                  eos_token_id: int, pad_token_id: int, generator: torch.Generator | None, row_offset: int,
                  total_rows: int, n: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
@@ -174,7 +224,7 @@ def _sample_loop(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: 
     n_prompts, prompt_len = prompt_ids.shape
     device = prompt_ids.device
     max_new = cfg.max_new_tokens
-    cache = _rollout_cache(model, prompt_len + max_new)
+    cache = rollout_cache(model, prompt_len + max_new)
     cache_key = cache_kwarg(model)
     prefill_positions = position_ids_from_mask(prompt_mask)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prefill_positions,
@@ -202,24 +252,11 @@ def _sample_loop(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: 
         step = None
     # no key is ever masked but left padding: the decode masks are views of one tensor, or none at all
     padded = None if bool(prompt_mask.all()) else attention.bool()[:, None, None, :]
-    temperature = 1.0 if cfg.greedy else cfg.temperature
     rows = slice(row_offset, row_offset + batch)
-    filtering = bool(cfg.top_k) or cfg.top_p < 1.0
-    logp_all = torch.empty_like(next_logits)  # [batch, vocab] buffers reused by every step
-    probs = torch.empty_like(next_logits)
+    sampler = TokenSampler(cfg, eos_token_id, pad_token_id, batch, next_logits)
     for t in range(max_new):
-        scaled = next_logits.div_(temperature)  # in place: the model returned fresh logits
-        torch.log_softmax(scaled, dim=-1, out=logp_all)  # unfiltered: what a later forward pass recomputes
-        if t < cfg.min_new_tokens:
-            scaled[:, eos_token_id] = float("-inf")  # after logp_all was taken, which keeps EOS's true log-prob
-        if cfg.greedy:
-            token = scaled.argmax(-1)
-        else:
-            torch.softmax(filter_logits(scaled, cfg.top_k, cfg.top_p) if filtering else scaled, dim=-1, out=probs)
-            token = sample_categorical(probs, torch.rand(total_rows, generator=generator, device=device)[rows])
-        token.masked_fill_(finished, pad_token_id)
+        token, logprobs[:, t] = sampler.draw(next_logits, t, generator, rows, total_rows, finished)
         tokens[:, t] = token
-        logprobs[:, t] = logp_all.gather(1, token[:, None]).squeeze(1)
         finished |= token == eos_token_id
         if t == max_new - 1 or bool(finished.all()):
             return tokens, logprobs, t + 1
