@@ -3,9 +3,11 @@ group-relative for GRPO, Dr. GRPO, DAPO, RLOO, REINFORCE++), losses (PPO's, and 
 clipped objective with clip-higher, dual clip and GSPO's sequence ratio), loss aggregation and
 KL controllers. Torch only; no models, no I/O, no configs.
 
-Convention: ``[batch, T]`` tensors where index ``t`` is response token ``t``; ``mask`` is 1 on
-valid response tokens (up to and including the first EOS) and 0 after. Masked positions never
-influence any result. Group methods take ``group_ids`` ``[batch]``: each sample's prompt group.
+Convention: ``[batch, T]`` tensors where index ``t`` is response token ``t``; ``mask`` is the
+action mask: 1 on the tokens the policy sampled, 0 on padding and, in multi-turn responses, on
+the observation and chat-template tokens between turns (so the 1s need not be contiguous; see
+``quartet.rl.masks``). Masked positions never influence any result. Group methods take
+``group_ids`` ``[batch]``: each sample's prompt group.
 """
 
 from quartet.rl.advantages import (
@@ -31,7 +33,9 @@ from quartet.rl.rewards import (
     overlong_penalty,
     penalize_missing_eos,
     per_token_rewards,
+    place_turn_rewards,
     shape_scores,
+    turn_end_positions,
 )
 
 __all__ = [
@@ -39,7 +43,7 @@ __all__ = [
     "token_logprobs", "token_logprobs_inplace", "token_logprobs_and_entropy", "entropy_from_logits",
     "KL_ESTIMATORS", "kl_estimate", "sequence_kl",
     "per_token_rewards", "normalize_scores", "RunningMeanStd", "penalize_missing_eos", "overlong_penalty",
-    "shape_scores",
+    "shape_scores", "turn_end_positions", "place_turn_rewards",
     "gae_advantages", "whiten",
     "group_sizes", "group_mean", "group_std", "groups_with_signal", "zero_spread_fraction",
     "GRPO_SCALES", "grpo_advantages", "rloo_advantages", "group_baseline", "discounted_returns",

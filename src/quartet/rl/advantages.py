@@ -1,9 +1,12 @@
 """Advantages: GAE and masked whitening for PPO, and the critic-free estimators (GRPO,
 Dr. GRPO, RLOO, REINFORCE++) whose baseline is the sample's prompt group (see ``quartet.rl.groups``).
 
-Each row is one episode: its valid tokens form a prefix (see ``quartet.rl.masks``), and the
-state after the last valid token is terminal (value 0). The results are regression /
-policy-gradient targets: call under ``torch.no_grad()`` (or pass detached tensors).
+Each row is one episode. Its decisions are its action tokens (``mask`` 1, see
+``quartet.rl.masks``): a prefix for a single-turn response, or several turns with observation
+and chat-template tokens between them (mask 0) in a multi-turn one. The token-level estimators
+(GAE, discounted returns) run over the action tokens alone, carrying value and return across
+the holes, and the state after the last action token is terminal (value 0). The results are
+regression / policy-gradient targets: call under ``torch.no_grad()`` (or pass detached tensors).
 """
 
 from __future__ import annotations
@@ -27,12 +30,15 @@ def gae_advantages(
     gamma: float = 1.0,
     lam: float = 0.95,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE advantages and returns, both ``[B, T]`` and 0 on invalid positions.
+    """GAE advantages and returns, both ``[B, T]`` and 0 on non-action positions.
 
-    Backwards from each row's last valid token:
-    ``delta_t = r_t + gamma * V_{t+1} - V_t``, ``A_t = delta_t + gamma * lam * A_{t+1}``,
-    with ``V`` and ``A`` taken as 0 past the last valid token; ``returns = A + V``.
-    (An invalid position inside a row would act as an episode end.)
+    Over each row's action tokens ``t_1 < ... < t_n``, backwards from the last:
+    ``delta_k = r_{t_k} + gamma * V_{t_{k+1}} - V_{t_k}``, ``A_k = delta_k + gamma * lam * A_{k+1}``,
+    with ``V`` and ``A`` taken as 0 after ``t_n``; ``returns = A + V``. Observation tokens between
+    turns are not decisions: they are skipped, so each action token bootstraps from the value of
+    the NEXT ACTION token, and ``gamma`` / ``lam`` apply once per action token, not per position
+    (as verl's multi-turn GAE). Rewards and values on non-action positions are ignored. On a
+    prefix mask this is the textbook per-token GAE.
     """
     valid = mask.bool()  # [B, T]
     zero = torch.zeros((), dtype=values.dtype, device=values.device)
@@ -46,14 +52,16 @@ def gae_advantages(
         delta = r[:, t] + gamma * next_value - v[:, t]  # [B]
         advantage = torch.where(valid[:, t], delta + gamma * lam * next_advantage, zero)  # [B]
         advantages_reversed.append(advantage)
-        next_value, next_advantage = v[:, t], advantage
+        # a non-action position passes the next action token's value and advantage through unchanged
+        next_value = torch.where(valid[:, t], v[:, t], next_value)
+        next_advantage = torch.where(valid[:, t], advantage, next_advantage)
     advantages = torch.stack(advantages_reversed[::-1], dim=1)  # [B, T]
     returns = torch.where(valid, advantages + v, zero)  # [B, T]
     return advantages, returns
 
 
 def whiten(x: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8) -> torch.Tensor:
-    """``(x - mean) / sqrt(var + eps)`` with mean and unbiased var over all valid tokens; 0 on invalid positions.
+    """``(x - mean) / sqrt(var + eps)`` with mean and unbiased var over all action tokens; 0 elsewhere.
 
     ``shift_mean=False`` adds the mean back (rescale only), as in TRL / DeepSpeed-Chat ``masked_whiten``.
     """
@@ -111,11 +119,13 @@ def group_baseline(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tenso
 
 
 def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float = 1.0) -> torch.Tensor:
-    """Token-level returns ``[B, T]``: ``G_t = r_t + gamma * G_{t+1}`` over each row's valid prefix, 0 elsewhere.
+    """Token-level returns ``[B, T]`` over each row's action tokens, 0 on the other positions.
 
-    ``G`` is 0 past the last valid token (an invalid position inside a row would act as an
-    episode end, as in ``gae_advantages``). REINFORCE++ uses it on KL-shaped per-token rewards
-    (``per_token_rewards``) before whitening.
+    For action tokens ``t_1 < ... < t_n``: ``G_{t_k} = r_{t_k} + gamma * G_{t_{k+1}}``, ``G`` 0
+    after ``t_n``. Observation tokens between turns neither end the episode nor count as a step:
+    the return is carried across them and ``gamma`` applies once per action token (as in
+    ``gae_advantages``); rewards on non-action positions are ignored. REINFORCE++ uses it on
+    KL-shaped per-token rewards (``per_token_rewards``) before whitening.
     """
     valid = mask.bool()  # [B, T]
     zero = torch.zeros((), dtype=rewards.dtype, device=rewards.device)
@@ -123,15 +133,16 @@ def discounted_returns(rewards: torch.Tensor, mask: torch.Tensor, gamma: float =
     next_return = torch.zeros_like(r[:, 0])  # [B] G_{t+1}
     returns_reversed = []
     for t in reversed(range(r.shape[-1])):
-        next_return = torch.where(valid[:, t], r[:, t] + gamma * next_return, zero)  # [B]
-        returns_reversed.append(next_return)
+        action_return = torch.where(valid[:, t], r[:, t] + gamma * next_return, zero)  # [B]
+        returns_reversed.append(action_return)
+        next_return = torch.where(valid[:, t], action_return, next_return)  # carried across non-action tokens
     if not returns_reversed:
         return r
     return torch.stack(returns_reversed[::-1], dim=1)  # [B, T]
 
 
 def broadcast_to_tokens(sequence_values: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-    """``[B]`` per-sequence values onto every valid token of their row ``[B, T]``, 0 elsewhere."""
+    """``[B]`` per-sequence values onto every action token of their row ``[B, T]``, 0 elsewhere."""
     if sequence_values.shape != mask.shape[:1]:
         raise ValueError(
             f"sequence_values has shape {tuple(sequence_values.shape)} for a mask of shape {tuple(mask.shape)}; "

@@ -10,8 +10,10 @@ Modes (``LOSS_AGGREGATIONS``):
 * ``"seq-mean-token-sum-norm"``: each row's SUM over its valid tokens divided by the constant
   ``max_new_tokens``, then the mean over rows (Dr. GRPO; no length bias). Units: rows.
 
-A row with no valid token (padding) contributes 0 and is not a unit: the seq modes average
-over rows with at least one valid token only, and ``loss_units`` counts the same rows.
+"Valid tokens" are the action tokens (``quartet.rl.masks``): in a multi-turn row the
+observation and template tokens between turns count nowhere, neither in a row's mean nor as
+units. A row with no valid token (padding) contributes 0 and is not a unit: the seq modes
+average over rows with at least one valid token only, and ``loss_units`` counts the same rows.
 
 Gradient accumulation / data parallel: for any split of a mini-batch's rows into micro-batches,
 ``sum_m aggregate(micro_m) * loss_units(micro_m) / loss_units(whole) == aggregate(whole)``;

@@ -43,7 +43,7 @@ class AdvantageInputs:
     """What an estimator may read of the global batch (all `[B, T]` on response tokens unless noted)."""
 
     rewards: torch.Tensor  # per-token rewards: the score at each row's last token, plus the KL penalty when in the reward
-    mask: torch.Tensor  # 1 on valid response tokens
+    mask: torch.Tensor  # the action mask: 1 on the tokens the policy sampled (multi-turn: holes between turns)
     scores: torch.Tensor  # [B] the sequence scores as shaped (normalised, EOS-penalised, clipped): those in `rewards`
     values: torch.Tensor | None = None  # V(S_t) of the critic, for estimators that need one
     group_ids: torch.Tensor | None = None  # [B] which prompt each row answers, for group baselines
@@ -132,7 +132,7 @@ def get_algorithm(name: str) -> Algorithm:
 
 @register_advantage("gae", needs_values=True)
 def gae(batch: AdvantageInputs, settings: Any) -> tuple[torch.Tensor, torch.Tensor]:
-    """GAE(gamma, lambda) backwards from each row's last token; advantages optionally whitened."""
+    """GAE(gamma, lambda) over each row's action tokens, backwards from its last; advantages optionally whitened."""
     advantages, returns = gae_advantages(batch.rewards, batch.values, batch.mask, settings.gamma, settings.lam)
     if settings.whiten_advantages:
         advantages = whiten(advantages, batch.mask)

@@ -137,7 +137,7 @@ def clipped_policy_objective(
     token cannot blow up the update.
 
     ``sequence_ratio=True`` is GSPO-token (Zheng et al. 2025): the ratio is the row's
-    sequence-level ``s_i = exp(mean over its valid tokens of (logp - old_logp))``, written as
+    sequence-level ``s_i = exp(mean over its action tokens of (logp - old_logp))``, written as
     ``ratio_t = exp(logp_t - sg(logp_t) + sg(log s_i))``: its value is ``s_i`` and the gradient
     flows through each token's own ``logp_t``. (Pair it with ``seq-mean-token-mean``
     aggregation to get GSPO's sequence objective.)

@@ -1,10 +1,16 @@
-"""Masked reductions over response tokens, and building the response mask itself.
+"""Masked reductions over response tokens, and building the single-turn response mask itself.
 
 Convention for the whole ``quartet.rl`` package: tensors are ``[batch, T]`` and index ``t``
-is response token ``t``. ``mask`` is a float or bool ``[batch, T]`` tensor that is 1 on valid
-response tokens (up to AND including the first EOS) and 0 after. Values at masked positions
-never reach a result: they are replaced by 0 with ``torch.where`` (not multiplied by the mask),
-so even ``inf``/``nan`` garbage there cannot leak.
+is response token ``t``. ``mask`` (the action mask) is a float or bool ``[batch, T]`` tensor
+that is 1 on the action tokens, the tokens the policy sampled, and 0 elsewhere; "valid"
+in this package means exactly that. In a single-turn response the action tokens are a prefix
+(up to AND including the first EOS, see ``response_mask``). In a multi-turn response they need
+not be contiguous: each turn's sampled tokens (its end-of-turn token included) are 1, and the
+observation (tool / environment) and chat-template tokens between turns are 0, as is padding.
+Every function here counts only action tokens (a response's length is its number of action
+tokens) and works on either kind of mask. Values at masked positions never reach a result:
+they are replaced by 0 with ``torch.where`` (not multiplied by the mask), so even
+``inf``/``nan`` garbage there cannot leak.
 """
 
 from __future__ import annotations
@@ -60,7 +66,8 @@ def response_mask(
     eos_token_id: int | Sequence[int],
     dtype: torch.dtype = torch.float32,
 ) -> torch.Tensor:
-    """Mask ``[batch, T]``: 1 up to and including each row's first EOS, 0 after it; all 1 without EOS.
+    """Single-turn action mask ``[batch, T]``: 1 up to and including each row's first EOS, 0 after it;
+    all 1 without EOS.
 
     ``eos_token_id`` may be one id or several (any of them ends the response).
     """
@@ -75,7 +82,11 @@ def response_mask(
 
 
 def last_valid_index(mask: torch.Tensor) -> torch.Tensor:
-    """Index ``[batch]`` (int64) of each row's last valid token; ``-1`` for a row with no valid token."""
+    """Index ``[batch]`` (int64) of each row's last action token; ``-1`` for a row with none.
+
+    Holes before it (observation tokens between turns) do not matter: it is the largest
+    position whose mask is 1, not a count of the 1s.
+    """
     positions = torch.arange(mask.shape[-1], device=mask.device).expand_as(mask)  # [batch, T]
     minus_one = torch.full_like(positions, -1)
     return torch.where(mask.bool(), positions, minus_one).max(dim=-1).values  # [batch]

@@ -1,10 +1,11 @@
 """Reward shaping for PPO-RLHF: reward-model scores plus a per-token KL penalty.
 
-DeepSpeed-Chat step 3: every valid response token gets ``-beta * kl_t`` (KL of actor vs the
-frozen reference), and the row's last valid token additionally gets the (clipped) sequence
-score from the reward model. Also: score normalisation with running statistics, a
-penalty for responses that never emitted EOS (truncated at the generation limit), and DAPO's
-soft overlong punishment.
+DeepSpeed-Chat step 3: every action token gets ``-beta * kl_t`` (KL of actor vs the frozen
+reference), and the row's last action token additionally gets the (clipped) sequence score
+from the reward model. Multi-turn episodes may also reward each turn: ``turn_end_positions``
+finds each turn's last action token and ``place_turn_rewards`` puts the turn's reward there.
+Also: score normalisation with running statistics, a penalty for responses that never emitted
+EOS (truncated at the generation limit), and DAPO's soft overlong punishment.
 """
 
 from __future__ import annotations
@@ -18,8 +19,8 @@ import torch
 from quartet.rl.kl import kl_estimate
 from quartet.rl.masks import last_valid_index
 
-__all__ = ["per_token_rewards", "normalize_scores", "RunningMeanStd", "penalize_missing_eos", "overlong_penalty",
-           "shape_scores"]
+__all__ = ["per_token_rewards", "turn_end_positions", "place_turn_rewards", "normalize_scores", "RunningMeanStd",
+           "penalize_missing_eos", "overlong_penalty", "shape_scores"]
 
 
 def per_token_rewards(
@@ -33,10 +34,11 @@ def per_token_rewards(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Shaped per-token rewards ``[B, T]`` and the KL-penalty part of them ``[B, T]``.
 
-    ``kl_penalty[t] = -beta * kl_t`` on valid tokens, 0 elsewhere;
+    ``kl_penalty[t] = -beta * kl_t`` on action tokens, 0 elsewhere;
     ``rewards = kl_penalty`` plus ``clamp(score, -clip_reward_value, clip_reward_value)`` at each
-    row's last valid token (``clip_reward_value=None``: no clipping). ``scores`` is ``[B]``.
-    A row with no valid token gets all zeros (no score placed).
+    row's last action token (``clip_reward_value=None``: no clipping), which in a multi-turn row
+    is the final turn's end-of-turn token, never a trailing observation. ``scores`` is ``[B]``.
+    A row with no action token gets all zeros (no score placed).
     """
     kl = kl_estimate(logp, ref_logp, kl_estimator, mask=mask)  # [B, T], 0 on invalid tokens
     kl_penalty = -beta * kl  # [B, T]
@@ -50,6 +52,65 @@ def per_token_rewards(
     is_last = (positions.unsqueeze(0) == last.unsqueeze(1)).to(kl_penalty.dtype)  # [B, T] one-hot (or all 0)
     rewards = kl_penalty + is_last * scores.unsqueeze(1)  # [B, T]
     return rewards, kl_penalty
+
+
+def turn_end_positions(turn_ids: torch.Tensor, n_turns: int | None = None) -> torch.Tensor:
+    """Position ``[B, K]`` (int64) of each turn's last action token; ``-1`` where a row has no such turn.
+
+    ``turn_ids`` ``[B, T]`` (integers) numbers the turn each action token belongs to, ``0 .. K-1``,
+    and is ``-1`` on every non-action position (observations, chat template, padding); so
+    ``turn_ids >= 0`` is the action mask. ``K`` is ``n_turns``, or by default one more than the
+    largest turn id in the batch.
+    """
+    if turn_ids.dim() != 2 or turn_ids.is_floating_point() or turn_ids.is_complex():
+        raise ValueError(f"turn_ids must be a [batch, T] tensor of integers, got shape {tuple(turn_ids.shape)} "
+                         f"and dtype {turn_ids.dtype}")
+    turn_ids = turn_ids.long()
+    largest = int(turn_ids.max()) if turn_ids.numel() else -1
+    if turn_ids.numel() and int(turn_ids.min()) < -1:
+        raise ValueError(f"turn_ids must be -1 (not an action token) or a turn number >= 0, got {int(turn_ids.min())}")
+    if n_turns is None:
+        n_turns = largest + 1
+    elif largest >= n_turns:
+        raise ValueError(f"turn_ids holds turn {largest} but n_turns is {n_turns}: turns are numbered 0 .. n_turns - 1")
+    batch, n_tokens = turn_ids.shape
+    positions = torch.arange(n_tokens, device=turn_ids.device).expand(batch, n_tokens)  # [B, T]
+    # non-action positions go to an extra column K, dropped after the reduction
+    column = torch.where(turn_ids >= 0, turn_ids, torch.full_like(turn_ids, n_turns))  # [B, T]
+    ends = torch.full((batch, n_turns + 1), -1, dtype=torch.int64, device=turn_ids.device)  # [B, K + 1]
+    ends = ends.scatter_reduce(1, column, positions, reduce="amax", include_self=True)
+    return ends[:, :n_turns]  # [B, K]
+
+
+def place_turn_rewards(turn_rewards: torch.Tensor, turn_ends: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Per-token rewards ``[B, T]``: each turn's reward at its last action token, 0 elsewhere.
+
+    ``turn_rewards`` and ``turn_ends`` are ``[B, K]``: turn ``k`` of row ``b`` earns
+    ``turn_rewards[b, k]`` at position ``turn_ends[b, k]`` (``turn_end_positions`` gives these
+    from a turn-id tensor). An end of ``-1`` marks a turn the row does not have: its reward is
+    ignored, whatever it holds (``nan`` padding included). Two turns ending at the same
+    position add up. ``mask`` ``[B, T]`` is the action mask; every end must be an action token.
+    Add the result to ``per_token_rewards``'s rewards (it holds no KL penalty and no clipping).
+    """
+    if turn_rewards.shape != turn_ends.shape or turn_ends.dim() != 2 or turn_ends.shape[0] != mask.shape[0]:
+        raise ValueError(f"turn_rewards {tuple(turn_rewards.shape)} and turn_ends {tuple(turn_ends.shape)} must both "
+                         f"be [batch, turns] for a mask of shape {tuple(mask.shape)}")
+    batch, n_tokens = mask.shape
+    turn_ends = turn_ends.long()
+    present = turn_ends >= 0  # [B, K]
+    if bool((turn_ends < -1).any() | (turn_ends >= n_tokens).any()):
+        raise ValueError(f"turn_ends must be -1 (no such turn) or a position in 0 .. {n_tokens - 1}")
+    # absent turns point at an extra column T, dropped after the scatter
+    column = torch.where(present, turn_ends, torch.full_like(turn_ends, n_tokens))  # [B, K]
+    on_action = torch.cat([mask.bool(), torch.ones_like(mask[:, :1], dtype=torch.bool)], dim=1).gather(1, column)
+    if not bool(on_action.all()):
+        b, k = (~on_action).nonzero()[0].tolist()
+        raise ValueError(f"turn {k} of row {b} ends at position {int(turn_ends[b, k])}, which is not an action token "
+                         f"(mask 0 there): a turn's reward goes on its last sampled token")
+    zero = torch.zeros((), dtype=turn_rewards.dtype, device=turn_rewards.device)
+    values = torch.where(present, turn_rewards, zero)  # [B, K]
+    rewards = torch.zeros(batch, n_tokens + 1, dtype=turn_rewards.dtype, device=turn_rewards.device)
+    return rewards.scatter_add(1, column, values)[:, :n_tokens]  # [B, T]
 
 
 def normalize_scores(
