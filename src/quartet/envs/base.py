@@ -15,8 +15,6 @@ and the row.
 
 from __future__ import annotations
 
-import asyncio
-import inspect
 import numbers
 import random
 import traceback
@@ -24,7 +22,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
-from quartet.envs.timeouts import call_with_timeout
+from quartet.envs.timeouts import CallTimedOut, call_with_timeout
 from quartet.runs.seeds import derive_seed
 from quartet.user_code import function_name, keywords_taken, load_callable
 
@@ -101,17 +99,18 @@ class Episode:
 
     async def step(self, action: str) -> StepResult:
         if self.done:
-            raise EnvironmentFailure(f"environment {self.name} on row {self.row}: step() after the episode was done")
+            raise RuntimeError(f"environment {self.name} on row {self.row}: step() after the episode was done")
         result = await _guarded(self.name, self.row, "step", self.env.step, self.timeout, action)
         checked = step_result(result, f"environment {self.name} step() on row {self.row}")
         self.done = checked.done
         return checked
 
 
-async def _guarded(name: str, row: int, what: str, fn: Callable, timeout: float | None, *args: Any, **kwargs: Any) -> Any:
+async def _guarded(name: str, row: int, what: str, fn: Callable, timeout: float | None, /,
+                   *args: Any, **kwargs: Any) -> Any:
     try:
-        return await call_with_timeout(fn, *args, timeout=timeout, **kwargs)
-    except asyncio.TimeoutError:
+        return await call_with_timeout(fn, timeout, *args, **kwargs)
+    except CallTimedOut:
         raise EnvironmentTimeout(f"environment {name} did not finish {what} within {timeout:g} s on row {row}") from None
     except Exception as err:
         last_line = traceback.format_exception_only(type(err), err)[-1].strip()

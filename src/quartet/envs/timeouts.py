@@ -1,7 +1,7 @@
 """Calling the user's code (tools, environments) under a time limit, from an asyncio loop.
 
 A coroutine function is awaited as a task. A plain function runs on a fresh daemon thread. At the
-time limit the caller gets `asyncio.TimeoutError` right away, and nobody waits for the work any
+time limit the caller gets `CallTimedOut` right away, and nobody waits for the work any
 more. Python cannot kill a thread, so a timed-out plain function goes on running in the background
 until it returns. Its thread is a daemon, so it never holds up the run or the end of the process.
 A task that ignores its cancellation is left alone in the same way. An `async def` function that
@@ -19,6 +19,10 @@ from collections.abc import Callable
 from typing import Any
 
 
+class CallTimedOut(asyncio.TimeoutError):
+    """The call ran past its time limit (told apart from a TimeoutError the user's code raised)."""
+
+
 def is_async_callable(fn: Callable) -> bool:
     """`async def` functions, partials of them, and objects whose `__call__` is one."""
     while isinstance(fn, functools.partial):
@@ -26,9 +30,10 @@ def is_async_callable(fn: Callable) -> bool:
     return inspect.iscoroutinefunction(fn) or inspect.iscoroutinefunction(getattr(fn, "__call__", None))
 
 
-async def call_with_timeout(fn: Callable, /, *args: Any, timeout: float | None, **kwargs: Any) -> Any:
-    """`fn(*args, **kwargs)`, sync or async, or `asyncio.TimeoutError` after `timeout` seconds
-    (None: no limit). The exceptions `fn` raises come through as they are."""
+async def call_with_timeout(fn: Callable, timeout: float | None, /, *args: Any, **kwargs: Any) -> Any:
+    """`fn(*args, **kwargs)`, sync or async, or `CallTimedOut` after `timeout` seconds (None: no
+    limit). The exceptions `fn` raises come through as they are. (`fn` and `timeout` are
+    positional, so a tool may have parameters of those names.)"""
     if is_async_callable(fn):
         work = asyncio.ensure_future(fn(*args, **kwargs))
     else:
@@ -40,10 +45,10 @@ async def call_with_timeout(fn: Callable, /, *args: Any, timeout: float | None, 
         raise
     if not done:
         work.cancel()  # a thread runs on regardless; we only stop waiting for it
-        raise asyncio.TimeoutError
+        raise CallTimedOut
     result = work.result()
     if inspect.isawaitable(result):  # a plain function that returned a coroutine
-        return await call_with_timeout(_awaited, result, timeout=timeout)
+        return await call_with_timeout(_awaited, timeout, result)
     return result
 
 

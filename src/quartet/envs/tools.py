@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Union, get_args, get_origin, get_type_hints
 
 from quartet.envs.parse import MalformedCall, ToolCall, render_tool_result
-from quartet.envs.timeouts import call_with_timeout
+from quartet.envs.timeouts import CallTimedOut, call_with_timeout
 from quartet.user_code import function_name, load_callables
 
 _JSON_TYPES = {str: "string", int: "integer", float: "number", bool: "boolean", type(None): "null"}
@@ -202,8 +202,8 @@ class ToolBox:
             return f"error: {call.name} was called with bad arguments: {err}"
         async with self._semaphore():
             try:
-                value = await call_with_timeout(fn, timeout=self.tool_timeout, **call.arguments)
-            except asyncio.TimeoutError:
+                value = await call_with_timeout(fn, self.tool_timeout, **call.arguments)
+            except CallTimedOut:
                 self.stats.count(self.stats.timeouts, call.name)
                 return f"error: {call.name} timed out after {self.tool_timeout:g} s"
             except Exception as err:
