@@ -73,3 +73,40 @@ def test_results_render_as_text_json_or_str():
     assert render_tool_result({"x": Opaque()}).startswith("{'x': <")  # not JSON-able: str()
     assert tool_message("5", "calculate") == {"role": "tool", "name": "calculate", "content": "5"}
     assert tool_message("error: x") == {"role": "tool", "content": "error: x"}
+
+
+# The tool parts of Qwen2.5's chat template: tools listed as JSON, an assistant's calls, tool answers.
+QWEN_TOOL_TEMPLATE = (
+    "{%- if tools %}<tools>{%- for tool in tools %}{{- '\\n' }}{{- tool | tojson }}{%- endfor %}{{- '\\n</tools>\\n' }}{%- endif %}"
+    "{%- for message in messages %}"
+    "{%- if message.role == 'assistant' %}{{- message.content or '' }}"
+    "{%- for tool_call in message.tool_calls %}{%- if tool_call.function is defined %}"
+    "{%- set tool_call = tool_call.function %}{%- endif %}"
+    "{{- '\\n<tool_call>\\n{\"name\": \"' }}{{- tool_call.name }}{{- '\", \"arguments\": ' }}"
+    "{{- tool_call.arguments | tojson }}{{- '}\\n</tool_call>' }}{%- endfor %}"
+    "{%- elif message.role == 'tool' %}{{- '<tool_response>\\n' + message.content + '\\n</tool_response>' }}"
+    "{%- else %}{{- message.content }}{%- endif %}{%- endfor %}"
+)
+
+
+def test_schemas_and_calls_go_through_a_chat_template_as_qwens_renders_them(tokenizer):
+    from quartet.envs import tool_schema
+
+    def calculate(expression: str, exact: bool = False) -> str:
+        """Evaluate an arithmetic expression.
+
+        Args:
+            expression: The expression.
+            exact: Whether to keep fractions.
+        """
+
+    schema = tool_schema(calculate)
+    args = {"expression": "π * (2 + 3)", "exact": True}
+    messages = [{"role": "user", "content": "Q"},
+                {"role": "assistant", "content": "Let me compute.",
+                 "tool_calls": [{"type": "function", "function": {"name": "calculate", "arguments": args}}]},
+                tool_message(render_tool_result(15.7), "calculate")]
+    text = tokenizer.apply_chat_template(messages, tools=[schema], chat_template=QWEN_TOOL_TEMPLATE, tokenize=False)
+    assert json.loads(text.split("\n")[1]) == schema  # the schema reaches the prompt whole
+    assert "Let me compute.\n" + render_tool_call("calculate", args) in text  # our rendering is the template's
+    assert text.endswith("<tool_response>\n15.7\n</tool_response>")
