@@ -15,6 +15,9 @@ SEED_STREAMS: dict[str, tuple[int, tuple[int, ...]]] = {
     "step": (1_000_003, (7_919, 1)),  # (step, purpose): one RL step's generator, the same on every rank
     "rank_dropout": (1_000_003, (7_919, 1)),  # (rank, step): dropout draws of the ranks after the first
     "evaluation": (999_983, ()),  # (): online RL's held-out samples, the same draws at every evaluation
+    # (step, row): an agent environment's random.Random for one episode; seed, step and row each in
+    # their own digits, so no two (seed, step, row) share a stream below a million steps and rows
+    "episode": (10**12, (10**6, 1)),
 }
 
 # purposes of the "step" stream: a step's first rollout, its updates, and further sampling rounds

@@ -10,7 +10,6 @@ row it does not judge (that row is left out of its share). Functions that take o
 from __future__ import annotations
 
 import asyncio
-import importlib
 import inspect
 import math
 import numbers
@@ -27,6 +26,8 @@ from quartet.models.forward import in_row_chunks, sequence_scores
 from quartet.models.loading import ModelLoadError, load_scalar_model
 from quartet.models.tokenizer import load_tokenizer
 from quartet.rollout.generate import Rollout
+from quartet.user_code import function_name, keywords_taken
+from quartet.user_code import load_callable as _load_user_callable
 
 RewardFn = Callable[..., Sequence[float | None]]
 # Extra per-step measurements of the rollouts, e.g. the demo's hidden gold judge.
@@ -34,33 +35,13 @@ MetricFn = Callable[[list[str], list[str]], dict[str, float]]
 
 
 def load_callable(spec: str) -> RewardFn:
-    """Import 'package.module:function' (or 'package.module.function')."""
-    module_name, _, attr = spec.partition(":") if ":" in spec else spec.rpartition(".")
-    if not module_name or not attr:
-        raise ValueError(f"models.reward_fn '{spec}' should look like 'package.module:function'")
-    try:
-        fn = getattr(importlib.import_module(module_name), attr)
-    except (ImportError, AttributeError) as err:
-        raise ValueError(f"models.reward_fn '{spec}' cannot be imported: {err}") from None
-    if not callable(fn):
-        raise ValueError(f"models.reward_fn '{spec}' is not callable")
-    return fn
-
-
-def function_name(fn: Callable) -> str:
-    return getattr(fn, "__name__", type(fn).__name__)
+    """Import a reward function 'package.module:function' (or 'package.module.function')."""
+    return _load_user_callable(spec, "models.reward_fn")
 
 
 def _columns_taken(fn: Callable, columns: dict[str, list[Any]]) -> dict[str, list[Any]]:
-    """The columns `fn` accepts as keywords: all of them with **kwargs, else those it names."""
-    try:
-        params = inspect.signature(fn).parameters.values()
-    except (TypeError, ValueError):  # a builtin or C callable: the two-argument contract
-        return {}
-    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params):
-        return columns
-    names = {p.name for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
-    return {k: v for k, v in columns.items() if k in names and k not in ("prompts", "responses")}
+    """The columns `fn` accepts as keywords besides (prompts, responses)."""
+    return keywords_taken(fn, columns, exclude=("prompts", "responses"))
 
 
 class RewardFunctions:
