@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -249,6 +249,46 @@ class RolloutConfig(SamplingConfig):
     logprobs_from_generation: bool = Field(
         True, description="Old log-probs from the sampling step (no extra actor forward); the trainer recomputes them "
                           "when off or when the backend's log-probs differ from the trainer's.")
+    env: str | None = Field(None, description="Multi-turn episodes with an environment, 'package.module:Class' (one "
+                                              "instance per episode: reset(**columns), step(action)).")
+    tools: list[str] | None = Field(None, description="Tools, 'package.module:function' (comma-separated): the model "
+                                                      "calls them as <tool_call>{...}</tool_call> until a turn without a "
+                                                      "call, its answer.")
+    max_turns: int = Field(4, gt=0, description="Episodes: most model turns, each at most max_new_tokens.")
+    max_observation_tokens: int = Field(256, gt=0, description="Episodes: longer observation messages are cut to this "
+                                                               "many tokens (and say so).")
+    max_episode_tokens: int | None = Field(None, gt=0, description="Episodes: most tokens after the prompt (the "
+                                                                   "model's and the observations'); default none.")
+    tool_timeout: float = Field(30.0, gt=0, description="Seconds a tool call may take; a slower one is answered with a "
+                                                        "timeout message and counted.")
+    max_concurrent_tools: int = Field(16, gt=0, description="Most tool calls running at once.")
+    env_timeout: float = Field(60.0, gt=0, description="Seconds an environment's reset or step may take (a tool "
+                                                       "environment's step includes its calls); past it the run stops "
+                                                       "with the environment and row named.")
+
+    @field_validator("tools", mode="before")
+    @classmethod
+    def _split_tools(cls, value: Any) -> Any:
+        return [part.strip() for part in value.split(",") if part.strip()] if isinstance(value, str) else value
+
+    @model_validator(mode="after")
+    def _one_environment(self) -> "RolloutConfig":
+        if self.env and self.tools:
+            raise ValueError("rollout.env and rollout.tools both set: give the tools to your environment, or use the "
+                             "built-in tool environment (rollout.tools) alone")
+        return self
+
+    @property
+    def episodes(self) -> bool:
+        """Multi-turn episodes (an environment or tools) instead of one answer per prompt."""
+        return bool(self.env or self.tools)
+
+    @property
+    def generation_limit(self) -> int:
+        """The most tokens the policy can choose per sample: per answer, or per episode."""
+        if not self.episodes:
+            return self.max_new_tokens
+        return min(self.max_episode_tokens or self.max_turns * self.max_new_tokens, self.max_turns * self.max_new_tokens)
 
 
 GSPO_AGGREGATION = "seq-mean-token-mean"  # GSPO (Zheng et al. 2025) averages its sequence objective over sequences
@@ -303,6 +343,9 @@ class AlgorithmConfig(Section):
     overlong_buffer: int | None = Field(None, gt=0, description="Overlong shaping's buffer in tokens; default a fifth of "
                                                                 "rollout.max_new_tokens (DAPO: 4096 of 20480).")
     overlong_penalty_factor: float = Field(1.0, ge=0, description="Overlong shaping: the penalty at max_new_tokens.")
+    turn_rewards: bool = Field(False, description="Episodes: each environment step's reward at the last token of "
+                                                  "the turn that earned it (per-turn credit), instead of summed into "
+                                                  "the episode's score.")
     mask_truncated: bool = Field(False, description="Leave responses without EOS (cut at max_new_tokens) out of the "
                                                     "policy loss (DAPO's overlong filtering).")
     vf_coef: float = Field(0.1, gt=0, description="Weight of the value loss with models.shared_trunk "
@@ -419,8 +462,9 @@ class RLConfig(StageConfig):
     def _check(self) -> "RLConfig":
         if not self.models.actor:
             raise ValueError("models.actor is required (the SFT model directory)")
-        if not self.models.reward and not self.models.reward_fn:
-            raise ValueError("set models.reward (a reward model directory) or models.reward_fn ('module:function')")
+        if not self.models.reward and not self.models.reward_fn and not self.rollout.env:
+            raise ValueError("set models.reward (a reward model directory) or models.reward_fn ('module:function')"
+                             + (" to score the answers after the tool calls" if self.rollout.tools else ""))
         b, m = self.batch, self.models
         if b.rollout_batch_size % b.mini_batch_size:
             raise ValueError(f"batch.rollout_batch_size ({b.rollout_batch_size}) must be a multiple of "

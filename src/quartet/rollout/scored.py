@@ -16,8 +16,9 @@ from quartet.runs.distributed import Ranks
 
 # per-row tensors whose second dimension is the prompt (left-padded) or the response (right-padded)
 _PROMPT_SIDE = ("prompt_ids", "prompt_mask")
-_RESPONSE_SIDE = ("response_ids", "mask", "old_logprobs", "ref_logprobs", "old_values")
+_RESPONSE_SIDE = ("response_ids", "mask", "old_logprobs", "ref_logprobs", "old_values", "attention", "turn_ids")
 _ROW_VALUES = ("scores", "has_eos", "group_ids")
+_PAD = {"prompt_ids": None, "response_ids": None, "turn_ids": -1}  # None: the pad token; others pad with 0
 
 
 @dataclass(kw_only=True)
@@ -25,7 +26,7 @@ class ScoredRollout:
     prompt_ids: torch.Tensor  # [B, prompt_len] left-padded
     prompt_mask: torch.Tensor  # [B, prompt_len]
     response_ids: torch.Tensor  # [B, response_len], pad after the first EOS
-    mask: torch.Tensor  # [B, response_len] float, 1 on valid response tokens
+    mask: torch.Tensor  # [B, response_len] float, 1 on the tokens the policy chose (multi-turn: not observations)
     old_logprobs: torch.Tensor  # [B, response_len], 0 on invalid positions
     ref_logprobs: torch.Tensor | None  # [B, response_len]; None when no KL term needs the reference
     old_values: torch.Tensor | None  # [B, response_len]; None without a critic
@@ -35,6 +36,15 @@ class ScoredRollout:
     score_parts: dict[str, torch.Tensor] = field(default_factory=dict)  # [B] per reward function, NaN where unjudged
     prompts: list[str] | None = None  # decoded texts, when something read them
     responses: list[str] | None = None
+    # multi-turn episodes: the response tokens that exist (model and observation tokens; None: `mask`),
+    # each chosen token's turn (-1 elsewhere), and each turn's environment reward (NaN past a row's turns)
+    attention: torch.Tensor | None = None  # [B, response_len]
+    turn_ids: torch.Tensor | None = None  # [B, response_len] int64
+    turn_rewards: torch.Tensor | None = None  # [B, max_turns]
+
+    @property
+    def response_attention(self) -> torch.Tensor:
+        return self.mask if self.attention is None else self.attention
 
     def __len__(self) -> int:
         return self.scores.shape[0]
@@ -45,13 +55,14 @@ class ScoredRollout:
             return self
         out = {}
         for name in _PROMPT_SIDE:
-            out[name] = ranks.gather_rows(getattr(self, name), pad_id if name == "prompt_ids" else 0, pad_first=True)
+            out[name] = ranks.gather_rows(getattr(self, name), _pad_value(name, pad_id), pad_first=True)
         for name in _RESPONSE_SIDE:
             value = getattr(self, name)
-            out[name] = None if value is None else ranks.gather_rows(value, pad_id if name == "response_ids" else 0)
+            out[name] = None if value is None else ranks.gather_rows(value, _pad_value(name, pad_id))
         for name in _ROW_VALUES:
             value = getattr(self, name)
             out[name] = ranks.gather_rows(value.long() if value.dtype == torch.bool else value).to(value.dtype)
+        out["turn_rewards"] = None if self.turn_rewards is None else ranks.gather_rows(self.turn_rewards, float("nan"))
         out["score_parts"] = {k: ranks.gather_rows(v) for k, v in sorted(self.score_parts.items())}
         if self.prompts is not None:
             out["prompts"], out["responses"] = ranks.gather_objects(self.prompts), ranks.gather_objects(self.responses)
@@ -83,9 +94,11 @@ def concat(parts: list[ScoredRollout], pad_id: int) -> ScoredRollout:
             out[name] = None
             continue
         width = max(v.shape[1] for v in values)
-        pad = pad_id if name in ("prompt_ids", "response_ids") else 0
         side = "left" if name in _PROMPT_SIDE else "right"
-        out[name] = torch.cat([_pad_columns(v, width, pad, side) for v in values])
+        out[name] = torch.cat([_pad_columns(v, width, _pad_value(name, pad_id), side) for v in values])
+    out["turn_rewards"] = (None if parts[0].turn_rewards is None
+                           else torch.cat([_pad_columns(p.turn_rewards, max(q.turn_rewards.shape[1] for q in parts),
+                                                        float("nan"), "right") for p in parts]))
     out["scores"] = torch.cat([p.scores for p in parts])
     out["has_eos"] = torch.cat([p.has_eos for p in parts])
     shifted, offset = [], 0
@@ -98,6 +111,11 @@ def concat(parts: list[ScoredRollout], pad_id: int) -> ScoredRollout:
         out["prompts"] = [t for p in parts for t in p.prompts]
         out["responses"] = [t for p in parts for t in p.responses]
     return ScoredRollout(**out)
+
+
+def _pad_value(name: str, pad_id: int) -> int:
+    value = _PAD.get(name, 0)
+    return pad_id if value is None else value
 
 
 def _pad_columns(x: torch.Tensor, width: int, value: float, side: str) -> torch.Tensor:

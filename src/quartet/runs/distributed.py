@@ -138,6 +138,12 @@ class Ranks:
         tensor = torch.tensor([float(v) for v in values], dtype=torch.float64, device=self.device)
         return [float(v) for v in self.accelerator.reduce(tensor, reduction="sum")]
 
+    def max_float(self, value: float) -> float:
+        """The largest of one number over all ranks."""
+        if not self.distributed:
+            return float(value)
+        return float(self.gather_rows(torch.tensor([float(value)], dtype=torch.float64, device=self.device)).max())
+
     def any(self, flag: bool) -> bool:
         """True on every rank when it is true on at least one (e.g. a stop signal)."""
         if not self.distributed:

@@ -134,6 +134,8 @@ class RewardSource:
         other dataset columns, for reward functions.
         """
         device = rollout.prompt_ids.device
+        if self.functions is None and self.model is None:  # an environment's rewards alone
+            return torch.zeros(rollout.prompt_ids.shape[0], device=device), {}
         if self.functions is not None:
             totals, parts = self.functions(prompts, responses, columns or {})
             as_tensor = partial(torch.as_tensor, dtype=torch.float32, device=device)
@@ -164,6 +166,8 @@ def build_reward_source(models: RLModelsConfig, tokenizer: PreTrainedTokenizerBa
         else:
             fns = list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn]
         return RewardSource(fn=RewardFunctions(fns, models.reward_weights)), None
+    if not models.reward:  # an environment's rewards alone
+        return RewardSource(), None
     reward_tokenizer = tokenizer
     if (Path(models.reward) / "tokenizer_config.json").exists():
         reward_tokenizer = load_tokenizer(models.reward, models.trust_remote_code)

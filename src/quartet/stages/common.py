@@ -104,11 +104,13 @@ def check_context_length(model: PreTrainedModel, longest: int, what: str, settin
                          f"(max_position_embeddings); set {setting} so they fit")
 
 
-def check_fsdp_options(ranks, lora: bool, shared_trunk: bool = False, compile: bool = False) -> None:
+def check_fsdp_options(ranks, lora: bool, shared_trunk: bool = False, compile: bool = False,
+                       episodes: bool = False) -> None:
     """Refuse, before the run directory is touched, what FSDP sharding (`ranks.fsdp`) does not combine with."""
     if ranks.fsdp is None:
         return
-    for on, what in ((lora, "LoRA (lora.enabled)"), (shared_trunk, "models.shared_trunk"), (compile, "train.compile")):
+    for on, what in ((lora, "LoRA (lora.enabled)"), (shared_trunk, "models.shared_trunk"), (compile, "train.compile"),
+                     (episodes, "multi-turn episodes (rollout.env or rollout.tools)")):
         if on:
             raise ValueError(f"{what} does not combine with FSDP sharding (run.fsdp, or an Accelerate FSDP config); "
                              "turn one of them off (DDP runs it on several processes)")

@@ -215,7 +215,7 @@ class RLTrainer(Job):
         """One micro-batch's policy loss (the aggregate over it, with the KL term when it is in the loss),
         its weighted value loss (None without a critic; a token mean) and its metric terms."""
         a, loss_mask = self.cfg.algorithm, exp.loss_mask[micro]
-        aggregation, max_new = a.aggregation, self.cfg.rollout.max_new_tokens
+        aggregation, max_new = a.aggregation, self.cfg.rollout.generation_limit
         with autocast_context(self.device, self.cfg.train.bf16):
             logprobs, entropy, values = self.update_forward(exp.sequences[micro], exp.attention_mask[micro],
                                                             exp.response_ids[micro], self.cfg.rollout.temperature,
@@ -374,9 +374,18 @@ def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     run.ranks.print(f"[{algorithm.name}] {len(prompts)} prompts" + (f", {len(eval_prompts)} held out" if eval_prompts else "")
                     + f"; {stats.summary()}")
     actor, reference, critic = load_rl_models(cfg, algorithm, tokenizer)
-    check_context_length(actor, max(len(ids) for ids, _ in prompts) + cfg.rollout.max_new_tokens,
-                         "prompt + generated tokens", "data.max_prompt_length and rollout.max_new_tokens")
-    check_fsdp_options(run.ranks, lora=cfg.lora.enabled, shared_trunk=cfg.models.shared_trunk, compile=cfg.train.compile)
+    r = cfg.rollout
+    if r.episodes:  # every turn's answer and observation, or the episode's budget
+        after_prompt = r.max_turns * (r.max_new_tokens + r.max_observation_tokens)
+        check_context_length(actor, max(len(ids) for ids, _ in prompts) + min(after_prompt, r.max_episode_tokens or after_prompt),
+                             "prompt + an episode's tokens",
+                             "data.max_prompt_length, rollout.max_turns, max_new_tokens, max_observation_tokens or "
+                             "max_episode_tokens")
+    else:
+        check_context_length(actor, max(len(ids) for ids, _ in prompts) + r.max_new_tokens,
+                             "prompt + generated tokens", "data.max_prompt_length and rollout.max_new_tokens")
+    check_fsdp_options(run.ranks, lora=cfg.lora.enabled, shared_trunk=cfg.models.shared_trunk, compile=cfg.train.compile,
+                       episodes=r.episodes)
     run.start()  # inputs are valid: only now is the output directory touched
     trainer = RLTrainer(cfg, actor, reference, critic, reward, tokenizer, prompts, run, reward_stats, metric_fns,
                         eval_prompts)

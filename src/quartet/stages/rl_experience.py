@@ -23,16 +23,28 @@ from quartet.data import collate_prompts
 from quartet.data.schedule import PromptSchedule
 from quartet.models.forward import in_row_chunks, scoring_rows, vocab_size
 from quartet.models.policy import response_logprobs, response_values
-from quartet.rl import RunningMeanStd, groups_with_signal, overlong_penalty, per_token_rewards, shape_scores
+from quartet.rl import (
+    RunningMeanStd,
+    groups_with_signal,
+    overlong_penalty,
+    per_token_rewards,
+    place_turn_rewards,
+    shape_scores,
+    turn_end_positions,
+)
 from quartet.rl.algorithms import AdvantageInputs, Algorithm
 from quartet.rl.experience import Experience, experience_metrics, score_part_metrics
+from quartet.rollout.agent import AgentRollout, episode_metrics
 from quartet.rollout.backend import make_rollout_backend
+from quartet.rollout.episodes import EpisodeRecord
 from quartet.rollout.generate import Rollout
 from quartet.rollout.scored import ScoredRollout, concat
 from quartet.rollout.texts import decode_texts
 from quartet.runs.distributed import Ranks
 from quartet.runs.precision import autocast_context
 from quartet.runs.seeds import STEP_MORE_ROLLOUTS, STEP_ROLLOUT, derive_seed
+
+EVALUATION_STEP = 999_999  # the step of held-out episodes' seeds: the same environments at every evaluation
 from quartet.scoring import MetricFn, RewardSource
 from quartet.stages.rl_setup import PromptRow
 
@@ -62,6 +74,10 @@ class ExperienceMaker:
         self.uses_reference = cfg.algorithm.uses_reference
         self.recompute_logprobs = not (cfg.rollout.logprobs_from_generation and self.backend.logprobs_match_trainer)
         self.group_size = group_size  # > 1: scoring forwards compute each group's prompt once
+        # multi-turn episodes with an environment or tools, instead of one answer per prompt
+        self.agent = (AgentRollout(cfg.rollout, tokenizer, cfg.run.seed, cfg.data.max_prompt_length)
+                      if cfg.rollout.episodes else None)
+        self.records: list[EpisodeRecord] = []  # this rank's episodes of the step, for metrics
         self.trained: torch.nn.Module | None = None  # the trained models, as wrapped, during make()
         self.step, self.beta = 0, 0.0
 
@@ -88,6 +104,7 @@ class ExperienceMaker:
         (KL coefficient `beta`), identically on every rank."""
         self.trained, self.step, self.beta = trained, step, beta
         timings = {"time/generation": 0.0, "time/scoring": 0.0}
+        tools_before, self.records = self.agent.tool_counts() if self.agent else {}, []
         batch, sampling = self._sample_batch(timings)
         t0 = time.perf_counter()
         exp = self._experience(batch)
@@ -96,7 +113,24 @@ class ExperienceMaker:
                    **score_part_metrics(batch.score_parts, self.reward.functions.verifiers() if self.reward.functions else [])}
         for metric_fn in self.metric_fns:
             metrics.update(metric_fn(exp.prompts, exp.responses))
+        if self.agent:
+            metrics.update(self._episode_metrics(self.records, tools_before))
         return exp, metrics
+
+    def _episode_metrics(self, records: list[EpisodeRecord], tools_before: dict[str, float]) -> dict[str, float]:
+        """Turns, environment reward, how episodes ended (shares), and this step's tool calls, over all ranks."""
+        sums = episode_metrics(records)
+        keys = sorted(k for k in sums if k != "turns/max")
+        totals = dict(zip(keys, self.ranks.sum_floats([sums[k] for k in keys])))
+        count = max(totals.pop("episodes/count"), 1.0)
+        out = {"turns/mean": totals.pop("turns/sum") / count, "env/reward": totals.pop("env/reward_sum") / count,
+               "turns/max": self.ranks.max_float(sums["turns/max"])}
+        out.update({k: v / count for k, v in totals.items()})
+        tools = self.agent.tool_counts()
+        names = sorted(tools)
+        deltas = self.ranks.sum_floats([tools[k] - tools_before.get(k, 0.0) for k in names])
+        out.update(dict(zip(names, deltas)))
+        return out
 
     @torch.no_grad()
     def evaluate(self, trained: torch.nn.Module, rows: list[PromptRow]) -> dict[str, float]:
@@ -108,14 +142,23 @@ class ExperienceMaker:
         generator = torch.Generator(device=self.device).manual_seed(derive_seed(self.cfg.run.seed, "evaluation"))
         with ranks.full_parameters(trained, "actor") as pair, autocast_context(self.device, self.cfg.train.bf16):
             self.backend.load_weights(pair.actor)
-            rollout = self.backend.generate(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                                            self.cfg.rollout, generator=generator, row_offset=start, total_rows=n_rows)
+            if self.agent:  # the same episodes at every evaluation
+                rollout, records = self.agent.generate(pair.actor, rows[start:end], EVALUATION_STEP, start, 1, generator,
+                                                       start, n_rows, self.device)
+            else:
+                rollout = self.backend.generate(batch["input_ids"].to(self.device),
+                                                batch["attention_mask"].to(self.device), self.cfg.rollout,
+                                                generator=generator, row_offset=start, total_rows=n_rows)
         prompts, responses = decode_texts(self.tokenizer, rollout.prompt_ids, rollout.prompt_mask,
                                           rollout.response_ids, rollout.response_mask)
         names = sorted({k for _, columns in rows for k in columns})
         columns = {k: [c.get(k) for _, c in rows[start:end]] for k in names}
+        if self.agent:
+            responses, columns = self._episode_texts(records, columns)
         with autocast_context(self.device, self.cfg.train.bf16):
             scores, parts = self.reward(rollout, prompts, responses, None, columns)
+        if self.agent:
+            scores, parts = self._with_env_rewards(scores, parts, records, per_turn=False)
         scores, lengths = ranks.gather_rows(scores.float()), ranks.gather_rows(rollout.response_mask.sum(1).float())
         parts = {k: ranks.gather_rows(v) for k, v in sorted(parts.items())}
         prompts, responses = ranks.gather_objects(prompts), ranks.gather_objects(responses)
@@ -123,7 +166,23 @@ class ExperienceMaker:
                    **score_part_metrics(parts, self.reward.functions.verifiers() if self.reward.functions else [])}
         for metric_fn in self.metric_fns:
             metrics.update(metric_fn(prompts, responses))
+        if self.agent:
+            metrics.update(self._episode_metrics(records, self.agent.tool_counts()))
         return {f"eval/{k}": v for k, v in metrics.items()}
+
+    @staticmethod
+    def _episode_texts(records: list[EpisodeRecord], columns: dict[str, list[Any]]
+                       ) -> tuple[list[str], dict[str, list[Any]]]:
+        """What reward functions read of episodes: the last model turn as the response, and the whole
+        episode's messages as the `messages` column."""
+        responses = [next((m["content"] for m in reversed(r.messages) if m["role"] == "assistant"), "") for r in records]
+        return responses, {**columns, "messages": [r.messages for r in records]}
+
+    def _with_env_rewards(self, scores: torch.Tensor, parts: dict[str, torch.Tensor], records: list[EpisodeRecord],
+                          per_turn: bool) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The environment's rewards added to the scores (unless they go to each turn), and logged as `env`."""
+        env = torch.tensor([r.env_reward for r in records], dtype=scores.dtype, device=scores.device)
+        return (scores if per_turn else scores + env), {**parts, "env": env}
 
     def _sample_batch(self, timings: dict[str, float]) -> tuple[ScoredRollout, dict[str, float]]:
         """One sampling round of the step's prompts; with dynamic sampling (DAPO), more rounds of new
@@ -155,12 +214,21 @@ class ExperienceMaker:
         n, ranks = self.cfg.rollout.n, self.ranks
         start, end = ranks.share(rows)  # whole prompts, so a group never straddles two ranks
         batch = collate_prompts([{"input_ids": ids} for ids, _ in rows[start:end]], self.pad_id)
+        first_row = self.prompt_position - len(rows) + start  # among all prompts drawn: the episodes' seeds
         # the actor's weights gathered for the whole rollout (under FSDP), freed after it
         with ranks.full_parameters(self.trained, "actor") as pair, autocast_context(self.device, self.cfg.train.bf16):
             self.backend.load_weights(pair.actor)
-            rollout = self.backend.generate(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                                            self.cfg.rollout, n=n, generator=self.step_generator(purpose),
-                                            row_offset=start * n, total_rows=len(rows) * n)
+            records = None
+            if self.agent:
+                rollout, records = self.agent.generate(pair.actor, rows[start:end], self.step, first_row, n,
+                                                       self.step_generator(purpose), start * n, len(rows) * n,
+                                                       self.device)
+                self.records += records
+            else:
+                rollout = self.backend.generate(batch["input_ids"].to(self.device),
+                                                batch["attention_mask"].to(self.device), self.cfg.rollout, n=n,
+                                                generator=self.step_generator(purpose), row_offset=start * n,
+                                                total_rows=len(rows) * n)
         timings["time/generation"] += time.perf_counter() - t0
         t1 = time.perf_counter()
         # texts only for what reads them (reward functions, a reward model with its own tokenizer, metric
@@ -171,11 +239,22 @@ class ExperienceMaker:
                                               rollout.response_ids, rollout.response_mask)
         names = sorted({k for _, columns in rows for k in columns})
         columns = {k: [c.get(k) for _, c in rows[start:end] for _ in range(n)] for k in names}
+        episode = {}
+        if records is not None:
+            if prompts is not None:
+                responses, columns = self._episode_texts(records, columns)
+            turns = self.cfg.rollout.max_turns
+            episode = {"attention": rollout.response_mask.float(), "turn_ids": rollout.turn_ids,
+                       "turn_rewards": torch.tensor([r.turn_rewards + [float("nan")] * (turns - len(r.turn_rewards))
+                                                     for r in records], device=self.device)}
         scored = self._score(rollout, prompts, responses, columns)
+        if records is not None:
+            scored["scores"], scored["score_parts"] = self._with_env_rewards(
+                scored["scores"], scored["score_parts"], records, per_turn=self.cfg.algorithm.turn_rewards)
         local = ScoredRollout(
             prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask, response_ids=rollout.response_ids,
-            mask=rollout.response_mask.float(), has_eos=rollout.has_eos, prompts=prompts, responses=responses,
-            group_ids=torch.arange(start * n, end * n, device=self.device) // n, **scored)
+            mask=rollout.chosen_mask.float(), has_eos=rollout.has_eos, prompts=prompts, responses=responses,
+            group_ids=torch.arange(start * n, end * n, device=self.device) // n, **scored, **episode)
         batch = local.gather(ranks, self.pad_id)
         timings["time/scoring"] += time.perf_counter() - t1
         return batch
@@ -215,18 +294,21 @@ class ExperienceMaker:
         scores = shape_scores(batch.scores, batch.has_eos, a.score_normalization, self.reward_stats,
                               self.running_scores, a.missing_eos_penalty)
         if a.overlong_shaping:
-            max_new = self.cfg.rollout.max_new_tokens
+            max_new = self.cfg.rollout.generation_limit
             scores = scores + overlong_penalty(mask.sum(1), max_new, a.overlong_buffer or max(1, max_new // 5),
                                                a.overlong_penalty_factor)
         if a.clip_reward_value is not None:  # once, so the rewards and every estimator read the same score
             scores = scores.clamp(-a.clip_reward_value, a.clip_reward_value)
         rewards, kl_penalty = per_token_rewards(old_logprobs, old_logprobs if ref_logprobs is None else ref_logprobs,
                                                 scores, mask, 0.0 if a.kl_in_loss else self.beta, None, a.kl_estimator)
+        if a.turn_rewards and batch.turn_ids is not None:  # each environment reward at the turn that earned it
+            turn_ends = turn_end_positions(batch.turn_ids, batch.turn_rewards.shape[1])
+            rewards = rewards + place_turn_rewards(batch.turn_rewards.to(rewards.dtype), turn_ends, mask)
         advantages, returns = self.algorithm.advantages(
             AdvantageInputs(rewards=rewards, mask=mask, scores=scores, values=old_values, group_ids=batch.group_ids), a)
         return Experience(
             sequences=torch.cat([batch.prompt_ids, batch.response_ids], dim=1),
-            attention_mask=torch.cat([batch.prompt_mask, mask.to(batch.prompt_mask.dtype)], dim=1),
+            attention_mask=torch.cat([batch.prompt_mask, batch.response_attention.to(batch.prompt_mask.dtype)], dim=1),
             response_ids=batch.response_ids, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
             old_values=old_values, rewards=rewards, kl_penalty=kl_penalty, advantages=advantages, returns=returns,
             scores=batch.scores, group_ids=batch.group_ids, prompts=batch.prompts, responses=batch.responses,
