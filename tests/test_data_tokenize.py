@@ -244,3 +244,32 @@ def test_real_hh_sample_tokenizes_within_limits(tok):
     sft, sft_stats = tokenize_sft(load_sft_examples(HH_SAMPLE, tok, completion_field="chosen"), tok, 256, 128)
     assert len(sft) == 2000 - sft_stats.n_dropped and sft_stats.n_prompt_truncated == stats.n_prompt_truncated
     assert all(any(label != IGNORE_INDEX for label in d["labels"]) for d in sft)
+
+
+def test_an_agents_trace_trains_on_every_assistant_turn_and_its_end_of_turn_only(tok):
+    """SFT on a conversation with tool turns: labels cover each assistant turn (EOS included) and nothing
+    else, and the tokens between turns are exactly what a multi-turn episode appends for the observation."""
+    from quartet.data.formats import parse_sft_row
+    from quartet.data.readers import Row
+    from quartet.rollout.episodes import ObservationRenderer
+
+    call = '<tool_call>{"name": "calculate", "arguments": {"expression": "12*34"}}</tool_call>'
+    messages = [{"role": "user", "content": "What is 12 * 34?"}, {"role": "assistant", "content": call},
+                {"role": "tool", "content": "408"}, {"role": "assistant", "content": "The answer is 408."}]
+    example = parse_sft_row(Row("trace.jsonl", 1, {"messages": messages}), tok)
+    [row], _ = tokenize_sft([example], tok, max_length=512, max_prompt_length=64)
+    ids, labels = row["input_ids"], row["labels"]
+    prompt = tok(tok.apply_chat_template(messages[:1], tokenize=False, add_generation_prompt=True),
+                 add_special_tokens=False)["input_ids"]
+    eos = tok.eos_token_id
+    first = tok(call, add_special_tokens=False)["input_ids"] + [eos]
+    between = ObservationRenderer(tok).suffix([messages[2]])  # what an episode appends after the call
+    last = tok("The answer is 408.", add_special_tokens=False)["input_ids"] + [eos]
+    assert ids == prompt + first + between + last
+    ignored = [IGNORE_INDEX]
+    assert labels == ignored * len(prompt) + first + ignored * len(between) + last
+    # a conversation without tool turns keeps the one-reply rule: only the last assistant message is trained
+    chat = [messages[0], {"role": "assistant", "content": "Hmm."}, {"role": "user", "content": "And?"},
+            {"role": "assistant", "content": "408."}]
+    plain = parse_sft_row(Row("chat.jsonl", 1, {"messages": chat}), tok)
+    assert plain.segments is None

@@ -4,7 +4,9 @@ SFT rows (:func:`parse_sft_row`), first match wins:
 
 - ``messages``: a list of ``{"role", "content"}``; the last message must be the assistant's.
   prompt = the chat template over ``messages[:-1]`` with the generation prompt, completion =
-  the rest of the template over all of ``messages``.
+  the rest of the template over all of ``messages``. An agent's trace (a conversation with
+  ``tool`` messages) is trained on every assistant turn, end-of-turn token included, and on
+  nothing else: prompt = the messages before the first assistant turn.
 - ``prompt`` + ``completion`` (or ``response``): both text, or both message lists (TRL's
   conversational prompt-completion, rendered the same way as ``messages``); a text
   completion after a message-list prompt is taken as the assistant's reply.
@@ -61,10 +63,16 @@ Messages = list[dict[str, Any]]
 
 @dataclass
 class SFTExample:
-    """A supervised example: the model learns `completion` given `prompt` (None for plain text)."""
+    """A supervised example: the model learns `completion` given `prompt` (None for plain text).
+
+    An agent's trace (a conversation with `tool` turns) also has `segments`: the completion in
+    pieces, each with whether it is trained (the assistant turns, their end-of-turn token included)
+    or context (tool results, user turns, the chat template's role markers).
+    """
 
     prompt: str | None
     completion: str
+    segments: list[tuple[str, bool]] | None = None
 
 
 @dataclass
@@ -218,8 +226,35 @@ def _as_turns(row: Row, name: str, value: str | Messages, prompt: Messages) -> M
 
 def _sft_from_messages(row: Row, tokenizer: Any, messages: Messages, name: str) -> SFTExample:
     _require_assistant_last(row, name, messages)
+    if any(m["role"] == "tool" for m in messages):
+        return _agent_trace(row, tokenizer, messages, name)
     prompt, completion = _render_split(row, tokenizer, messages[:-1], messages[-1:], name)
     return SFTExample(prompt=prompt, completion=completion)
+
+
+def _agent_trace(row: Row, tokenizer: Any, messages: Messages, name: str) -> SFTExample:
+    """An agent's trace: everything from its first assistant turn on is the completion, in segments; the
+    assistant turns (up to and including the end-of-turn token) are trained, the rest is context."""
+    first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    if first == 0:
+        raise row.error(f"field '{name}': the conversation starts with the assistant: there is no prompt", name)
+    prompt = _render(row, tokenizer, messages[:first], True, name)
+    eos = getattr(tokenizer, "eos_token", None) or ""
+    segments, done = [], prompt
+    for i in range(first, len(messages)):
+        if messages[i]["role"] != "assistant":
+            continue
+        opened = _render(row, tokenizer, messages[:i], True, name)
+        closed = _render(row, tokenizer, messages[:i + 1], False, name)
+        if not (opened.startswith(done) and closed.startswith(opened)):
+            raise row.error(f"field '{name}': the chat template does not render this conversation by appending "
+                            f"turns (message {i}), so its assistant turns cannot be separated", name)
+        turn = closed[len(opened):]  # the assistant's text and what the template closes its turn with
+        cut = turn.find(eos) + len(eos) if eos and eos in turn else len(turn)
+        segments += [(opened[len(done):], False), (turn[:cut], True), (turn[cut:], False)]
+        done = closed
+    segments = [(text, trained) for text, trained in segments if text]
+    return SFTExample(prompt=prompt, completion="".join(text for text, _ in segments), segments=segments)
 
 
 def _sft_prompt_completion(row: Row, tokenizer: Any, prompt: str | Messages, completion: str | Messages,

@@ -117,18 +117,31 @@ def tokenize_sft(examples: list[SFTExample], tokenizer: Any, max_length: int, ma
         else:
             p_ids, p_cut = trunc.prompt(p_ids)
         c_ids = _with_eos(c_ids, eos)
+        c_labels = list(c_ids)
+        if ex.segments is not None:  # an agent's trace: each piece as its own ids, only the assistant's trained
+            c_ids, c_labels = _segment_ids(tokenizer, ex.segments)
         room = max(max_length - len(p_ids), 0)
         c_cut = len(c_ids) > room
-        c_ids = c_ids[:room]
+        c_ids, c_labels = c_ids[:room], c_labels[:room]
         if not c_ids:
             stats.n_dropped += 1
             continue
         stats.n_prompt_truncated += p_cut
         stats.n_completion_truncated += c_cut
         hidden = ex.prompt is None or mask_prompt  # a text row's only prompt token is BOS: never a target
-        labels = ([IGNORE_INDEX] * len(p_ids) if hidden else list(p_ids)) + c_ids
+        labels = ([IGNORE_INDEX] * len(p_ids) if hidden else list(p_ids)) + c_labels
         out.append({"input_ids": p_ids + c_ids, "labels": labels})
     return out, stats
+
+
+def _segment_ids(tokenizer: Any, segments: list[tuple[str, bool]]) -> tuple[list[int], list[int]]:
+    """Ids of each segment encoded on its own (as an episode appends them) and labels: the ids where
+    trained, IGNORE_INDEX elsewhere."""
+    ids, labels = [], []
+    for piece, trained in zip(_encode(tokenizer, [text for text, _ in segments]), segments):
+        ids += piece
+        labels += piece if trained[1] else [IGNORE_INDEX] * len(piece)
+    return ids, labels
 
 
 def tokenize_preferences(examples: list[PreferenceExample], tokenizer: Any, max_length: int,
