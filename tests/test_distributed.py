@@ -100,7 +100,8 @@ def assert_metrics_close(a_path: Path, b_path: Path, after_step: int = -1) -> No
                 f"step {ra['step']} {key}: one process {ra[key]} vs two {rb[key]}"
 
 
-def resume_on_one_process(work: Path, stage: str, two_dir: Path, step: int, models: tuple[str, ...]) -> Path:
+def resume_on_one_process(work: Path, stage: str, two_dir: Path, step: int, models: tuple[str, ...],
+                          config: str | None = None, **env: str) -> Path:
     """Copy the two-process run as it was at checkpoint `step`, finish it on one process, compare."""
     out = work / f"{two_dir.name}-resumed-on-1"
     shutil.copytree(two_dir, out, ignore=shutil.ignore_patterns("final*", "summary.json", "tensorboard"))
@@ -108,8 +109,8 @@ def resume_on_one_process(work: Path, stage: str, two_dir: Path, step: int, mode
         if later > step:
             shutil.rmtree(path)
     assert [s for s, _ in list_checkpoints(out / "checkpoints")][-1] == step
-    _run([sys.executable, "-m", "quartet", stage, "--config", f"{stage}.yaml", "--output", out.name, "--resume"],
-         work, f"{out.name}.log")
+    _run([sys.executable, "-m", "quartet", stage, "--config", config or f"{stage}.yaml", "--output", out.name, "--resume"],
+         work, f"{out.name}.log", **env)
     for name in models:
         assert_weights_close(two_dir / name, out / name)
     assert_metrics_close(two_dir / "metrics.jsonl", out / "metrics.jsonl")
@@ -275,3 +276,32 @@ def test_example_accelerate_configs_load_with_accelerate(name, kind):
         assert config.deepspeed_config["zero_stage"] == int(name[-1])
     if name == "multinode_ddp":
         assert config.num_machines == 2
+
+
+def test_grpo_with_an_environment_on_two_processes_matches_one_and_resumes_on_one(work, fruit):
+    """Multi-turn episodes: each rank runs the environments of its groups; the gathered batch, the weights and
+    the metrics (turns, environment reward) match one process, and a resume on one process continues it."""
+    shutil.copytree(fruit / "sft" / "final", work / "fruit-actor", dirs_exist_ok=True)
+    (work / "fruit_prompts.jsonl").write_text(json.dumps({"prompt": "List some fruits:"}) + "\n")
+    (work / "agent.yaml").write_text(
+        "models: {actor: fruit-actor}\n"
+        "data: {train: fruit_prompts.jsonl}\n"
+        "algorithm: {name: grpo, beta: 0.05}\n"
+        "rollout: {max_new_tokens: 8, temperature: 0.9, n: 4, env: 'agent_envs:AppleRounds', max_turns: 2,\n"
+        "          max_observation_tokens: 16}\n"
+        "batch: {rollout_batch_size: 16, mini_batch_size: 8}\n"
+        "optim: {actor_lr: 1.0e-3}\n"
+        "train: {steps: 4, log_every: 1, save_every: 2, keep_checkpoints: 2, n_samples: 0}\n")
+    tests_dir = str(Path(__file__).parent)  # agent_envs
+    _run([sys.executable, "-m", "quartet", "grpo", "--config", "agent.yaml", "--output", "agent-1proc"], work,
+         "agent-1proc.log", PYTHONPATH=tests_dir)
+    dump = work / "agent-ranks"
+    _run([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(RANK_DUMP), "grpo",
+          "--config", "agent.yaml", "--output", "agent-2proc"], work, "agent-2proc.log",
+         QUARTET_TEST_RANK_DUMP=str(dump), PYTHONPATH=tests_dir)
+    assert_ranks_identical(dump, "final")
+    assert_weights_close(work / "agent-1proc" / "final", work / "agent-2proc" / "final")
+    assert_metrics_close(work / "agent-1proc" / "metrics.jsonl", work / "agent-2proc" / "metrics.jsonl")
+    records = read_metrics(work / "agent-2proc" / "metrics.jsonl")
+    assert max(r["turns/mean"] for r in records) > 1.0  # some episodes took a second turn
+    resume_on_one_process(work, "grpo", work / "agent-2proc", 2, ("final",), config="agent.yaml", PYTHONPATH=tests_dir)

@@ -112,6 +112,8 @@ REWARD_STEPS = 150
 PPO_STEPS = 40
 GRPO_STEPS = 30
 DPO_STEPS = 80
+AGENT_STEPS = 20
+COMMANDS = {"agent": "grpo"}  # runs named apart from the command that runs them
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +160,26 @@ def work(tmp_path_factory) -> Path:
         "batch: {rollout_batch_size: 16, mini_batch_size: 8}\n"
         "optim: {actor_lr: 1.0e-3}\n"
         f"train: {{steps: {GRPO_STEPS}, log_every: 1, save_every: 1, sample_every: 5, n_samples: 2}}\n")
+    # multi-turn episodes (GRPO) with a seeded environment, from the SFT run's model (it has learnt to stop,
+    # so episodes take a second turn): the environments' draws must replay after a resume
+    (root / "kill_envs.py").write_text(
+        "class NextNumber:\n"
+        "    def __init__(self, rng):\n"
+        "        self.digit, self.turn = str(rng.randrange(10)), 0\n"
+        "    def reset(self):\n"
+        "        return None\n"
+        "    def step(self, action):\n"
+        "        self.turn += 1\n"
+        "        reward = float(self.digit in action)\n"
+        "        return ('And after that?', reward, False) if self.turn < 2 else (None, reward, True)\n")
+    (root / "agent.yaml").write_text(
+        "models: {actor: sft-straight/final}\n"
+        "data: {train: prompts.jsonl}\n"
+        "algorithm: {name: grpo, beta: 0.05}\n"
+        "rollout: {max_new_tokens: 6, n: 4, env: 'kill_envs:NextNumber', max_turns: 3, max_observation_tokens: 16}\n"
+        "batch: {rollout_batch_size: 16, mini_batch_size: 8}\n"
+        "optim: {actor_lr: 1.0e-3}\n"
+        f"train: {{steps: {AGENT_STEPS}, log_every: 1, save_every: 1, sample_every: 5, n_samples: 2}}\n")
     # DPO from the saved actor on the reward model's preference pairs; the live reference is a copy
     # of the starting model, which a resumed run must rebuild from model.path, not from the checkpoint
     (root / "dpo.yaml").write_text(
@@ -171,9 +193,10 @@ def work(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def straight(work) -> dict[str, Path]:
     """Each stage run once, uninterrupted."""
-    stages = ("sft", "reward", "ppo", "grpo", "dpo")
+    stages = ("sft", "reward", "ppo", "grpo", "dpo", "agent")
     for stage in stages:
-        done = _run(_quartet(stage, "--config", f"{stage}.yaml", "--output", f"{stage}-straight"), work, f"{stage}.log")
+        done = _run(_quartet(COMMANDS.get(stage, stage), "--config", f"{stage}.yaml", "--output", f"{stage}-straight"),
+                    work, f"{stage}.log")
         assert done.returncode == 0, (work / f"{stage}.log").read_text()[-3000:]
     return {stage: work / f"{stage}-straight" for stage in stages}
 
@@ -184,17 +207,20 @@ def straight(work) -> dict[str, Path]:
     ("ppo", PPO_STEPS, ("final", "final_critic")),
     ("grpo", GRPO_STEPS, ("final",)),
     ("dpo", DPO_STEPS, ("final",)),
+    ("agent", AGENT_STEPS, ("final",)),
 ])
 def test_sigkill_at_a_random_step_then_resume_is_bit_identical(work, straight, stage, last_step, models):
     out = work / f"{stage}-killed"
-    cmd = _quartet(stage, "--config", f"{stage}.yaml", "--output", out.name)
+    cmd = _quartet(COMMANDS.get(stage, stage), "--config", f"{stage}.yaml", "--output", out.name)
     _interrupt(cmd, work, out / "metrics.jsonl", last_step, signal.SIGKILL, f"{stage}-killed.log")
     assert not (out / "summary.json").exists()
     resumed = _run([*cmd, "--resume"], work, f"{stage}-resumed.log")
     assert resumed.returncode == 0, (work / f"{stage}-resumed.log").read_text()[-3000:]
     assert not list((out / "checkpoints").glob(".tmp-*")), "a half-written checkpoint was left behind"
     assert_same_run(straight[stage], out, models)
-    if stage in ("ppo", "grpo"):  # the sample log is cut back to the checkpoint too
+    if stage == "agent":
+        assert max(r["turns/mean"] for r in read_metrics(out / "metrics.jsonl")) > 1.0  # episodes of several turns
+    if stage in ("ppo", "grpo", "agent"):  # the sample log is cut back to the checkpoint too
         a = (straight[stage] / "samples.jsonl").read_text().splitlines()
         b = (out / "samples.jsonl").read_text().splitlines()
         assert [json.loads(x)["step"] for x in a] == [json.loads(x)["step"] for x in b]

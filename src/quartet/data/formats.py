@@ -173,7 +173,8 @@ def _margin(row: Row) -> float | None:
 # ----------------------------------------------------------------------------- chat rendering
 
 
-def _render(row: Row, tokenizer: Any, messages: Messages, add_generation_prompt: bool, name: str) -> str:
+def _render(row: Row, tokenizer: Any, messages: Messages, add_generation_prompt: bool, name: str,
+            tools: list[dict] | None = None) -> str:
     if tokenizer is None:
         raise row.error(f"field '{name}' holds messages, which need a tokenizer's chat template to render: pass "
                         f"the tokenizer to the parser/loader", name)
@@ -181,7 +182,8 @@ def _render(row: Row, tokenizer: Any, messages: Messages, add_generation_prompt:
         raise row.error(f"field '{name}' holds messages but the tokenizer has no chat template (give it one, e.g. "
                         f"quartet.models.tokenizer.ensure_chat_template(tokenizer))", name)
     try:
-        text = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt)
+        text = tokenizer.apply_chat_template(messages, tools=tools, tokenize=False,
+                                             add_generation_prompt=add_generation_prompt)
     except Exception as e:  # jinja errors: the template rejected these messages
         raise row.error(f"field '{name}': the chat template cannot render these messages "
                         f"({type(e).__name__}: {e})", name) from None
@@ -371,14 +373,15 @@ def parse_preference_row(row: Row, tokenizer: Any = None) -> PreferenceExample |
 # ----------------------------------------------------------------------------- prompts
 
 
-def parse_prompt_row(row: Row, tokenizer: Any = None) -> PromptExample:
-    """A PromptExample from `row` (text as-is; messages rendered with the generation prompt)."""
+def parse_prompt_row(row: Row, tokenizer: Any = None, tools: list[dict] | None = None) -> PromptExample:
+    """A PromptExample from `row` (text as-is; messages rendered with the generation prompt and, for an
+    agent with tools, the tools' schemas)."""
     columns = {k: v for k, v in row.data.items() if k not in ("prompt", "messages")}
     if _present(row, "prompt"):
         value = _text_or_messages(row, "prompt", PROMPT_HINT)
         if isinstance(value, str):
             return PromptExample(prompt=value, columns=columns)
-        return PromptExample(prompt=_render(row, tokenizer, value, True, "prompt"), columns=columns)
+        return PromptExample(prompt=_render(row, tokenizer, value, True, "prompt", tools), columns=columns)
     if _present(row, "messages"):
         value = row.data["messages"]
         if not isinstance(value, (list, tuple)):
@@ -390,7 +393,7 @@ def parse_prompt_row(row: Row, tokenizer: Any = None) -> PromptExample:
         if not messages:
             raise row.error("field 'messages' holds only an assistant reply, so there is no prompt to generate from",
                             "messages")
-        return PromptExample(prompt=_render(row, tokenizer, messages, True, "messages"), columns=columns)
+        return PromptExample(prompt=_render(row, tokenizer, messages, True, "messages", tools), columns=columns)
     raise _missing(row, "prompt", f"{PROMPT_HINT}; the row has {_fields(row)}")
 
 
@@ -432,6 +435,7 @@ def load_preference_examples(path: str | Path, tokenizer: Any = None,
     return examples, skipped
 
 
-def load_prompts(path: str | Path, tokenizer: Any = None, split: str | None = None) -> list[PromptExample]:
+def load_prompts(path: str | Path, tokenizer: Any = None, split: str | None = None,
+                 tools: list[dict] | None = None) -> list[PromptExample]:
     """Read and parse every prompt row of `path` (see parse_prompt_row); raises DataError at the first bad row."""
-    return [parse_prompt_row(row, tokenizer) for row in read_rows(path, split=split)]
+    return [parse_prompt_row(row, tokenizer, tools) for row in read_rows(path, split=split)]

@@ -9,6 +9,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quartet.config import RLConfig
 from quartet.data import TruncationStats, load_prompts, tokenize_prompt_examples
+from quartet.envs import load_tools, tool_schema
 from quartet.models.loading import load_causal_lm, load_scalar_model
 from quartet.models.shared_prompt import prompt_sharing_supported
 from quartet.rl.algorithms import Algorithm
@@ -23,9 +24,11 @@ def load_rl_prompts(cfg: RLConfig, tokenizer: PreTrainedTokenizerBase
     """The training prompts and the held-out ones (data.eval, or data.eval_fraction of data.train), with
     their dataset columns; the training prompts' truncation counts."""
     d = cfg.data
+    # an agent's tools are described to the model where the chat template renders them
+    tools = [tool_schema(fn) for fn in load_tools(cfg.rollout.tools)] if cfg.rollout.tools else None
 
     def rows(path: str, limit: int | None = None) -> tuple[list[PromptRow], TruncationStats]:
-        examples = load_prompts(path, tokenizer)[:limit]
+        examples = load_prompts(path, tokenizer, tools=tools)[:limit]
         kept, stats = tokenize_prompt_examples(examples, tokenizer, d.max_prompt_length)
         return [(ids, example.columns) for ids, example in kept], stats
 
