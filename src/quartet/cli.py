@@ -236,15 +236,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if rest and not rest[0].startswith("--"):
         parser.error(f"unexpected argument '{rest[0]}'")
-    from quartet.runs.faults import NumericalFault, TrainingInterrupted
+    from quartet.runs.faults import NumericalFault, TrainingInterrupted, say
 
     try:
         handlers[args.command](args, rest)
     except TrainingInterrupted as stop:
-        print(str(stop), file=sys.stderr)
+        say(str(stop))  # its checkpoint is written: a terminal that is gone must not turn this into a crash
         return 128 + stop.signum
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say("interrupted")
         return 130
     except NumericalFault as err:
         print(f"error: {err}", file=sys.stderr)
