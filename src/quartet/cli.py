@@ -24,16 +24,17 @@ def _add_stage(sub, name: str, help_text: str, config_name: str | None = None) -
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--output", help="run directory (same as --run.output_dir)")
-    parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint; "
+                                                              "without --config, with the config the run wrote there")
     return parser
 
 
 def _stage_config(config_cls, args, overrides: list[str]):
-    from quartet.config import load_config
+    from quartet.config import load_run_config
 
     if args.output:
         overrides = [*overrides, "--run.output_dir", args.output]
-    return load_config(config_cls, args.config, overrides)
+    return load_run_config(config_cls, args.config, overrides, resume=args.resume)  # --resume: the run's own config
 
 
 def _cmd_sft(args, overrides: list[str]) -> None:

@@ -12,6 +12,7 @@ import torch
 from pydantic import BaseModel
 
 from quartet.config import dump_config
+from quartet.config.loading import RUN_CONFIG
 from quartet.models.loading import save_model
 from quartet.runs.checkpoint import latest_checkpoint, write_atomically
 from quartet.runs.distributed import Ranks, make_accelerator
@@ -64,7 +65,7 @@ class Run:
             if not self.resume_from:  # a fresh start: drop logs of an earlier, unfinished attempt
                 for log in ("metrics.jsonl", "samples.jsonl"):
                     (self.dir / log).unlink(missing_ok=True)
-            dump_config(self.config, self.dir / "config.yaml")
+            dump_config(self.config, self.dir / RUN_CONFIG)
         self._metrics = MetricsLogger(self.dir, enabled=self.ranks.is_main)
         self.ranks.barrier()  # the directory exists for every rank from here on
         return self
