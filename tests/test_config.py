@@ -195,6 +195,9 @@ def test_resume_with_another_algorithm_or_model_is_refused_by_key(tmp_path, caps
     assert "algorithm.name (the run's 'grpo', here 'ppo')" in capsys.readouterr().err
     assert main(["grpo", "--output", str(run_dir), "--resume", "--models.actor", "other/final"]) == 2
     assert "models.actor (the run's 'sft/final', here 'other/final')" in capsys.readouterr().err
+    _, _, sft_run = _written_run(tmp_path, "sft")  # built from the tiny preset: a path would clash with it
+    assert main(["sft", "--output", str(sft_run), "--resume", "--model.path", "sft/final"]) == 2
+    assert "model.path (the run's None, here 'sft/final')" in capsys.readouterr().err
     # the long form is checked the same way: a --config of another run cannot continue this one
     other = tmp_path / "other.yaml"
     other.write_text(yaml.safe_dump({**RESUMABLE["grpo"][1], "run": {"seed": 3}, "rollout": {"n": 4}}))

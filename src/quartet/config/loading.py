@@ -249,11 +249,11 @@ def _dotted_value(dump: dict, dotted: str) -> Any:
     return node
 
 
-def _check_resume_keeps(run_config: BaseModel, config: BaseModel, source: Path) -> None:
-    """Raise ConfigError naming every key of RESUME_LOCKED_KEYS whose value differs from the run's."""
-    before, after = run_config.model_dump(mode="json"), config.model_dump(mode="json")
-    changed = [f"{key} (the run's {_dotted_value(before, key)!r}, here {_dotted_value(after, key)!r})"
-               for key in RESUME_LOCKED_KEYS if _dotted_value(before, key) != _dotted_value(after, key)]
+def _check_resume_keeps(run: dict, values: dict[str, Any], source: Path) -> None:
+    """Raise ConfigError naming every key of RESUME_LOCKED_KEYS whose value in `values` differs from
+    the run's (`run`: the run's config, dumped)."""
+    changed = [f"{key} (the run's {_dotted_value(run, key)!r}, here {value!r})"
+               for key, value in values.items() if key in RESUME_LOCKED_KEYS and _dotted_value(run, key) != value]
     if changed:
         raise ConfigError(f"--resume continues the run whose config is {source}, and these keys fix what its "
                           f"checkpoints mean: {', '.join(changed)}; keep the run's values, or start a new run "
@@ -291,8 +291,11 @@ def load_run_config(config_cls: type[ConfigT], path: str | Path | None = None,
     except ConfigError as err:
         raise ConfigError(f"{saved_path} does not load as this command's config (is it another stage's run?): "
                           f"{err}") from None
+    run = run_config.model_dump(mode="json")
+    _check_resume_keeps(run, overrides, saved_path)  # first, so that it, not a check it trips, is named
     config = build_config(config_cls, data if path else saved, overrides)
-    _check_resume_keeps(run_config, config, saved_path)
+    after = config.model_dump(mode="json")
+    _check_resume_keeps(run, {key: _dotted_value(after, key) for key in RESUME_LOCKED_KEYS}, saved_path)
     return config
 
 
