@@ -7,6 +7,7 @@ training starts, and must leave an output directory that already holds work byte
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -31,10 +32,14 @@ def _snapshot(root: Path) -> dict[str, bytes]:
 
 @pytest.fixture
 def earlier_run(tmp_path) -> Path:
-    """An output directory holding an unfinished earlier run: its files must survive a bad start."""
+    """An output directory holding an unfinished earlier run: its files must survive a bad start.
+
+    Its checkpoint was torn mid-write (no COMPLETE marker): over a complete one, a start without
+    --resume is refused before the inputs are read (`test_a_fresh_start_over_an_interrupted_run_is_refused`).
+    """
     out = tmp_path / "out"
     (out / "checkpoints" / "step-3").mkdir(parents=True)
-    (out / "checkpoints" / "step-3" / "COMPLETE").write_text("ok\n")
+    (out / "checkpoints" / "step-3" / "model.safetensors").write_text("half\n")
     (out / "metrics.jsonl").write_text('{"step": 1, "train/loss": 2.0}\n')
     (out / "config.yaml").write_text("run: {seed: 7}\n")
     return out
@@ -246,3 +251,37 @@ def test_resume_of_a_finished_run_and_a_fresh_start_over_one(tmp_path, capsys):
     assert main([*argv, "--resume"]) == 2 and "already finished; nothing to resume" in capsys.readouterr().err
     assert main(argv) == 2 and "already holds a finished sft run" in capsys.readouterr().err
     assert _snapshot(tmp_path / "done") == finished
+
+
+def test_a_fresh_start_over_an_interrupted_run_is_refused(tmp_path, capsys):
+    """A run stopped after its step-2 checkpoint: starting the same command again without --resume would
+    begin at step 0 and rotate that checkpoint out; it is refused, and the short `--resume` continues it."""
+    data = _jsonl(tmp_path / "d.jsonl", GOOD_SFT)
+    out = tmp_path / "stopped"
+    argv = [*_sft(data, "--train.max_steps", "4", "--train.save_every", "2", "--data.eval_fraction", "0"),
+            "--output", str(out)]
+    assert main(argv) == 0
+    assert [p.name for p in (out / "checkpoints").iterdir()] == ["step-2"]  # the last step saves final/ instead
+    shutil.rmtree(out / "final")  # as if killed during step 3 or 4
+    (out / "summary.json").unlink()
+    before = _snapshot(out)
+    capsys.readouterr()
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert err == (f"error: {out} holds an interrupted sft run (its checkpoint {out}/checkpoints/step-2); "
+                   "continue it with --resume, or choose another --output\n")
+    assert _snapshot(out) == before
+    assert main(["sft", "--output", str(out), "--resume"]) == 0  # the run's own config.yaml: no other argument
+    stdout = capsys.readouterr().out
+    assert f"[sft] resuming from {out}/checkpoints/step-2 (step 2 of 4)" in stdout
+    assert "[sft] 2 steps in " in stdout and "s (resumed at step 2); model in" in stdout
+    assert json.loads((out / "summary.json").read_text())["steps"] == 4
+
+
+def test_resume_with_no_checkpoint_says_it_starts_fresh(tmp_path, capsys):
+    data = _jsonl(tmp_path / "d.jsonl", GOOD_SFT)
+    out = tmp_path / "new"
+    assert main([*_sft(data, "--train.max_steps", "2", "--data.eval_fraction", "0"), "--output", str(out), "--resume"]) == 0
+    stdout = capsys.readouterr().out
+    assert f"[sft] no checkpoint in {out}: starting fresh\n" in stdout
+    assert "[sft] resuming from" not in stdout and "(resumed at step" not in stdout and "[sft] 2 steps in " in stdout

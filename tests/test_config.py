@@ -3,7 +3,19 @@
 import pytest
 import yaml
 
-from quartet.config import ConfigError, RewardConfig, RLConfig, SFTConfig, dump_config, load_config, parse_overrides
+from quartet.cli import main
+from quartet.config import (
+    ConfigError,
+    DPOConfig,
+    RewardConfig,
+    RLConfig,
+    SFTConfig,
+    build_config,
+    dump_config,
+    load_config,
+    load_run_config,
+    parse_overrides,
+)
 from quartet.stages.pipeline import build_pipeline_configs
 
 
@@ -123,3 +135,80 @@ def test_pipeline_wires_each_stage_to_the_previous_one(tmp_path):
     assert ppo.train.steps == 7 and sft.run.output_dir == str(tmp_path / "sft")
     with pytest.raises(ConfigError, match="pipeline section 'reward': unknown config key 'train.lrr'"):
         build_pipeline_configs({"reward": {"train": {"lrr": 1}}})
+
+
+# --------------------------------------------------------------------------- --resume: the run's own config
+
+RESUMABLE = {  # command -> the config its run writes (an RL command's algorithm, from the command or the file)
+    "sft": (SFTConfig, {"data": {"train": "d.jsonl"}, "train": {"batch_size": 4}}),
+    "reward": (RewardConfig, {"data": {"train": "p.jsonl"}}),
+    "dpo": (DPOConfig, {"model": {"path": "sft/final"}, "data": {"train": "p.jsonl"}}),
+    "ppo": (RLConfig, {"models": {"actor": "sft/final", "reward": "rm/final"}, "data": {"train": "q.jsonl"}}),
+    "grpo": (RLConfig, {"algorithm": {"name": "grpo"}, "models": {"actor": "sft/final", "reward_fn": "m:f"},
+                        "data": {"train": "q.jsonl"}, "batch": {"rollout_batch_size": 16}}),
+    "rloo": (RLConfig, {"algorithm": {"name": "rloo"}, "models": {"actor": "sft/final", "reward_fn": "m:f"},
+                        "data": {"train": "q.jsonl"}}),
+    "reinforce": (RLConfig, {"algorithm": {"name": "reinforce++"}, "models": {"actor": "sft/final", "reward_fn": "m:f"},
+                             "data": {"train": "q.jsonl"}}),
+    "rl": (RLConfig, {"preset": "dapo", "models": {"actor": "sft/final", "reward_fn": "m:f"}, "data": {"train": "q.jsonl"}}),
+}
+
+
+def _written_run(tmp_path, command: str):
+    """A run directory as `quartet COMMAND` leaves it: the resolved config in config.yaml."""
+    config_cls, data = RESUMABLE[command]
+    run_dir = tmp_path / command
+    run_dir.mkdir()
+    config = build_config(config_cls, {**data, "run": {"output_dir": str(run_dir), "seed": 3}})
+    dump_config(config, run_dir / "config.yaml")
+    return config_cls, config, run_dir
+
+
+@pytest.mark.parametrize("command", list(RESUMABLE))
+def test_resume_without_config_continues_with_the_run_s_own_config(tmp_path, command):
+    config_cls, written, run_dir = _written_run(tmp_path, command)
+    named = [] if command == "rl" else ["--algorithm.name", written.algorithm.name] if config_cls is RLConfig else []
+    steps = "--train.steps" if config_cls is RLConfig else "--train.max_steps"
+    loaded = load_run_config(config_cls, None, [*named, "--run.output_dir", str(run_dir), steps, "77",
+                                                "--train.log_every", "3"], resume=True)
+    expected = written.model_dump()
+    section = expected["train"]
+    section["steps" if config_cls is RLConfig else "max_steps"], section["log_every"] = 77, 3  # harmless: allowed
+    assert loaded.model_dump() == expected
+
+
+@pytest.mark.parametrize("command", list(RESUMABLE))
+def test_resume_refuses_overrides_that_change_what_the_checkpoints_mean(tmp_path, command, capsys):
+    config_cls, written, run_dir = _written_run(tmp_path, command)
+    shape = "--batch.mini_batch_size" if config_cls is RLConfig else "--train.batch_size"
+    before = (run_dir / "config.yaml").read_bytes()
+    code = main([command, "--output", str(run_dir), "--resume", "--run.seed", "4", shape, "2"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and err.startswith("error: --resume continues the run"), err
+    assert "run.seed (the run's 3, here 4)" in err and f"{shape[2:]} (the run's" in err and "another --output" in err
+    assert (run_dir / "config.yaml").read_bytes() == before and sorted(p.name for p in run_dir.iterdir()) == ["config.yaml"]
+
+
+def test_resume_with_another_algorithm_or_model_is_refused_by_key(tmp_path, capsys):
+    _, _, run_dir = _written_run(tmp_path, "grpo")
+    assert main(["ppo", "--output", str(run_dir), "--resume"]) == 2
+    assert "algorithm.name (the run's 'grpo', here 'ppo')" in capsys.readouterr().err
+    assert main(["grpo", "--output", str(run_dir), "--resume", "--models.actor", "other/final"]) == 2
+    assert "models.actor (the run's 'sft/final', here 'other/final')" in capsys.readouterr().err
+    _, _, sft_run = _written_run(tmp_path, "sft")  # built from the tiny preset: a path would clash with it
+    assert main(["sft", "--output", str(sft_run), "--resume", "--model.path", "sft/final"]) == 2
+    assert "model.path (the run's None, here 'sft/final')" in capsys.readouterr().err
+    # the long form is checked the same way: a --config of another run cannot continue this one
+    other = tmp_path / "other.yaml"
+    other.write_text(yaml.safe_dump({**RESUMABLE["grpo"][1], "run": {"seed": 3}, "rollout": {"n": 4}}))
+    assert main(["grpo", "--config", str(other), "--output", str(run_dir), "--resume"]) == 2
+    assert "rollout.n (the run's 8, here 4)" in capsys.readouterr().err
+
+
+def test_resume_of_a_directory_without_its_config_says_what_to_give(tmp_path, capsys):
+    assert main(["grpo", "--output", str(tmp_path / "none"), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert "models.actor is required" in err and "holds no config.yaml to resume with: give the run's config with --config FILE" in err
+    _, _, sft_run = _written_run(tmp_path, "sft")  # another stage's run
+    assert main(["grpo", "--output", str(sft_run), "--resume"]) == 2
+    assert "config.yaml does not load as this command's config (is it another stage's run?)" in capsys.readouterr().err

@@ -3,7 +3,10 @@ run with the last good checkpoint intact, and LoRA runs resume to the same weigh
 
 import json
 import math
+import os
 import shutil
+import signal
+import sys
 
 import pytest
 import torch
@@ -13,7 +16,7 @@ import quartet.stages.sft as sft_stage
 from quartet.cli import main
 from quartet.config import RLConfig, SFTConfig, build_config
 from quartet.runs.checkpoint import list_checkpoints
-from quartet.runs.faults import NumericalFault
+from quartet.runs.faults import GracefulStop, NumericalFault, say
 from quartet.runs.metrics import read_metrics
 from quartet.stages.rl import run_rl
 from quartet.stages.sft import run_sft
@@ -136,3 +139,44 @@ def test_lora_run_resumes_from_its_adapter_checkpoint_to_the_same_weights(tmp_pa
     assert all(torch.equal(a[k], b[k]) for k in a)
     steps = [r["step"] for r in read_metrics(tmp_path / "resumed" / "run" / "metrics.jsonl")]
     assert min(steps) == 4 and max(steps) == 6  # only the steps after the checkpoint were run here
+
+
+def _pipe_without_reader():
+    """A text stream writing into a pipe whose reader is gone, as after Ctrl-C under `quartet ... | tee log`."""
+    read_end, write_end = os.pipe()
+    os.close(read_end)
+    return open(write_end, "w")
+
+
+def _points_at_devnull(stream) -> bool:
+    here, devnull = os.fstat(stream.fileno()), os.stat(os.devnull)
+    return (here.st_dev, here.st_ino) == (devnull.st_dev, devnull.st_ino)
+
+
+def test_the_stop_flag_is_set_even_when_the_signal_s_message_cannot_be_written(monkeypatch):
+    broken = _pipe_without_reader()
+    with pytest.raises(BrokenPipeError):  # what the handler's print() used to raise inside the step
+        os.write(broken.fileno(), b"x")
+    monkeypatch.setattr(sys, "stderr", broken)
+    with GracefulStop() as stop:
+        stop._handle(signal.SIGINT, None)  # must not raise
+        assert stop.requested and stop.signum == signal.SIGINT
+        assert _points_at_devnull(broken)  # later writes, from anyone holding the stream, go nowhere
+        with pytest.raises(KeyboardInterrupt):  # a second Ctrl-C still means now
+            stop._handle(signal.SIGINT, None)
+    broken.close()
+
+
+def test_writes_into_a_pipe_without_reader_go_nowhere_inside_a_run(monkeypatch):
+    broken = _pipe_without_reader()
+    monkeypatch.setattr(sys, "stdout", broken)
+    with GracefulStop():
+        print("a sample table" * 1000)  # more than the stream buffers: the write reaches the pipe
+        sys.stdout.flush()
+        assert _points_at_devnull(broken)
+    assert sys.stdout is broken  # the run's streams are given back as they were
+    last = _pipe_without_reader()
+    monkeypatch.setattr(sys, "stderr", last)
+    say("SIGINT received: stopped after step 3")  # the command's last line, after the checkpoint: it must not raise
+    assert _points_at_devnull(last)
+    last.close(), broken.close()

@@ -47,11 +47,12 @@ def _last_logged_step(metrics: Path) -> int:
     return records[-1]["step"] if records else -1
 
 
-def wait_until_logged(proc: subprocess.Popen, watch: Path, step: int, log: Path, timeout: float = TIMEOUT) -> None:
+def wait_until_logged(proc: subprocess.Popen, watch: Path, step: int, log: Path | None, timeout: float = TIMEOUT) -> None:
     """Poll `watch` (a metrics.jsonl) until it logs `step`; fail if `proc` ends first or time runs out."""
     deadline = time.monotonic() + timeout
     while _last_logged_step(watch) < step:
-        assert proc.poll() is None, f"the run ended (rc {proc.returncode}) before step {step}: " + log.read_text()[-2000:]
+        assert proc.poll() is None, (f"the run ended (rc {proc.returncode}) before step {step}: "
+                                     + (log.read_text()[-2000:] if log else ""))
         assert time.monotonic() < deadline, "timed out waiting for the run"
         time.sleep(0.002)
 
@@ -252,6 +253,39 @@ def test_sigterm_exit_status_is_128_plus_the_signal(work):
             time.sleep(0.002)
         proc.send_signal(signal.SIGTERM)
         assert proc.wait(timeout=TIMEOUT) == 128 + signal.SIGTERM
+
+
+@pytest.mark.parametrize("stage,steps", [("sft", 40), ("grpo", 20)])
+def test_ctrl_c_with_the_output_pipe_gone_saves_a_checkpoint_and_resumes_by_its_directory(work, stage, steps):
+    """`quartet STAGE ... 2>&1 | tee log`, then Ctrl-C: the signal kills `tee` too, so every write to
+    stdout or stderr (the signal's own message, the progress bar, the closing line) meets a pipe with
+    no reader. The run still finishes its step, writes its checkpoint and exits 130; then
+    `quartet STAGE --output RUN --resume`, without the original arguments, continues it to the end."""
+    out = work / f"{stage}-pipe"
+    steps_key = "--train.max_steps" if stage == "sft" else "--train.steps"
+    cmd = _quartet(stage, "--config", f"{stage}.yaml", "--output", out.name, steps_key, str(steps),
+                   "--train.save_every", "1000")  # the only checkpoint is the one the signal asks for
+    env = {**_env(), "QUARTET_PROGRESS": "1"}  # the progress bar writes into the dead pipe too
+    proc = subprocess.Popen(cmd, cwd=work, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    try:
+        wait_until_logged(proc, out / "metrics.jsonl", 2, None)
+        proc.stdout.close()  # the pipe's reader is gone...
+        proc.stderr.close()
+        proc.send_signal(signal.SIGINT)  # ...when the signal arrives
+        assert proc.wait(timeout=TIMEOUT) == 128 + signal.SIGINT
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    stopped = _last_logged_step(out / "metrics.jsonl")
+    assert 2 <= stopped < steps
+    assert [step for step, _ in list_checkpoints(out / "checkpoints")] == [stopped]
+    resumed = _run(_quartet(stage, "--output", out.name, "--resume"), work, f"{stage}-pipe-resumed.log")
+    log = (work / f"{stage}-pipe-resumed.log").read_text()
+    assert resumed.returncode == 0, log[-3000:]
+    assert f"resuming from {out.name}/checkpoints/step-{stopped} (step {stopped} of {steps})" in log
+    assert f"{steps - stopped} steps in " in log and f"(resumed at step {stopped})" in log
+    assert read_metrics(out / "metrics.jsonl")[-1]["step"] == steps
+    assert json.loads((out / "summary.json").read_text())["steps"] == steps
 
 
 def test_demo_killed_in_any_stage_resumes_to_the_same_result(tmp_path):

@@ -24,16 +24,17 @@ def _add_stage(sub, name: str, help_text: str, config_name: str | None = None) -
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file")
     parser.add_argument("--output", help="run directory (same as --run.output_dir)")
-    parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint")
+    parser.add_argument("--resume", action="store_true", help="continue from the run directory's latest checkpoint; "
+                                                              "without --config, with the config the run wrote there")
     return parser
 
 
 def _stage_config(config_cls, args, overrides: list[str]):
-    from quartet.config import load_config
+    from quartet.config import load_run_config
 
     if args.output:
         overrides = [*overrides, "--run.output_dir", args.output]
-    return load_config(config_cls, args.config, overrides)
+    return load_run_config(config_cls, args.config, overrides, resume=args.resume)  # --resume: the run's own config
 
 
 def _cmd_sft(args, overrides: list[str]) -> None:
@@ -236,15 +237,15 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if rest and not rest[0].startswith("--"):
         parser.error(f"unexpected argument '{rest[0]}'")
-    from quartet.runs.faults import NumericalFault, TrainingInterrupted
+    from quartet.runs.faults import NumericalFault, TrainingInterrupted, say
 
     try:
         handlers[args.command](args, rest)
     except TrainingInterrupted as stop:
-        print(str(stop), file=sys.stderr)
+        say(str(stop))  # its checkpoint is written: a terminal that is gone must not turn this into a crash
         return 128 + stop.signum
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
+        say("interrupted")
         return 130
     except NumericalFault as err:
         print(f"error: {err}", file=sys.stderr)

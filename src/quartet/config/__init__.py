@@ -11,11 +11,13 @@ the `--help` listing in `loading.py`; everything public is importable from here.
 from quartet.config.loading import (
     LEGACY_PPO_KEYS,
     LEGACY_RL_SECTIONS,
+    RESUME_LOCKED_KEYS,
     build_config,
     describe_config,
     dump_config,
     legacy_key,
     load_config,
+    load_run_config,
     parse_overrides,
     read_yaml,
 )
@@ -47,10 +49,10 @@ from quartet.config.sections import (
 )
 
 __all__ = [
-    "LEGACY_PPO_KEYS", "LEGACY_RL_SECTIONS", "RL_PRESETS", "AlgorithmConfig", "BatchConfig", "ConfigError",
+    "LEGACY_PPO_KEYS", "LEGACY_RL_SECTIONS", "RESUME_LOCKED_KEYS", "RL_PRESETS", "AlgorithmConfig", "BatchConfig", "ConfigError",
     "DataConfig", "DPOConfig", "DPOLossConfig", "LoopConfig", "LoraConfig", "ModelConfig", "OptimConfig",
     "PromptDataConfig", "RewardConfig", "RewardLossConfig", "RLConfig", "RLModelsConfig", "RLTrainConfig",
     "RolloutConfig", "RunSection", "SamplingConfig", "Section", "SFTConfig", "StageConfig", "TrainConfig",
     "apply_rl_preset", "build_config", "describe_config", "dump_config", "legacy_key", "load_config",
-    "parse_overrides", "read_yaml",
+    "load_run_config", "parse_overrides", "read_yaml",
 ]

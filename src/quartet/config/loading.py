@@ -227,6 +227,78 @@ def load_config(config_cls: type[ConfigT], path: str | Path | None = None, overr
     return build_config(config_cls, data, parse_overrides(override_args or []))
 
 
+# Keys a resumed run keeps: they fix what its checkpoints mean (the models they hold or start from,
+# the objective their optimizer state follows, the seed their RNG state continues, the shape of a
+# step their data position counts). Anything else may change on --resume (train.steps to extend
+# the run, logging, checkpoint intervals...).
+RESUME_LOCKED_KEYS = (
+    "model.path", "model.preset", "model.tokenizer_path", "model.vocab_size",
+    "models.actor", "models.reference", "models.reward", "models.critic", "models.critic_init", "models.shared_trunk",
+    "lora.enabled", "lora.r", "lora.alpha", "lora.target_modules", "dpo.reference",
+    "preset", "algorithm.name", "dpo.loss_type", "run.seed",
+    "train.batch_size", "train.grad_accum",
+    "batch.rollout_batch_size", "batch.mini_batch_size", "batch.grad_accum", "batch.ppo_epochs", "rollout.n",
+)
+RUN_CONFIG = "config.yaml"  # the resolved config a run writes into its directory
+
+
+def _dotted_value(dump: dict, dotted: str) -> Any:
+    node: Any = dump
+    for part in dotted.split("."):
+        node = node.get(part) if isinstance(node, dict) else None
+    return node
+
+
+def _check_resume_keeps(run: dict, values: dict[str, Any], source: Path) -> None:
+    """Raise ConfigError naming every key of RESUME_LOCKED_KEYS whose value in `values` differs from
+    the run's (`run`: the run's config, dumped)."""
+    changed = [f"{key} (the run's {_dotted_value(run, key)!r}, here {value!r})"
+               for key, value in values.items() if key in RESUME_LOCKED_KEYS and _dotted_value(run, key) != value]
+    if changed:
+        raise ConfigError(f"--resume continues the run whose config is {source}, and these keys fix what its "
+                          f"checkpoints mean: {', '.join(changed)}; keep the run's values, or start a new run "
+                          "with another --output")
+
+
+def load_run_config(config_cls: type[ConfigT], path: str | Path | None = None,
+                    override_args: list[str] | None = None, resume: bool = False) -> ConfigT:
+    """A stage's config as its command builds it: `load_config`, plus what `--resume` needs.
+
+    On `resume` the run directory's own config.yaml (the resolved config the run wrote) is read:
+    without `path` it is the base the command-line overrides go on top of, so
+    `quartet grpo --output RUN --resume` continues RUN as it was started; either way the keys in
+    RESUME_LOCKED_KEYS must keep the run's values. A directory without config.yaml resumes nothing:
+    the config comes from `path` and the overrides alone.
+    """
+    overrides = parse_overrides(override_args or [])
+    data = read_yaml(path) if path else {}
+    if not resume:
+        return build_config(config_cls, data, overrides)
+    run_dir = overrides.get("run.output_dir") or _dotted_value(data, "run.output_dir") \
+        or config_cls.model_fields["run"].default.output_dir
+    saved_path = Path(run_dir) / RUN_CONFIG
+    if not saved_path.is_file():
+        try:
+            return build_config(config_cls, data, overrides)
+        except ConfigError as err:
+            if path:
+                raise
+            raise ConfigError(f"{err} ({run_dir} holds no {RUN_CONFIG} to resume with: give the run's config "
+                              "with --config FILE)") from None
+    saved = read_yaml(saved_path)
+    try:
+        run_config = build_config(config_cls, saved)
+    except ConfigError as err:
+        raise ConfigError(f"{saved_path} does not load as this command's config (is it another stage's run?): "
+                          f"{err}") from None
+    run = run_config.model_dump(mode="json")
+    _check_resume_keeps(run, overrides, saved_path)  # first, so that it, not a check it trips, is named
+    config = build_config(config_cls, data if path else saved, overrides)
+    after = config.model_dump(mode="json")
+    _check_resume_keeps(run, {key: _dotted_value(after, key) for key in RESUME_LOCKED_KEYS}, saved_path)
+    return config
+
+
 def dump_config(config: BaseModel, path: str | Path) -> None:
     """Write the resolved config as YAML (every field, defaults included)."""
     Path(path).write_text(yaml.safe_dump(config.model_dump(mode="json"), sort_keys=False), encoding="utf-8")

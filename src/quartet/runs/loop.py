@@ -195,6 +195,8 @@ class RunLoop:
         if ranks.is_main:  # lines logged after this checkpoint are redone
             for log in job.logs:
                 truncate_jsonl_after(self.run.dir / log, job.step)
+        self.run.resumed_at = job.step
+        ranks.print(f"[{self.run.stage}] resuming from {checkpoint} (step {job.step} of {job.total_steps})")
 
     def report_memory(self) -> None:
         """Print what each rank holds: trained parameters and optimizer state (their local shards under

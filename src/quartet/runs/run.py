@@ -12,6 +12,7 @@ import torch
 from pydantic import BaseModel
 
 from quartet.config import dump_config
+from quartet.config.loading import RUN_CONFIG
 from quartet.models.loading import save_model
 from quartet.runs.checkpoint import latest_checkpoint, write_atomically
 from quartet.runs.distributed import Ranks, make_accelerator
@@ -50,12 +51,20 @@ class Run:
             )
         if resume and (self.dir / "summary.json").exists():
             raise FileExistsError(f"{self.dir} holds a {stage} run that already finished; nothing to resume")
-        self.resume_from = latest_checkpoint(self.checkpoints_dir) if resume else None
+        latest = latest_checkpoint(self.checkpoints_dir)
+        if latest is not None and not resume:  # a fresh start would rotate its checkpoints out
+            raise FileExistsError(
+                f"{self.dir} holds an interrupted {stage} run (its checkpoint {latest}); continue it with "
+                "--resume, or choose another --output")
+        self.resume_from = latest if resume else None
+        self.resumed_at: int | None = None  # the step the run loop resumed at, once it has
         run_cfg = getattr(config, "run", None)
         self.ranks = Ranks(make_accelerator(getattr(run_cfg, "device", "auto")), getattr(run_cfg, "fsdp", None),
                            getattr(run_cfg, "fsdp_frozen", False), getattr(run_cfg, "fsdp_reshard_after_forward", None))
         self.device = self.ranks.device
         self._metrics: MetricsLogger | None = None
+        if resume and latest is None:
+            self.ranks.print(f"[{stage}] no checkpoint in {self.dir}: starting fresh")
 
     def start(self) -> "Run":
         """Create the directory, write config.yaml and open the metrics log (main rank only)."""
@@ -64,7 +73,7 @@ class Run:
             if not self.resume_from:  # a fresh start: drop logs of an earlier, unfinished attempt
                 for log in ("metrics.jsonl", "samples.jsonl"):
                     (self.dir / log).unlink(missing_ok=True)
-            dump_config(self.config, self.dir / "config.yaml")
+            dump_config(self.config, self.dir / RUN_CONFIG)
         self._metrics = MetricsLogger(self.dir, enabled=self.ranks.is_main)
         self.ranks.barrier()  # the directory exists for every rank from here on
         return self
@@ -82,6 +91,14 @@ class Run:
     @property
     def final_dir(self) -> Path:
         return self.dir / "final"
+
+    def steps_done(self, steps: int, seconds: float) -> str:
+        """What this process ran, for a stage's closing line: '30 steps in 5.6s', or after a resume
+        at step 20, '10 steps in 1.9s (resumed at step 20)' (`steps`: the run's count, `seconds`: this
+        process's time stepping)."""
+        if not self.resumed_at:
+            return f"{steps} steps in {seconds:.1f}s"
+        return f"{steps - self.resumed_at} steps in {seconds:.1f}s (resumed at step {self.resumed_at})"
 
     def save_final(self, model: Any, tokenizer: Any, name: str = "final",
                    state_dict: dict[str, Any] | None = None) -> Path:

@@ -382,13 +382,13 @@ def run_dpo(cfg: DPOConfig, resume: bool = False) -> dict[str, Any]:
                "loss_type": cfg.dpo.loss_type, "beta": cfg.dpo.beta, **result}
     run.write_summary(summary)
     run.close()
-    run.ranks.print(_summary_line(summary))
+    run.ranks.print(_summary_line(summary, run.steps_done(summary["steps"], summary["seconds"])))
     return summary
 
 
 
-def _summary_line(summary: dict[str, Any]) -> str:
-    line = f"[dpo] {summary['steps']} steps in {summary['seconds']:.1f}s"
+def _summary_line(summary: dict[str, Any], steps_done: str) -> str:
+    line = f"[dpo] {steps_done}"
     if "eval/rewards/accuracies" in summary:
         line += (f"; held-out accuracy {summary.get('initial_eval/rewards/accuracies', float('nan')):.3f} -> "
                  f"{summary['eval/rewards/accuracies']:.3f}, margin "

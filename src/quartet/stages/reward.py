@@ -157,7 +157,7 @@ def run_reward(cfg: RewardConfig, resume: bool = False) -> dict[str, Any]:
     run.write_summary(summary)
     run.close()
     acc = summary.get("eval/accuracy")
-    run.ranks.print(f"[reward] {summary['steps']} steps in {summary['seconds']:.1f}s"
+    run.ranks.print(f"[reward] {run.steps_done(summary['steps'], summary['seconds'])}"
           + (f"; held-out accuracy {summary.get('initial_eval/accuracy', float('nan')):.3f} -> {acc:.3f}" if acc is not None else "")
           + f"; score mean {mean:.3f} std {std:.3f}; model in {run.final_dir}")
     return summary

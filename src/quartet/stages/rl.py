@@ -406,7 +406,7 @@ def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     run.close()
     if history:
         kl = f"; KL to reference {summary['last/kl/ref']:.3f}" if "last/kl/ref" in summary else ""
-        run.ranks.print(f"[{algorithm.name}] {result['steps']} steps in {result['seconds']:.1f}s; score "
+        run.ranks.print(f"[{algorithm.name}] {run.steps_done(result['steps'], result['seconds'])}; score "
                         f"{summary['first/score/mean']:.3f} -> {summary['last/score/mean']:.3f}{kl}; "
                         f"actor in {run.final_dir}")
     return summary

@@ -99,13 +99,13 @@ def run_sft(cfg: SFTConfig, resume: bool = False) -> dict[str, Any]:
     run.write_summary(summary)
     run.close()
     if run.ranks.is_main:
-        _print_summary(summary)
+        _print_summary(summary, run.steps_done(summary["steps"], summary["seconds"]))
     return summary
 
 
-def _print_summary(summary: dict[str, Any]) -> None:
+def _print_summary(summary: dict[str, Any], steps_done: str) -> None:
     before, after = summary.get("initial_eval/loss"), summary.get("eval/loss")
-    line = f"[sft] {summary['steps']} steps in {summary['seconds']:.1f}s"
+    line = f"[sft] {steps_done}"
     if before is not None and after is not None:
         line += (f"; held-out loss {before:.3f} -> {after:.3f} "
                  f"(perplexity {summary['initial_eval/perplexity']:.1f} -> {summary['eval/perplexity']:.1f})")
