@@ -32,6 +32,9 @@ class ModelConfig(Section):
                                "'tiny' when neither path nor preset is set.")
     tokenizer_path: str | None = Field(None, description="Tokenizer directory; defaults to `path`.")
     vocab_size: int = Field(2048, gt=16, description="Vocabulary of the tokenizer trained for a preset.")
+    split_digits: bool = Field(True, description="The tokenizer trained for a preset gives every digit a token of its "
+                                                 "own (as Llama 3 and Qwen do), so numbers read digit by digit; false: "
+                                                 "BPE may merge digits into multi-digit tokens.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with a checkpoint (only for sources you trust).")
     allow_pickle: bool = Field(False, description="Allow loading non-safetensors (pickle) weights. Only for files you trust.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory, more time).")
