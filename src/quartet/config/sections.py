@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, model_validator
 
 
 class ConfigError(ValueError):
@@ -216,12 +216,21 @@ class RLModelsConfig(Section):
                           "**columns) -> scores, one per response (None for a row a function does not judge).")
     reward_weights: list[float] | None = Field(None, description="Weights of the reward functions (default 1 each).")
     critic: str | None = Field(None, description="Critic initialisation directory; default per critic_init (algorithms with a critic).")
-    critic_init: Literal["reward", "actor"] = Field("reward", description="Critic starts from the reward model (DeepSpeed-Chat) or the SFT model.")
+    critic_init: Literal["reward", "actor"] = Field("reward", description="Critic starts from the reward model (DeepSpeed-Chat) "
+                                                                          "or the SFT model; with reward functions and no "
+                                                                          "reward model, the SFT model unless set.")
     shared_trunk: bool = Field(False, description="The critic is a value head on the actor's own trunk: one trunk forward and "
                                                   "backward per update instead of two (changes the algorithm: the value loss "
                                                   "trains the actor's trunk; see README).")
     trust_remote_code: bool = Field(False, description="Run model code shipped with a checkpoint (only for sources you trust).")
     allow_pickle: bool = Field(False, description="Allow loading non-safetensors (pickle) weights. Only for files you trust.")
+    # set by RLConfig's check when critic_init was left at 'reward' with no reward model, so the run can say so
+    _critic_init_defaulted: bool = PrivateAttr(False)
+
+    @property
+    def critic_init_defaulted(self) -> bool:
+        """Whether the critic starts from the actor because critic_init was left unset with no reward model."""
+        return self._critic_init_defaulted
 
     @model_validator(mode="after")
     def _one_reward(self) -> "RLModelsConfig":
@@ -426,8 +435,11 @@ class RLConfig(StageConfig):
                              "the frozen trunk): turn one of them off")
         algorithm = self.algorithm.spec
         if self.needs_critic and m.critic_init == "reward" and not m.shared_trunk and not m.reward and not m.critic:
-            raise ValueError("models.critic_init is 'reward' but there is no reward model (reward_fn given): "
-                             "set models.critic_init=actor or models.critic")
+            if "critic_init" in m.model_fields_set:  # asked for outright (or by a preset): say so
+                raise ValueError("models.critic_init is 'reward' but there is no reward model (reward_fn given): "
+                                 "set models.critic_init=actor or models.critic")
+            m.critic_init = "actor"  # reward functions, no reward model: nothing else to start the critic from
+            m._critic_init_defaulted = True
         if not self.needs_critic and (m.critic or m.shared_trunk):
             setting = "models.critic" if m.critic else "models.shared_trunk"
             raise ValueError(f"algorithm {algorithm.name!r} has no critic: leave {setting} unset")
