@@ -18,7 +18,8 @@ losses are rl/dpo.py's.
   taken per pair (each chosen answer's mean token NLL, the RPO paper's normalisation), not as
   TRL's one token mean over a batch, which does not add up over micro-batches.
 - Metrics are TRL's: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies,
-  logps/chosen, logps/rejected, loss (nll_loss with RPO), as train/... and, at eval_every, eval/...
+  logps/chosen, logps/rejected, loss (nll_loss with RPO), as train/... and, at eval_every, eval/...;
+  rewards/accuracies counts a tie (chosen and rejected rewards equal, as at step 0) as half, not as wrong.
 
 Resume, signals, checkpoints, the non-finite guard and multi-process are SupervisedTrainer's and
 the run loop's; so is FSDP2 (`run.fsdp`): the policy is sharded as SFT's model is, and with
