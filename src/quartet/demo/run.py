@@ -14,8 +14,8 @@ import json
 import os
 import re
 import time
-from dataclasses import asdict, dataclass, replace
 from collections.abc import Callable
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
 
