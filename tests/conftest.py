@@ -63,3 +63,33 @@ def fruit(tmp_path_factory):
         "data": {"train": str(root / "sft.jsonl"), "eval_fraction": 0.05, "max_length": 32},
         "train": {"lr": 3e-3, "max_steps": 60, "batch_size": 16, "eval_every": 60}}))
     return root
+
+
+class RecordingBar:
+    """Stands in for quartet.runs.progress.progress_bar: records its total and how far it advanced."""
+
+    def __init__(self, total: int, desc: str, initial: int = 0, disable: bool = False):
+        self.total, self.desc, self.n, self.disable = total, desc, initial, disable
+        self.updates: list[int] = []
+
+    def update(self, n: int = 1) -> None:
+        self.updates.append(n)
+        self.n += n
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc) -> None:
+        pass
+
+
+@pytest.fixture
+def recording_bars():
+    """A progress_bar replacement (monkeypatch it where a module imported it) and the bars it made."""
+    bars: list[RecordingBar] = []
+
+    def make(*args, **kwargs) -> RecordingBar:
+        bars.append(RecordingBar(*args, **kwargs))
+        return bars[-1]
+
+    return make, bars

@@ -150,3 +150,27 @@ def test_settings():
     cfg = sft_overrides(FULL, "train.jsonl", "out/sft", seed=3)
     assert cfg["model"] == {"preset": FULL.preset, "vocab_size": FULL.vocab_size}
     assert cfg["train"]["max_steps"] == FULL.sft_steps and cfg["run"]["seed"] == 3
+
+
+@pytest.mark.parametrize("name", ["TEST", "FULL", "CHAINS", "CARELESS_TEACHER"])
+def test_worked_answers_fit_the_generation_and_length_limits_of_the_preset_tokenizer(name, tmp_path):
+    """With the tokenizer the SFT warm-up trains (one token per digit), every demonstrated answer and its
+    EOS fit in max_new_tokens, and prompt + answer in the warm-up's max_length: RL never cuts an answer short."""
+    import json
+
+    from quartet.config import SFTConfig, build_config
+    from quartet.demo import arith
+    from quartet.stages.common import resolve_tokenizer
+
+    s = getattr(arith, name)
+    rows = sft_rows(s.n_sft, SEED_SFT, s.level, s.max_operand, s.p_wrong)
+    train = tmp_path / "sft.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    cfg = build_config(SFTConfig, sft_overrides(s, str(train), str(tmp_path / "sft")))
+    tokenizer = resolve_tokenizer(cfg.model, [train])  # the warm-up's own tokenizer
+    assert len(tokenizer("407", add_special_tokens=False)["input_ids"]) == 3
+    answers = [len(tokenizer(r["completion"], add_special_tokens=False)["input_ids"]) + 1 for r in rows]  # + EOS
+    prompts = [len(tokenizer(r["prompt"], add_special_tokens=False)["input_ids"]) for r in rows]
+    assert max(answers) <= s.max_new_tokens
+    assert max(p + a for p, a in zip(prompts, answers)) <= cfg.data.max_length
+    assert max(prompts) <= cfg.data.max_prompt_length

@@ -67,3 +67,18 @@ def test_gold_metric_reads_the_request_back_from_the_prompt():
     best = world.best_response(request, town)
     measured = gold_metric(town)([prompt], [" " + best])["gold/mean"]
     assert measured == pytest.approx(world.oracle_gold(request, town))
+
+
+def test_preference_generation_advances_a_progress_bar_over_both_answers(lm_dir, monkeypatch, recording_bars):
+    import quartet.demo.run as demo_run
+
+    make, bars = recording_bars
+    monkeypatch.setattr(demo_run, "progress_bar", make)
+    town = world.Town.generate(0, 12)
+    requests = world.prompts(town, 40, world.SEED_RM)
+    settings = demo_run.DemoSettings(max_new_tokens=4)
+    triples = demo_run._preference_triples(lm_dir, requests, settings, seed=0)
+    assert len(triples) == 40 and [t[0] for t in triples] == requests
+    (bar,) = bars
+    assert bar.desc == "preference pairs" and bar.total == 80 and bar.n == 80
+    assert bar.updates == [32, 8, 32, 8]  # generate_texts' batches of 32: the first answers, then the second

@@ -76,8 +76,8 @@ def trained(files, tmp_path_factory) -> tuple[Path, dict]:
 
 def test_dpo_raises_held_out_accuracy_and_margin_and_lowers_the_loss(trained):
     _, summary = trained
-    # at the start the policy is the reference: every implicit reward is 0, every pair a tie
-    assert summary["initial_eval/rewards/margins"] == 0.0 and summary["initial_eval/rewards/accuracies"] == 0.0
+    # at the start the policy is the reference: every implicit reward is 0, every pair a tie (half right)
+    assert summary["initial_eval/rewards/margins"] == 0.0 and summary["initial_eval/rewards/accuracies"] == 0.5
     assert summary["initial_eval/loss"] == pytest.approx(math.log(2), abs=1e-6)
     assert summary["eval/rewards/accuracies"] > 0.95
     assert summary["eval/rewards/margins"] > 0.5
@@ -314,3 +314,15 @@ def test_help_lists_the_dpo_keys(capsys):
                 "--dpo.precompute_ref_logprobs", "--model.path", "--train.lr", "--lora.enabled"):
         assert key in text, key
     assert "sigmoid|ipo|hinge|robust" in text and "runs/dpo" in text
+
+
+def test_reference_precompute_shows_progress_and_the_pair_counts_once(files, tmp_path, monkeypatch, capsys,
+                                                                      recording_bars):
+    make, bars = recording_bars
+    monkeypatch.setattr(dpo_stage, "progress_bar", make)
+    run_dpo(_config(files, tmp_path / "run", train={"max_steps": 1}, dpo={"precompute_ref_logprobs": True}))
+    (bar,) = bars  # the training loop's bar is the run loop's own
+    assert bar.desc == "reference log-probs" and bar.total == 160 + 32 and bar.n == bar.total
+    assert bar.updates == [16] * 10 + [16] * 2  # batches of train.batch_size, train split then held-out split
+    out = capsys.readouterr().out
+    assert out.count("160 training / 32 held-out pairs") == 1

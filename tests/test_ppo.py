@@ -182,3 +182,42 @@ def test_a_critic_free_algorithm_is_a_registry_entry_of_a_few_lines(fruit):
         assert all(torch.equal(a[k], b[k]) for k in a)
     finally:
         del ALGORITHMS["reinforce-test"], ADVANTAGE_ESTIMATORS["batch-mean-baseline"]
+
+
+def _reward_fn_ppo(actor, root, **models):
+    return build_config(RLConfig, {
+        "run": {"output_dir": str(root / "run")},
+        "models": {"actor": str(actor), "reward_fn": "rule_rewards:apple_fraction", **models},
+        "data": {"train": str(root / "prompts.jsonl")}, "rollout": {"max_new_tokens": 4},
+        "batch": {"rollout_batch_size": 4, "mini_batch_size": 4}, "train": {"steps": 1},
+    })
+
+
+def test_ppo_with_a_reward_function_starts_its_critic_from_the_actor_and_says_so(lm_dir, tmp_path, capsys, monkeypatch):
+    import quartet.stages.rl_setup as rl_setup
+    from quartet.config import ConfigError
+
+    cfg = _reward_fn_ppo(lm_dir, tmp_path)  # no models.critic_init: there is no reward model to start from
+    assert cfg.models.critic_init == "actor" and cfg.models.critic_init_defaulted
+    with pytest.raises(ConfigError, match="critic_init is 'reward' but there is no reward model"):
+        _reward_fn_ppo(lm_dir, tmp_path, critic_init="reward")  # asked for outright: refused, not overruled
+    spelt = _reward_fn_ppo(lm_dir, tmp_path, critic_init="actor")
+    assert spelt.models.critic_init == "actor" and not spelt.models.critic_init_defaulted
+    with_rm = build_config(RLConfig, {"models": {"actor": "sft", "reward": "rm"}})
+    assert with_rm.models.critic_init == "reward" and not with_rm.models.critic_init_defaulted
+    grpo = build_config(RLConfig, {"models": {"actor": "sft", "reward_fn": "m:f"}, "algorithm": {"name": "grpo"}})
+    assert not grpo.models.critic_init_defaulted  # no critic, nothing to say
+
+    (tmp_path / "prompts.jsonl").write_text("".join(json.dumps({"prompt": f"Question {i}:"}) + "\n" for i in range(4)))
+    sources = []
+    real = rl_setup.load_scalar_model
+
+    def recording(source, *args, **kwargs):
+        sources.append(str(source))
+        return real(source, *args, **kwargs)
+
+    monkeypatch.setattr(rl_setup, "load_scalar_model", recording)
+    run_rl(cfg)
+    out = capsys.readouterr().out
+    assert sources == [str(lm_dir)]
+    assert out.count("the critic starts from the actor (models.critic_init=actor)") == 1

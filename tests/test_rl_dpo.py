@@ -213,7 +213,21 @@ def test_preference_metrics_by_hand():
     assert metrics["rewards/chosen"] == pytest.approx(0.4 / 4)
     assert metrics["rewards/rejected"] == pytest.approx(0.1 / 4)
     assert metrics["rewards/margins"] == pytest.approx((0.2 - 0.3 + 0.0 + 0.4) / 4)
-    assert metrics["rewards/accuracies"] == 0.5  # pairs 0 and 3 win; the tie (pair 2) does not count
+    assert metrics["rewards/accuracies"] == 0.625  # pairs 0 and 3 win; the tie (pair 2) counts half
+
+
+def test_accuracy_counts_ties_as_half_like_a_plain_loop_over_ragged_micro_batches():
+    chosen = [0.5, 0.0, -0.25, 0.0, 1.0, 0.125, -2.0]
+    rejected = [0.25, 0.0, 0.75, 0.0, 1.0, -0.5, 3.0]  # pairs 1, 3 and 4 tie
+    expected = 0.0
+    for c, r in zip(chosen, rejected):  # the plain-Python reference: win 1, tie 1/2, loss 0
+        expected += 1.0 if c > r else 0.5 if c == r else 0.0
+    assert expected == 3.5
+    c, r = torch.tensor(chosen, dtype=torch.float64), torch.tensor(rejected, dtype=torch.float64)
+    parts = [preference_metric_sums(c[a:b], r[a:b]) for a, b in ((0, 3), (3, 4), (4, 7))]
+    merged = preference_metrics_from_sums({k: sum(p[k] for p in parts) for k in parts[0]})
+    assert merged["rewards/accuracies"] == expected / len(chosen)
+    assert preference_metrics(torch.zeros(5), torch.zeros(5))["rewards/accuracies"] == 0.5  # step 0: all ties
 
 
 def test_preference_metric_sums_aggregate_uneven_micro_batches_exactly():

@@ -93,3 +93,33 @@ def test_lora_and_gradient_checkpointing_save_a_plain_merged_model(tmp_path):
     assert not (final / "adapter_config.json").exists()  # merged: plain transformers loads it
     model = AutoModelForCausalLM.from_pretrained(final)
     assert not any("lora" in name for name, _ in model.named_parameters())
+
+
+def test_a_skipped_first_step_moves_the_schedule_on_without_a_warning(tmp_path, monkeypatch):
+    """A non-finite first step skips the optimizer but not the schedule: no PyTorch scheduler-order
+    warning, and every step's learning rate is still the warm-up/cosine value of its step number."""
+    import warnings
+
+    import quartet.stages.sft as sft_stage
+    from quartet.runs.optim import warmup_cosine_factor
+
+    real, calls = sft_stage.sft_loss, {"n": 0}
+
+    def first_step_nan(model, batch):
+        out = real(model, batch)
+        if model.training:
+            calls["n"] += 1
+            if calls["n"] == 1:
+                out.loss_sum = out.loss_sum * float("nan")
+        return out
+
+    monkeypatch.setattr(sft_stage, "sft_loss", first_step_nan)
+    cfg = _config(tmp_path, max_steps=6, log_every=1, warmup_ratio=0.5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        summary = run_sft(cfg)
+    assert summary["train/skipped_nonfinite"] == 1 and summary["steps"] == 6
+    records = [r for r in read_metrics(tmp_path / "run" / "metrics.jsonl") if "train/lr" in r]
+    assert records[0]["train/loss"] == "nan"
+    # LambdaLR's value after k scheduler steps is lr * factor(k); warm-up 3 of 6 steps
+    assert [r["train/lr"] for r in records] == pytest.approx([3e-3 * warmup_cosine_factor(k, 3, 6) for k in range(1, 7)])

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
 
 class ConfigError(ValueError):
@@ -32,6 +32,9 @@ class ModelConfig(Section):
                                "'tiny' when neither path nor preset is set.")
     tokenizer_path: str | None = Field(None, description="Tokenizer directory; defaults to `path`.")
     vocab_size: int = Field(2048, gt=16, description="Vocabulary of the tokenizer trained for a preset.")
+    split_digits: bool = Field(True, description="The tokenizer trained for a preset gives every digit a token of its "
+                                                 "own (as Llama 3 and Qwen do), so numbers read digit by digit; false: "
+                                                 "BPE may merge digits into multi-digit tokens.")
     trust_remote_code: bool = Field(False, description="Run model code shipped with a checkpoint (only for sources you trust).")
     allow_pickle: bool = Field(False, description="Allow loading non-safetensors (pickle) weights. Only for files you trust.")
     gradient_checkpointing: bool = Field(False, description="Recompute activations in the backward pass (less memory, more time).")
@@ -213,12 +216,21 @@ class RLModelsConfig(Section):
                           "**columns) -> scores, one per response (None for a row a function does not judge).")
     reward_weights: list[float] | None = Field(None, description="Weights of the reward functions (default 1 each).")
     critic: str | None = Field(None, description="Critic initialisation directory; default per critic_init (algorithms with a critic).")
-    critic_init: Literal["reward", "actor"] = Field("reward", description="Critic starts from the reward model (DeepSpeed-Chat) or the SFT model.")
+    critic_init: Literal["reward", "actor"] = Field("reward", description="Critic starts from the reward model (DeepSpeed-Chat) "
+                                                                          "or the SFT model; with reward functions and no "
+                                                                          "reward model, the SFT model unless set.")
     shared_trunk: bool = Field(False, description="The critic is a value head on the actor's own trunk: one trunk forward and "
                                                   "backward per update instead of two (changes the algorithm: the value loss "
                                                   "trains the actor's trunk; see README).")
     trust_remote_code: bool = Field(False, description="Run model code shipped with a checkpoint (only for sources you trust).")
     allow_pickle: bool = Field(False, description="Allow loading non-safetensors (pickle) weights. Only for files you trust.")
+    # set by RLConfig's check when critic_init was left at 'reward' with no reward model, so the run can say so
+    _critic_init_defaulted: bool = PrivateAttr(False)
+
+    @property
+    def critic_init_defaulted(self) -> bool:
+        """Whether the critic starts from the actor because critic_init was left unset with no reward model."""
+        return self._critic_init_defaulted
 
     @model_validator(mode="after")
     def _one_reward(self) -> "RLModelsConfig":
@@ -482,8 +494,11 @@ class RLConfig(StageConfig):
                              "the frozen trunk): turn one of them off")
         algorithm = self.algorithm.spec
         if self.needs_critic and m.critic_init == "reward" and not m.shared_trunk and not m.reward and not m.critic:
-            raise ValueError("models.critic_init is 'reward' but there is no reward model (reward_fn given): "
-                             "set models.critic_init=actor or models.critic")
+            if "critic_init" in m.model_fields_set:  # asked for outright (or by a preset): say so
+                raise ValueError("models.critic_init is 'reward' but there is no reward model (reward_fn given): "
+                                 "set models.critic_init=actor or models.critic")
+            m.critic_init = "actor"  # reward functions, no reward model: nothing else to start the critic from
+            m._critic_init_defaulted = True
         if not self.needs_critic and (m.critic or m.shared_trunk):
             setting = "models.critic" if m.critic else "models.shared_trunk"
             raise ValueError(f"algorithm {algorithm.name!r} has no critic: leave {setting} unset")

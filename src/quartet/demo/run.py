@@ -14,6 +14,7 @@ import json
 import os
 import re
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,7 @@ from quartet.demo import world
 from quartet.models.loading import load_causal_lm, load_scalar_model
 from quartet.models.tokenizer import load_tokenizer
 from quartet.rollout.generate import generate_texts
+from quartet.runs.progress import progress_bar
 
 PROMPT_TEMPLATE = "Diner: {request}\nGuide:"
 _PROMPT_RE = re.compile(r"Diner: (.*?)\nGuide:", re.S)
@@ -101,16 +103,21 @@ def _sampling(settings: DemoSettings) -> SamplingConfig:
     return SamplingConfig(max_new_tokens=settings.max_new_tokens, min_new_tokens=MIN_NEW_TOKENS, temperature=1.0)
 
 
-def _answers(model_dir: Path, prompts: list[str], settings: DemoSettings, seed: int) -> list[str]:
+def _answers(model_dir: Path, prompts: list[str], settings: DemoSettings, seed: int,
+             progress: Callable[[int], Any] | None = None) -> list[str]:
     tokenizer = load_tokenizer(model_dir)
     model = load_causal_lm(model_dir).eval()
-    return [r.strip() for r in generate_texts(model, tokenizer, prompts, _sampling(settings), seed=seed)]
+    return [r.strip() for r in generate_texts(model, tokenizer, prompts, _sampling(settings), seed=seed,
+                                              progress=progress)]
 
 
-def _preference_triples(sft_dir: Path, requests: list[world.Request], settings: DemoSettings, seed: int):
+def _preference_triples(sft_dir: Path, requests: list[world.Request], settings: DemoSettings, seed: int,
+                        desc: str = "preference pairs"):
+    """Two SFT answers to each request (seeds `seed` and `seed + 1`), with a progress bar over both."""
     prompts = [render_prompt(r) for r in requests]
-    first = _answers(sft_dir, prompts, settings, seed)
-    second = _answers(sft_dir, prompts, settings, seed + 1)
+    with progress_bar(2 * len(prompts), desc=desc) as bar:
+        first = _answers(sft_dir, prompts, settings, seed, progress=bar.update)
+        second = _answers(sft_dir, prompts, settings, seed + 1, progress=bar.update)
     return list(zip(requests, first, second))
 
 
@@ -184,7 +191,7 @@ def prepare_town(out: Path, settings: DemoSettings, seed: int, resume: bool, sec
     rm_tokenizer, rm_model = load_reward_model(reward_dir)
     eval_requests = world.prompts(town, settings.n_rm_eval_prompts, world.SEED_EVAL + 17 + seed)
     agree = total = 0
-    for request, a, b in _preference_triples(sft_dir, eval_requests, settings, seed + 7):
+    for request, a, b in _preference_triples(sft_dir, eval_requests, settings, seed + 7, desc="reward model check"):
         gold_a, gold_b = world.gold_score(request, a, town), world.gold_score(request, b, town)
         if a.strip() == b.strip() or gold_a == gold_b:
             continue
@@ -249,11 +256,12 @@ def judge_actors(start: TownStart, actors: dict[str, Path], settings: DemoSettin
     prompts = [render_prompt(r) for r in held_out]
     rm_tokenizer, rm_model = load_reward_model(start.reward_dir)
     judged = {}
-    for name, actor_dir in actors.items():
-        answers = _answers(actor_dir, prompts, settings, seed + 11)
-        judged[name] = {"answers": answers,
-                        "gold": [world.gold_score(r, a, start.town) for r, a in zip(held_out, answers)],
-                        "proxy": score_texts(rm_model, rm_tokenizer, [p + " " + a for p, a in zip(prompts, answers)])}
+    with progress_bar(len(actors) * len(prompts), desc="held-out answers") as bar:
+        for name, actor_dir in actors.items():
+            answers = _answers(actor_dir, prompts, settings, seed + 11, progress=bar.update)
+            judged[name] = {"answers": answers,
+                            "gold": [world.gold_score(r, a, start.town) for r, a in zip(held_out, answers)],
+                            "proxy": score_texts(rm_model, rm_tokenizer, [p + " " + a for p, a in zip(prompts, answers)])}
     return held_out, judged
 
 

@@ -5,6 +5,7 @@ Training a tokenizer locally is what lets the whole pipeline run with no downloa
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from pathlib import Path
 
@@ -26,11 +27,20 @@ DEFAULT_CHAT_TEMPLATE = (
 )
 
 
-def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2) -> PreTrainedTokenizerFast:
-    """Train a byte-level BPE tokenizer on `texts` (any text encodes: bytes are the fallback)."""
+def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_frequency: int = 2,
+                        split_digits: bool = True) -> PreTrainedTokenizerFast:
+    """Train a byte-level BPE tokenizer on `texts` (any text encodes: bytes are the fallback).
+
+    `split_digits`: every digit is a token of its own and no merge spans two digits (as Llama 3,
+    Qwen and DeepSeek do), so a number reads digit by digit; without it BPE merges frequent
+    numbers into single tokens, which a small model cannot take apart (reverse, add, compare).
+    A vocabulary smaller than `vocab_size` (too few distinct merges in the data) is said in one line.
+    """
     special = [EOS_TOKEN, PAD_TOKEN, UNK_TOKEN, *ROLE_TOKENS]
     backend = Tokenizer(models.BPE(unk_token=None))
-    backend.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    byte_level = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    backend.pre_tokenizer = (pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
+                             if split_digits else byte_level)
     backend.decoder = decoders.ByteLevel()
     backend.post_processor = processors.ByteLevel(trim_offsets=False)
     trainer = trainers.BpeTrainer(
@@ -41,6 +51,10 @@ def train_bpe_tokenizer(texts: Iterable[str], vocab_size: int = 2048, min_freque
         show_progress=False,
     )
     backend.train_from_iterator(texts, trainer=trainer)
+    trained = backend.get_vocab_size()
+    if trained < vocab_size:
+        print(f"tokenizer: trained {trained:,} of {vocab_size:,} tokens: the data has too few distinct merges "
+              f"(pairs seen at least {min_frequency} times)", file=sys.stderr)
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_object=backend,
         eos_token=EOS_TOKEN,

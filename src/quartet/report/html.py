@@ -282,7 +282,7 @@ def dpo_cards(summary: dict[str, Any], metrics: list[dict[str, Any]]) -> str:
                 summary.get(f"eval/{key}", last_value(metrics, f"eval/{key}")))
 
     steps = summary.get("steps", metrics[-1].get("step") if metrics else None)
-    cards = [change_card("Held-out accuracy", *before_after("rewards/accuracies"), "chosen reward > rejected, start → end"),
+    cards = [change_card("Held-out accuracy", *before_after("rewards/accuracies"), "chosen reward > rejected (a tie: half), start → end"),
              change_card("Held-out margin", *before_after("rewards/margins"), "chosen − rejected implicit reward"),
              change_card("Held-out loss", *before_after("loss"), f"{summary.get('loss_type', 'sigmoid')} loss"),
              card("Steps", "–" if steps is None else str(steps), f"β = {fmt(summary.get('beta'))}"),

@@ -103,8 +103,8 @@ DPO_PLOTS: list[PlotSpec] = [
              "starts at 0, where the policy is the reference.", "margin"),
     PlotSpec("dpo_accuracies", "Preference accuracy", ("train/rewards/accuracies", "eval/rewards/accuracies"),
              ("train", "eval"),
-             "The share of pairs whose chosen answer has the larger implicit reward. At step 0 every pair is a tie "
-             "(counted as wrong); the held-out curve is the one that says whether the preference generalises.",
+             "The share of pairs whose chosen answer has the larger implicit reward, a tie counting as half. At step 0 "
+             "every pair is a tie (0.5, chance); the held-out curve is the one that says whether the preference generalises.",
              "accuracy"),
     PlotSpec("dpo_loss", "DPO loss", ("train/loss", "eval/loss"), ("train", "eval"),
              "−log σ(margin) for the sigmoid loss (log 2 ≈ 0.693 at the start); the other loss types "

@@ -169,7 +169,7 @@ def preference_metric_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch
 
     Sums add exactly across micro-batches and ranks (add the dicts key by key, then call
     ``preference_metrics_from_sums``); means of means would weigh a short last micro-batch wrong.
-    ``rewards/accuracies`` here is the number of pairs with chosen > rejected (ties do not count).
+    ``rewards/accuracies`` here is the number of pairs with chosen > rejected, a tie counting as half.
     """
     if chosen_rewards.shape != rejected_rewards.shape:
         raise ValueError(
@@ -182,7 +182,7 @@ def preference_metric_sums(chosen_rewards: torch.Tensor, rejected_rewards: torch
         "rewards/chosen": chosen.sum().item(),
         "rewards/rejected": rejected.sum().item(),
         "rewards/margins": (chosen - rejected).sum().item(),
-        "rewards/accuracies": (chosen > rejected).sum().item() * 1.0,
+        "rewards/accuracies": (chosen > rejected).sum().item() + 0.5 * (chosen == rejected).sum().item(),
         "count": float(chosen.numel()),
     }
 
@@ -202,7 +202,9 @@ def preference_metrics(chosen_rewards: torch.Tensor, rejected_rewards: torch.Ten
     """TRL's DPO metrics over ``[B]`` implicit rewards: means of chosen, rejected and margin, and accuracy.
 
     ``rewards/chosen = mean(c)``, ``rewards/rejected = mean(r)``, ``rewards/margins = mean(c - r)``,
-    ``rewards/accuracies = mean(c > r)`` (fraction of pairs where the chosen reward is strictly larger).
+    ``rewards/accuracies = mean(c > r) + mean(c == r) / 2``: the share of pairs whose chosen reward is larger,
+    a tie counting as half (TRL counts ties as wrong, so its step 0, where the policy is the reference and
+    every pair ties, reads 0; here it reads 0.5, chance).
     For exact aggregation across micro-batches use ``preference_metric_sums``.
     """
     return preference_metrics_from_sums(preference_metric_sums(chosen_rewards, rejected_rewards))

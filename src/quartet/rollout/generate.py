@@ -12,7 +12,9 @@ through the forward.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from transformers import DynamicCache, PreTrainedModel
@@ -272,8 +274,11 @@ def _sample_loop(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: 
 
 @torch.no_grad()
 def generate_texts(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: SamplingConfig,
-                   batch_size: int = 32, seed: int = 0) -> list[str]:
-    """Responses (decoded, special tokens dropped) to already-rendered prompt strings, in order."""
+                   batch_size: int = 32, seed: int = 0, progress: Callable[[int], Any] | None = None) -> list[str]:
+    """Responses (decoded, special tokens dropped) to already-rendered prompt strings, in order.
+
+    `progress(n)` is called after each batch with its number of prompts (e.g. a progress bar's update).
+    """
     device = next(model.parameters()).device
     generator = torch.Generator(device=device).manual_seed(seed)
     responses: list[str] = []
@@ -284,4 +289,6 @@ def generate_texts(model: PreTrainedModel, tokenizer, prompts: list[str], cfg: S
                                    tokenizer.eos_token_id, tokenizer.pad_token_id, generator=generator)
         for ids, mask in zip(rollout.response_ids, rollout.response_mask):
             responses.append(tokenizer.decode(ids[mask.bool()], skip_special_tokens=True))
+        if progress is not None:
+            progress(len(encoded))
     return responses

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import sys
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -54,3 +55,16 @@ def load_optimizer_state(optimizer: torch.optim.Optimizer, state: dict[str, Any]
               "the optimizer's moments restart from zero", file=sys.stderr)
         return
     optimizer.load_state_dict(state)
+
+
+def advance_schedule(scheduler: torch.optim.lr_scheduler.LRScheduler) -> None:
+    """Move the schedule one optimizer step on, whether or not the optimizer stepped.
+
+    A step skipped for a non-finite loss still counts: the learning rate stays a function of the step
+    number (it ends at 0 on the last step, and resumes where it was). PyTorch warns when the schedule
+    moves before the optimizer's first step; here that order is the intended one, so only that warning
+    is silenced.
+    """
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message=r"Detected call of `lr_scheduler\.step\(\)` before `optimizer\.step\(\)`")
+        scheduler.step()

@@ -25,7 +25,7 @@ from quartet.config import TrainConfig
 from quartet.runs.checkpoint import load_weights
 from quartet.runs.faults import NonFiniteGuard
 from quartet.runs.loop import Job, RunLoop, StepOutcome
-from quartet.runs.optim import load_optimizer_state, make_optimizer, warmup_cosine_schedule
+from quartet.runs.optim import advance_schedule, load_optimizer_state, make_optimizer, warmup_cosine_schedule
 from quartet.runs.precision import autocast_context
 from quartet.runs.progress import format_postfix
 from quartet.runs.run import Run
@@ -255,7 +255,7 @@ class SupervisedTrainer(Job):
         finite = NonFiniteGuard.finite(totals[0], grad_norm)
         if finite:
             self.optimizer.step()
-        self.scheduler.step()  # the schedule and the data stream move on either way
+        advance_schedule(self.scheduler)  # the schedule and the data stream move on either way
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
         units = max(global_units, 1.0)

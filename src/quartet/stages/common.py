@@ -43,7 +43,7 @@ def resolve_tokenizer(model_cfg: ModelConfig, corpus: list[str | Path]) -> PreTr
     source = model_cfg.tokenizer_path or model_cfg.path
     if source:
         return load_tokenizer(source, trust_remote_code=model_cfg.trust_remote_code)
-    return train_bpe_tokenizer(corpus_texts(corpus), vocab_size=model_cfg.vocab_size)
+    return train_bpe_tokenizer(corpus_texts(corpus), vocab_size=model_cfg.vocab_size, split_digits=model_cfg.split_digits)
 
 
 def resolve_causal_lm(model_cfg: ModelConfig, tokenizer: PreTrainedTokenizerBase, seed: int) -> PreTrainedModel:

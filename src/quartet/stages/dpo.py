@@ -18,7 +18,8 @@ losses are rl/dpo.py's.
   taken per pair (each chosen answer's mean token NLL, the RPO paper's normalisation), not as
   TRL's one token mean over a batch, which does not add up over micro-batches.
 - Metrics are TRL's: rewards/chosen, rewards/rejected, rewards/margins, rewards/accuracies,
-  logps/chosen, logps/rejected, loss (nll_loss with RPO), as train/... and, at eval_every, eval/...
+  logps/chosen, logps/rejected, loss (nll_loss with RPO), as train/... and, at eval_every, eval/...;
+  rewards/accuracies counts a tie (chosen and rejected rewards equal, as at step 0) as half, not as wrong.
 
 Resume, signals, checkpoints, the non-finite guard and multi-process are SupervisedTrainer's and
 the run loop's; so is FSDP2 (`run.fsdp`): the policy is sharded as SFT's model is, and with
@@ -48,6 +49,7 @@ from quartet.rl.dpo import dpo_loss, preference_metric_sums, sequence_logps
 from quartet.rl.logprobs import token_logprobs, token_logprobs_inplace
 from quartet.runs.distributed import Ranks
 from quartet.runs.precision import autocast_context
+from quartet.runs.progress import progress_bar
 from quartet.runs.run import Run, seed_everything
 from quartet.runs.supervised import LossSum, SupervisedTrainer, move_to
 from quartet.stages.common import (
@@ -239,10 +241,12 @@ def write_reference_logps(path: Path, tensors: dict[str, torch.Tensor], fingerpr
 @torch.no_grad()
 def compute_reference_logps(reference: Reference, policy: torch.nn.Module, data: list[dict],
                             collate: Callable[[list], dict[str, Any]], batch_size: int, ranks: Ranks,
-                            device: torch.device, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+                            device: torch.device, bf16: bool, progress: Callable[[int], Any] | None = None
+                            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Summed reference answer log-probs (chosen [n], rejected [n]) of every pair in `data`.
 
     Each rank scores its share; the shares are summed over the ranks (zeros elsewhere: exact).
+    `progress(k)` is called after each batch of k pairs of this rank's share.
     """
     start, end = ranks.share(data)
     values = [0.0] * (2 * len(data))
@@ -254,6 +258,8 @@ def compute_reference_logps(reference: Reference, policy: torch.nn.Module, data:
         k = len(pairs)
         values[i : i + k] = sums[:k]
         values[len(data) + i : len(data) + i + k] = sums[k:]
+        if progress is not None:
+            progress(k)
     values = ranks.sum_floats(values)
     both = torch.tensor(values, dtype=torch.float32)
     return both[: len(data)], both[len(data):]
@@ -267,9 +273,13 @@ def precompute_reference_logps(reference: Reference, policy: torch.nn.Module, sp
     if reference.model is not None:
         reference.model.to(run.device)
     stored = {}
-    for split, data in splits.items():
-        stored[f"{split}_chosen"], stored[f"{split}_rejected"] = compute_reference_logps(
-            reference, policy, data, collate, cfg.train.batch_size, run.ranks, run.device, cfg.train.bf16)
+    shares = [run.ranks.share(data) for data in splits.values()]  # this rank's pairs of each split
+    with progress_bar(sum(end - start for start, end in shares), desc="reference log-probs",
+                      disable=not run.ranks.is_main) as bar:
+        for split, data in splits.items():
+            stored[f"{split}_chosen"], stored[f"{split}_rejected"] = compute_reference_logps(
+                reference, policy, data, collate, cfg.train.batch_size, run.ranks, run.device, cfg.train.bf16,
+                progress=bar.update)
     if run.ranks.is_main:
         write_reference_logps(path, stored, fingerprint)
     run.ranks.barrier()

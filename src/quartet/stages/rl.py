@@ -373,6 +373,9 @@ def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     reward, reward_stats = build_reward_source(m, tokenizer, reward_fn)
     run.ranks.print(f"[{algorithm.name}] {len(prompts)} prompts" + (f", {len(eval_prompts)} held out" if eval_prompts else "")
                     + f"; {stats.summary()}")
+    if m.critic_init_defaulted:
+        run.ranks.print(f"[{algorithm.name}] the critic starts from the actor (models.critic_init=actor): reward "
+                        "functions give no reward model to start it from")
     actor, reference, critic = load_rl_models(cfg, algorithm, tokenizer)
     r = cfg.rollout
     if r.episodes:  # every turn's answer and observation, or the episode's budget
