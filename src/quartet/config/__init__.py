@@ -12,7 +12,9 @@ from quartet.config.loading import (
     LEGACY_PPO_KEYS,
     LEGACY_RL_SECTIONS,
     build_config,
+    critic_only_keys,
     describe_config,
+    describe_rl_config,
     dump_config,
     legacy_key,
     load_config,
@@ -51,6 +53,6 @@ __all__ = [
     "DataConfig", "DPOConfig", "DPOLossConfig", "LoopConfig", "LoraConfig", "ModelConfig", "OptimConfig",
     "PromptDataConfig", "RewardConfig", "RewardLossConfig", "RLConfig", "RLModelsConfig", "RLTrainConfig",
     "RolloutConfig", "RunSection", "SamplingConfig", "Section", "SFTConfig", "StageConfig", "TrainConfig",
-    "apply_rl_preset", "build_config", "describe_config", "dump_config", "legacy_key", "load_config",
+    "apply_rl_preset", "build_config", "critic_only_keys", "describe_config", "describe_rl_config", "dump_config", "legacy_key", "load_config",
     "parse_overrides", "read_yaml",
 ]
