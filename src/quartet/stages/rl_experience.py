@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from quartet.config import RLConfig
+from quartet.config import RLConfig, SamplingConfig
 from quartet.data import collate_prompts
 from quartet.data.schedule import PromptSchedule
 from quartet.models.forward import in_row_chunks, scoring_rows, vocab_size
@@ -93,15 +93,32 @@ class ExperienceMaker:
         exp = self._experience(batch)
         timings["time/scoring"] += time.perf_counter() - t0
         metrics = {**experience_metrics(exp, batch.has_eos, beta), **sampling, **timings,
-                   **score_part_metrics(batch.score_parts, self.reward.functions.verifiers() if self.reward.functions else [])}
+                   **score_part_metrics(batch.score_parts, self.verifiers)}
         for metric_fn in self.metric_fns:
             metrics.update(metric_fn(exp.prompts, exp.responses))
         return exp, metrics
 
+    @property
+    def verifiers(self) -> list[str]:
+        """Names of the reward functions that say correct (1.0) or incorrect (0.0)."""
+        return self.reward.functions.verifiers() if self.reward.functions else []
+
+    def evaluate(self, trained: torch.nn.Module, rows: list[PromptRow], greedy_accuracy: bool = False
+                 ) -> dict[str, float]:
+        """One response per held-out prompt at the rollout's sampling settings (the same random draws at
+        every evaluation, so steps compare), scored by the reward source and the metric functions:
+        `eval/...` metrics. With `greedy_accuracy` and a verifier among the reward functions, also the
+        verifiers' accuracy of greedy (argmax) responses: `greedy_eval/accuracy/<verifier>`."""
+        metrics = self._evaluate(trained, rows, self.cfg.rollout, with_metric_fns=True)
+        if greedy_accuracy and self.verifiers:
+            greedy = self._evaluate(trained, rows, self.cfg.rollout.model_copy(update={"greedy": True}),
+                                    with_metric_fns=False)
+            metrics.update({f"greedy_eval/{k}": v for k, v in greedy.items() if k.startswith("accuracy/")})
+        return {k if k.startswith("greedy_eval/") else f"eval/{k}": v for k, v in metrics.items()}
+
     @torch.no_grad()
-    def evaluate(self, trained: torch.nn.Module, rows: list[PromptRow]) -> dict[str, float]:
-        """One response per held-out prompt (the same random draws at every evaluation, so steps compare),
-        scored by the reward source and the metric functions: `eval/...` metrics."""
+    def _evaluate(self, trained: torch.nn.Module, rows: list[PromptRow], sampling: SamplingConfig,
+                  with_metric_fns: bool) -> dict[str, float]:
         ranks, n_rows = self.ranks, len(rows)
         start, end = ranks.share(rows)
         batch = collate_prompts([{"input_ids": ids} for ids, _ in rows[start:end]], self.pad_id)
@@ -109,7 +126,7 @@ class ExperienceMaker:
         with ranks.full_parameters(trained, "actor") as pair, autocast_context(self.device, self.cfg.train.bf16):
             self.backend.load_weights(pair.actor)
             rollout = self.backend.generate(batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device),
-                                            self.cfg.rollout, generator=generator, row_offset=start, total_rows=n_rows)
+                                            sampling, generator=generator, row_offset=start, total_rows=n_rows)
         prompts, responses = decode_texts(self.tokenizer, rollout.prompt_ids, rollout.prompt_mask,
                                           rollout.response_ids, rollout.response_mask)
         names = sorted({k for _, columns in rows for k in columns})
@@ -120,10 +137,10 @@ class ExperienceMaker:
         parts = {k: ranks.gather_rows(v) for k, v in sorted(parts.items())}
         prompts, responses = ranks.gather_objects(prompts), ranks.gather_objects(responses)
         metrics = {"score/mean": float(scores.mean()), "response/length": float(lengths.mean()),
-                   **score_part_metrics(parts, self.reward.functions.verifiers() if self.reward.functions else [])}
-        for metric_fn in self.metric_fns:
+                   **score_part_metrics(parts, self.verifiers)}
+        for metric_fn in (self.metric_fns if with_metric_fns else ()):
             metrics.update(metric_fn(prompts, responses))
-        return {f"eval/{k}": v for k, v in metrics.items()}
+        return metrics
 
     def _sample_batch(self, timings: dict[str, float]) -> tuple[ScoredRollout, dict[str, float]]:
         """One sampling round of the step's prompts; with dynamic sampling (DAPO), more rounds of new
