@@ -320,7 +320,7 @@ def describe_config(config_cls: type[BaseModel], width: int = 120, defaults: Map
         for key, type_name, default, description in section_rows:
             columns = ([key], _wrap_type(type_name, type_width),
                        textwrap.wrap(default, default_width) or [""],
-                       textwrap.wrap(description, text_width) or [""])
+                       textwrap.wrap(description, text_width, break_on_hyphens=False) or [""])
             for i in range(max(len(column) for column in columns)):
                 cells = [column[i] if i < len(column) else "" for column in columns]
                 line = (f"  {cells[0]:<{key_width}}  {cells[1]:<{type_width}}  {cells[2]:<{default_width}}  "
