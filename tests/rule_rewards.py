@@ -16,3 +16,11 @@ def target_fraction(prompts: list[str], responses: list[str], target: list[str])
 def too_few(prompts: list[str], responses: list[str]) -> list[float]:
     """Breaks the contract: one score for a whole batch."""
     return [0.0]
+
+
+def first_word_is_target(prompts: list[str], responses: list[str], target: list[str]) -> list[float]:
+    """A verifier: 1.0 when a response starts with the row's `target` word, else 0.0."""
+    return [float(r.split()[:1] == [t]) for r, t in zip(responses, target)]
+
+
+first_word_is_target.verifies = True

@@ -313,7 +313,9 @@ def test_help_lists_the_dpo_keys(capsys):
     for key in ("--dpo.beta", "--dpo.loss_type", "--dpo.label_smoothing", "--dpo.rpo_alpha", "--dpo.reference",
                 "--dpo.precompute_ref_logprobs", "--model.path", "--train.lr", "--lora.enabled"):
         assert key in text, key
-    assert "sigmoid|ipo|hinge|robust" in text and "runs/dpo" in text
+    # the type column wraps after a '|': sigmoid|ipo|hinge| on the key's row, robust below it
+    assert "sigmoid|ipo|hinge|" in text.split("--dpo.loss_type", 1)[1].splitlines()[0]
+    assert text.split("--dpo.loss_type", 1)[1].splitlines()[1].split()[0] == "robust" and "runs/dpo" in text
 
 
 def test_reference_precompute_shows_progress_and_the_pair_counts_once(files, tmp_path, monkeypatch, capsys,

@@ -1,4 +1,8 @@
-"""The `quartet` command: one thin subcommand per stage (parse, build config, call the stage)."""
+"""The `quartet` command: one thin subcommand per stage (parse, build config, call the stage).
+
+Nothing heavy is imported up front: `--help` and a config's errors come before torch and
+transformers load (a stage's module is imported once its config is built).
+"""
 
 from __future__ import annotations
 
@@ -13,13 +17,25 @@ from quartet import __version__
 STAGE_HELP = "any config key as a dotted override, e.g. --train.lr 1e-4 (see the configs/ examples)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """An ArgumentParser whose epilog may be a function, called only when that command's help is shown
+    (listing a config's keys imports the configs, and the RL listings the algorithm registry)."""
+
+    def format_help(self) -> str:
+        if callable(self.epilog):
+            self.epilog = self.epilog()
+        return super().format_help()
+
+
+def _config_epilog(config_name: str) -> str:
+    from quartet import config
+
+    return config.describe_config(getattr(config, config_name))
+
+
 def _add_stage(sub, name: str, help_text: str, config_name: str | None = None) -> argparse.ArgumentParser:
     """A stage's subcommand; its --help lists every key of the stage's config (`config_name` in quartet.config)."""
-    epilog = STAGE_HELP
-    if config_name is not None:
-        from quartet import config
-
-        epilog = config.describe_config(getattr(config, config_name))
+    epilog = STAGE_HELP if config_name is None else partial(_config_epilog, config_name)
     parser = sub.add_parser(name, help=help_text, description=help_text, epilog=epilog,
                             formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--config", help="YAML config file")
@@ -39,23 +55,29 @@ def _stage_config(config_cls, args, overrides: list[str]):
 
 def _cmd_sft(args, overrides: list[str]) -> None:
     from quartet.config import SFTConfig
+
+    config = _stage_config(SFTConfig, args, overrides)
     from quartet.stages.sft import run_sft
 
-    run_sft(_stage_config(SFTConfig, args, overrides), resume=args.resume)
+    run_sft(config, resume=args.resume)
 
 
 def _cmd_reward(args, overrides: list[str]) -> None:
     from quartet.config import RewardConfig
+
+    config = _stage_config(RewardConfig, args, overrides)
     from quartet.stages.reward import run_reward
 
-    run_reward(_stage_config(RewardConfig, args, overrides), resume=args.resume)
+    run_reward(config, resume=args.resume)
 
 
 def _cmd_dpo(args, overrides: list[str]) -> None:
     from quartet.config import DPOConfig
+
+    config = _stage_config(DPOConfig, args, overrides)
     from quartet.stages.dpo import run_dpo
 
-    run_dpo(_stage_config(DPOConfig, args, overrides), resume=args.resume)
+    run_dpo(config, resume=args.resume)
 
 
 # online-RL subcommands: the algorithm each one runs (`quartet rl` takes --algorithm.name, default ppo)
@@ -71,23 +93,22 @@ RL_COMMANDS = {
 
 def _cmd_rl(algorithm: str | None, args, overrides: list[str]) -> None:
     from quartet.config import RLConfig
-    from quartet.stages.rl import run_rl
 
     named = any(o == "--algorithm.name" or o.startswith(("--algorithm.name=", "--preset")) for o in overrides)
     if algorithm is not None and not named:  # the command's algorithm, unless named on the command line
         overrides = ["--algorithm.name", algorithm, *overrides]
-    run_rl(_stage_config(RLConfig, args, overrides), resume=args.resume)
+    config = _stage_config(RLConfig, args, overrides)
+    from quartet.stages.rl import run_rl
+
+    run_rl(config, resume=args.resume)
 
 
 def _rl_epilog(algorithm: str | None) -> str:
-    from quartet.config import RL_PRESETS, RLConfig, describe_config
+    from quartet.config import describe_rl_config
 
-    text = describe_config(RLConfig)
-    preset = RL_PRESETS.get(algorithm or "")
-    if preset:
-        values = ", ".join(f"{section}.{key}={value}" for section, keys in preset.items() for key, value in keys.items())
-        text = (f"The {algorithm} preset sets these under your values (the defaults below are PPO's):\n  {values}\n\n"
-                + text)
+    text = describe_rl_config(algorithm)
+    if algorithm is None:
+        text = "With --algorithm.name X the defaults are X's (quartet grpo|rloo|reinforce --help lists them).\n" + text
     return text
 
 
@@ -146,7 +167,7 @@ def _cmd_convert(args, overrides: list[str]) -> None:
 
 
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
-    parser = argparse.ArgumentParser(prog="quartet", description="RLHF with four models: SFT -> reward model -> PPO.")
+    parser = _Parser(prog="quartet", description="RLHF with four models: SFT -> reward model -> PPO.")
     parser.add_argument("--version", action="version", version=f"quartet {__version__}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     handlers: dict[str, Callable] = {}
@@ -159,7 +180,7 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     handlers["dpo"] = _cmd_dpo
     for command, (algorithm, help_text) in RL_COMMANDS.items():
         rl_parser = _add_stage(sub, command, help_text)
-        rl_parser.epilog = _rl_epilog(algorithm)
+        rl_parser.epilog = partial(_rl_epilog, algorithm)
         handlers[command] = partial(_cmd_rl, algorithm)
     pipeline = _add_stage(sub, "pipeline", "the stages in order from one config file: SFT -> reward model -> PPO, "
                                            "or SFT -> DPO")
@@ -221,12 +242,9 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     return parser, handlers
 
 
-def _user_errors() -> tuple[type[BaseException], ...]:
-    from quartet.config import ConfigError
-    from quartet.data import DataError
-    from quartet.models.loading import ModelLoadError
-
-    return ConfigError, DataError, ModelLoadError, FileExistsError, FileNotFoundError, NotADirectoryError, ValueError
+# Mistakes in what the user gave (a one-line error, exit status 2). ConfigError, DataError and
+# ModelLoadError are ValueErrors; naming ValueError keeps their modules (torch) unimported here.
+USER_ERRORS = (ValueError, FileExistsError, FileNotFoundError, NotADirectoryError)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -237,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if rest and not rest[0].startswith("--"):
         parser.error(f"unexpected argument '{rest[0]}'")
-    from quartet.runs.faults import NumericalFault, TrainingInterrupted, say
+    from quartet.runs.faults import NumericalFault, TrainingInterrupted, say  # no torch: a stage imports that
 
     try:
         handlers[args.command](args, rest)
@@ -250,7 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     except NumericalFault as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
-    except _user_errors() as err:
+    except USER_ERRORS as err:
         if os.environ.get("QUARTET_DEBUG"):
             raise
         print(f"error: {err}", file=sys.stderr)
@@ -262,6 +280,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def _leave_process_group() -> None:
     """Under torchrun / accelerate launch: shut the process group down cleanly on the way out."""
+    if "torch.distributed" not in sys.modules:  # no stage ran that far: nothing to shut down
+        return
     import torch.distributed as dist
 
     if dist.is_available() and dist.is_initialized():

@@ -13,7 +13,9 @@ from quartet.config.loading import (
     LEGACY_RL_SECTIONS,
     RESUME_LOCKED_KEYS,
     build_config,
+    critic_only_keys,
     describe_config,
+    describe_rl_config,
     dump_config,
     legacy_key,
     load_config,
@@ -53,6 +55,6 @@ __all__ = [
     "DataConfig", "DPOConfig", "DPOLossConfig", "LoopConfig", "LoraConfig", "ModelConfig", "OptimConfig",
     "PromptDataConfig", "RewardConfig", "RewardLossConfig", "RLConfig", "RLModelsConfig", "RLTrainConfig",
     "RolloutConfig", "RunSection", "SamplingConfig", "Section", "SFTConfig", "StageConfig", "TrainConfig",
-    "apply_rl_preset", "build_config", "describe_config", "dump_config", "legacy_key", "load_config",
-    "load_run_config", "parse_overrides", "read_yaml",
+    "apply_rl_preset", "build_config", "critic_only_keys", "describe_config", "describe_rl_config", "dump_config",
+    "legacy_key", "load_config", "load_run_config", "parse_overrides", "read_yaml",
 ]

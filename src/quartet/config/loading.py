@@ -10,13 +10,14 @@ import copy
 import difflib
 import textwrap
 import warnings
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal, TypeVar, get_args, get_origin
 
 import yaml
 from pydantic import BaseModel, ValidationError
 
-from quartet.config.rl_presets import apply_rl_preset
+from quartet.config.rl_presets import RL_PRESETS, apply_rl_preset
 from quartet.config.sections import ConfigError, RLConfig
 
 # Where the keys of the flat `ppo:` and `generation:` sections of earlier versions live now; the
@@ -238,6 +239,7 @@ RESUME_LOCKED_KEYS = (
     "preset", "algorithm.name", "dpo.loss_type", "run.seed",
     "train.batch_size", "train.grad_accum",
     "batch.rollout_batch_size", "batch.mini_batch_size", "batch.grad_accum", "batch.ppo_epochs", "rollout.n",
+    "rollout.env", "rollout.tools",
 )
 RUN_CONFIG = "config.yaml"  # the resolved config a run writes into its directory
 
@@ -320,27 +322,98 @@ def _type_name(annotation: Any) -> str:
     return name + ("?" if optional else "")
 
 
-def describe_config(config_cls: type[BaseModel], width: int = 120) -> str:
-    """Every key of a stage config with its type, default and description, grouped by section."""
-    lines = ["config keys (in a --config YAML file, or on the command line as --section.key VALUE;",
-             "'?' marks a key that may be null):"]
+def _wrap_type(name: str, width: int) -> list[str]:
+    """A type name in lines of at most `width`, broken after a '|' where it can be."""
+    parts = name.split("|")
+    tokens = [part + "|" for part in parts[:-1]] + parts[-1:]
+    lines = [""]
+    for token in tokens:
+        if lines[-1] and len(lines[-1]) + len(token) > width:
+            lines.append("")
+        lines[-1] += token
+    return [chunk for line in lines for chunk in textwrap.wrap(line, width) or [""]]
+
+
+def _is_section(field: Any) -> bool:
+    return isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel)
+
+
+def critic_only_keys(config_cls: type[BaseModel]) -> list[str]:
+    """The dotted keys only algorithms with a critic read (marked CRITIC_ONLY in the sections)."""
+    return [f"{section}.{name}" for section, field in config_cls.model_fields.items() if _is_section(field)
+            for name, leaf in field.annotation.model_fields.items()
+            if (leaf.json_schema_extra or {}).get("critic_only")]
+
+
+def _config_rows(config_cls: type[BaseModel], defaults: Mapping[str, Any], with_critic: bool
+                 ) -> list[tuple[str, list[tuple[str, str, str, str]]]]:
+    """The listing's sections, each (heading, rows of (key, type, default, description))."""
     fields = config_cls.model_fields
-    top = [name for name, field in fields.items()
-           if not (isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel))]
+    top = [name for name, field in fields.items() if not _is_section(field)]
     groups = [("", config_cls, None, top)] if top else []
+    left_out = set() if with_critic else set(critic_only_keys(config_cls))
     for name, field in fields.items():
         if name not in top:  # a section: its defaults are the stage's (e.g. run.output_dir per stage)
-            groups.append((name, field.annotation, field.default, list(field.annotation.model_fields)))
+            section_default = field.get_default(call_default_factory=True)
+            groups.append((name, field.annotation, section_default, list(field.annotation.model_fields)))
+    sections = []
     for section, section_cls, section_default, names in groups:
         doc = (section_cls.__doc__ or "").strip().splitlines()[0] if section else "settings of the whole stage"
-        lines += ["", f"{section or '(top level)'}: {doc}"]
+        rows = []
         for name in names:
             field = section_cls.model_fields[name]
+            dotted = f"{section}.{name}" if section else name
+            if dotted in left_out:
+                continue
             default = getattr(section_default, name) if section_default is not None else field.default
-            key = f"--{section}.{name}" if section else f"--{name}"
-            head = f"  {key:<34} {_type_name(field.annotation):<14} {default!s:<10} "
-            indent = " " * 63
-            text = textwrap.wrap(field.description or "", width=max(40, width - max(len(head), len(indent))))
-            lines.append(head + (text[0] if text else ""))
-            lines.extend(indent + more for more in text[1:])
+            default = defaults.get(dotted, default)
+            rows.append((f"--{dotted}", _type_name(field.annotation), str(default), field.description or ""))
+        sections.append((f"{section or '(top level)'}: {doc}", rows))
+    return sections
+
+
+def describe_config(config_cls: type[BaseModel], width: int = 120, defaults: Mapping[str, Any] | None = None,
+                    with_critic: bool = True) -> str:
+    """Every key of a stage config with its type, default and description, grouped by section.
+
+    `defaults` (dotted key -> value) replaces the listed defaults, e.g. with a preset's values;
+    `with_critic=False` leaves out the keys only algorithms with a critic read. The four columns
+    line up over the whole listing: a long type or default wraps inside its column.
+    """
+    sections = _config_rows(config_cls, defaults or {}, with_critic)
+    rows = [row for _, section_rows in sections for row in section_rows]
+    key_width = max(len(row[0]) for row in rows)
+    type_width = min(18, max(len(row[1]) for row in rows))
+    default_width = min(12, max(len(row[2]) for row in rows))
+    text_width = max(30, width - (2 + key_width + 2 + type_width + 2 + default_width + 2))
+    lines = ["config keys (in a --config YAML file, or on the command line as --section.key VALUE;",
+             "'?' marks a key that may be null):"]
+    for heading, section_rows in sections:
+        lines += ["", heading]
+        for key, type_name, default, description in section_rows:
+            columns = ([key], _wrap_type(type_name, type_width),
+                       textwrap.wrap(default, default_width) or [""],
+                       textwrap.wrap(description, text_width, break_on_hyphens=False) or [""])
+            for i in range(max(len(column) for column in columns)):
+                cells = [column[i] if i < len(column) else "" for column in columns]
+                line = (f"  {cells[0]:<{key_width}}  {cells[1]:<{type_width}}  {cells[2]:<{default_width}}  "
+                        f"{cells[3]}")
+                lines.append(line.rstrip())
     return "\n".join(lines)
+
+
+def describe_rl_config(algorithm: str | None, width: int = 120) -> str:
+    """The RL keys as `quartet <algorithm> --help` lists them: that algorithm's defaults (its preset
+    applied) and, for an algorithm without a critic, the critic's keys left out."""
+    from quartet.rl.algorithms import get_algorithm  # the registry says which algorithms train a critic (torch)
+
+    name = algorithm or "ppo"
+    preset = RL_PRESETS.get(name, {})
+    defaults = {f"{section}.{key}": value for section, keys in preset.items() for key, value in keys.items()}
+    with_critic = get_algorithm(name).needs_critic
+    notes = [f"Defaults below are {name}'s" + (" (its preset, applied under your values)." if preset else ".")]
+    if not with_critic:
+        notes.append(f"{name} trains no critic: the critic's keys are left out ({', '.join(critic_only_keys(RLConfig))}; "
+                     "see quartet ppo --help).")
+    notes = [line for note in notes for line in textwrap.wrap(note, width)]
+    return "\n".join(notes) + "\n\n" + describe_config(RLConfig, width, defaults, with_critic)

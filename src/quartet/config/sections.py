@@ -10,6 +10,10 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, PrivateAttr, field_validator, model_validator
 
+# Marks a key that only algorithms with a critic read (those whose advantage estimator needs values,
+# quartet.rl.algorithms); the --help of the others leaves it out.
+CRITIC_ONLY = {"critic_only": True}
+
 
 class ConfigError(ValueError):
     """A config that cannot be used, with the offending key named."""
@@ -215,13 +219,17 @@ class RLModelsConfig(Section):
         None, description="Instead of a reward model: 'module:function' (or a list of them) taking (prompts, responses, "
                           "**columns) -> scores, one per response (None for a row a function does not judge).")
     reward_weights: list[float] | None = Field(None, description="Weights of the reward functions (default 1 each).")
-    critic: str | None = Field(None, description="Critic initialisation directory; default per critic_init (algorithms with a critic).")
-    critic_init: Literal["reward", "actor"] = Field("reward", description="Critic starts from the reward model (DeepSpeed-Chat) "
-                                                                          "or the SFT model; with reward functions and no "
-                                                                          "reward model, the SFT model unless set.")
+    critic: str | None = Field(None, description="Critic initialisation directory; default per critic_init (algorithms "
+                                                 "with a critic).", json_schema_extra=CRITIC_ONLY)
+    critic_init: Literal["reward", "actor"] = Field("reward", description="Critic starts from the reward model "
+                                                                          "(DeepSpeed-Chat) or the SFT model; with reward "
+                                                                          "functions and no reward model, the SFT model "
+                                                                          "unless set.",
+                                                    json_schema_extra=CRITIC_ONLY)
     shared_trunk: bool = Field(False, description="The critic is a value head on the actor's own trunk: one trunk forward and "
                                                   "backward per update instead of two (changes the algorithm: the value loss "
-                                                  "trains the actor's trunk; see README).")
+                                                  "trains the actor's trunk; see README).",
+                                 json_schema_extra=CRITIC_ONLY)
     trust_remote_code: bool = Field(False, description="Run model code shipped with a checkpoint (only for sources you trust).")
     allow_pickle: bool = Field(False, description="Allow loading non-safetensors (pickle) weights. Only for files you trust.")
     # set by RLConfig's check when critic_init was left at 'reward' with no reward model, so the run can say so
@@ -325,7 +333,7 @@ class AlgorithmConfig(Section):
                                "read them; one clipped score serves every estimator. Default 5 (PPO, DeepSpeed-Chat); "
                                "the group presets do not clip, REINFORCE++'s clip at 10 (OpenRLHF).")
     gamma: float = Field(1.0, ge=0, le=1, description="Discount factor.")
-    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.")
+    lam: float = Field(0.95, ge=0, le=1, description="GAE lambda.", json_schema_extra=CRITIC_ONLY)
     cliprange: float = Field(0.2, gt=0, description="PPO ratio clip range (the low side when clip_high is set).")
     clip_high: float | None = Field(None, gt=0, description="Upper clip range (DAPO's clip-higher: 0.28); default: cliprange.")
     dual_clip: float | None = Field(None, gt=1, description="Dual clip c (Ye et al. 2020): caps the loss of a token with "
@@ -341,8 +349,10 @@ class AlgorithmConfig(Section):
         "group", description="GRPO: divide by the group's std, the batch's std, or not at all (Dr. GRPO).")
     advantage_eps: float = Field(1e-6, gt=0, description="Added to the std a group advantage is divided by "
                                                         "(verl's 1e-6; TRL uses 1e-4).")
-    cliprange_value: float = Field(0.2, gt=0, description="Value clip range of the critic's loss.")
-    whiten_advantages: bool = Field(True, description="Whiten advantages over the batch's valid tokens.")
+    cliprange_value: float = Field(0.2, gt=0, description="Value clip range of the critic's loss.",
+                                   json_schema_extra=CRITIC_ONLY)
+    whiten_advantages: bool = Field(True, description="Whiten the critic's (GAE) advantages over the batch's valid tokens.",
+                                    json_schema_extra=CRITIC_ONLY)
     score_normalization: Literal["none", "stored", "running"] = Field(
         "none", description="'stored': the reward model's saved mean/std; 'running': running stats of the scores.")
     missing_eos_penalty: float | None = Field(None, description="Score given to responses that never emit EOS.")
@@ -361,7 +371,8 @@ class AlgorithmConfig(Section):
     mask_truncated: bool = Field(False, description="Leave responses without EOS (cut at max_new_tokens) out of the "
                                                     "policy loss (DAPO's overlong filtering).")
     vf_coef: float = Field(0.1, gt=0, description="Weight of the value loss with models.shared_trunk "
-                                                  "(with separate models each has its own gradients: unused).")
+                                                  "(with separate models each has its own gradients: unused).",
+                           json_schema_extra=CRITIC_ONLY)
 
     @model_validator(mode="after")
     def _known(self) -> "AlgorithmConfig":
@@ -421,7 +432,7 @@ class OptimConfig(Section):
     """AdamW for the actor and, when the algorithm has one, the critic (one optimizer, a group each)."""
 
     actor_lr: float = Field(1e-5, gt=0, description="Learning rate of the actor.")
-    critic_lr: float = Field(5e-5, gt=0, description="Learning rate of the critic.")
+    critic_lr: float = Field(5e-5, gt=0, description="Learning rate of the critic.", json_schema_extra=CRITIC_ONLY)
     weight_decay: float = Field(0.0, ge=0, description="AdamW weight decay.")
     max_grad_norm: float | None = Field(1.0, gt=0, description="Clip each model's gradient norm to this (null: no clipping).")
 
@@ -463,7 +474,8 @@ class RLConfig(StageConfig):
     run: RunSection = RunSection(output_dir="runs/ppo")
     models: RLModelsConfig = RLModelsConfig()
     data: PromptDataConfig = PromptDataConfig()
-    algorithm: AlgorithmConfig = AlgorithmConfig()
+    # a factory: building the default checks the name against the algorithm registry, which needs torch
+    algorithm: AlgorithmConfig = Field(default_factory=AlgorithmConfig)
     rollout: RolloutConfig = RolloutConfig()
     batch: BatchConfig = BatchConfig()
     optim: OptimConfig = OptimConfig()

@@ -26,7 +26,17 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from quartet.demo.arena_worlds import ALGORITHMS, FULL, QUICK, TEST, ArenaSettings, held_out_kl, make_world, world_directory
+from quartet.demo.arena_worlds import (
+    ALGORITHMS,
+    FULL,
+    JUDGE_SAMPLES,
+    QUICK,
+    TEST,
+    ArenaSettings,
+    held_out_kl,
+    make_world,
+    world_directory,
+)
 
 __all__ = ["FULL", "QUICK", "TEST", "ArenaSettings", "run_arena"]
 
@@ -142,9 +152,12 @@ def _log_path(task: dict[str, Any]) -> Path:
 
 
 def _result_line(task: dict[str, Any]) -> str:
+    """After a task's wall time (loading, training, judging): a run's training seconds, which the table
+    shows, and the final judgement."""
     record = json.loads(_record(task).read_text())
-    key = "sft_ground_truth" if task["algorithm"] is None else "ground_truth"
-    return f": ground truth {record[key]:+.3f}"
+    if task["algorithm"] is None:
+        return f": SFT ground truth {record['sft_ground_truth']:+.3f}"
+    return f" (training {record['seconds']:.0f} s): ground truth {record['ground_truth']:+.3f}"
 
 
 def _task_main(task: dict[str, Any]) -> None:
@@ -258,14 +271,21 @@ def _table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
 
 
 def print_table(summary: dict[str, Any], report: Path) -> None:
+    seeds = summary["seeds"]
     print("\n== Quartet arena ==")
+    print(f"ground truth: the final judgement, {JUDGE_SAMPLES} answers per held-out prompt"
+          + (f"; mean ± sd over {seeds} seeds" if seeds > 1 else "; one seed"))
     for world in summary["worlds"]:
         print(f"{world} (budget per seed: {', '.join(f'{b:,}' for b in summary['budgets'][world])} generated tokens, "
               f"the tokens of DPO's pairs):")
+        start = [s["sft_ground_truth"] for s in summary.get("starts", []) if s["world"] == world]
+        if start:
+            print(f"  {'SFT (the start)':<22} ground truth {sum(start) / len(start):+.3f}")
         for row in (r for r in summary["table"] if r["world"] == world):
+            spread = f" ± {row['ground_truth_std']:.3f}" if row["seeds"] > 1 else ""  # one seed has no spread
             proxy = f"  proxy {row['proxy']:+.3f}" if row["proxy"] is not None else ""
-            print(f"  {row['algorithm']:<22} ground truth {row['ground_truth']:+.3f} ± {row['ground_truth_std']:.3f}"
-                  f"{proxy}  {row['seconds']:.0f} s  {row['peak_rss_mib']:.0f} MiB")
+            print(f"  {row['algorithm']:<22} ground truth {row['ground_truth']:+.3f}{spread}"
+                  f"{proxy}  training {row['seconds']:.0f} s  {row['peak_rss_mib']:.0f} MiB")
     print(f"report: {report}")
 
 

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from quartet.demo.arena_worlds import world_directory  # noqa: E402
+from quartet.demo.arena_worlds import JUDGE_SAMPLES, world_directory  # noqa: E402
 from quartet.report.html import _write_page, data_uri, esc, fmt, note  # noqa: E402
 from quartet.report.plots import COLORS, finish_figure  # noqa: E402
 
@@ -23,6 +23,13 @@ INTRO = ("Every algorithm starts from the same SFT model and the same data, trai
          "verifiable task. DPO generates nothing while it trains; its budget is the SFT answers its pairs were made "
          "of. A tiny model and one or two task families: read the numbers as what these algorithms do here, not as "
          "a ranking for large models.")
+
+# The two measurements the report shows, said once: the table's and the curves'.
+JUDGEMENT = (f"The table (and the stars, and the dashed SFT line) is the final judgement: each final actor, and the "
+             f"SFT model, answers every held-out prompt {JUDGE_SAMPLES} times at temperature 1, averaged. The curves are "
+             "each trainer's own held-out evaluation along its run: one answer per prompt at the rollout temperature, "
+             "the same draws at every evaluation, so steps compare. One answer per prompt is noisier, so a curve's "
+             "first point differs from the SFT line, and its last point from its star, by that sampling noise.")
 
 
 def _color(algorithm: str, algorithms: list[str]) -> str:
@@ -46,24 +53,32 @@ def world_plots(out: Path, world: str, runs: list[dict[str, Any]], starts: list[
     def curves(x: str):
         def draw(ax):
             for algorithm in algorithms:
+                color = _color(algorithm, algorithms)
                 for i, r in enumerate(x for x in runs if x["algorithm"] == algorithm):
                     points = [p for p in r["curve"] if p.get("ground_truth") is not None]
                     if algorithm == "dpo" and start:
                         points = [{"tokens": 0, "seconds": 0.0, "ground_truth": start[0]}, *points]
                     ax.plot([p[x] for p in points], [p["ground_truth"] for p in points], "o-", markersize=3,
-                            color=_color(algorithm, algorithms), alpha=0.85, label=algorithm if i == 0 else None)
+                            color=color, alpha=0.85, label=algorithm if i == 0 else None)
+                    if r.get("ground_truth") is not None and r["curve"]:  # the table's value, at the run's end
+                        ax.plot([r["curve"][-1][x]], [r["ground_truth"]], "*", markersize=11, color=color)
+            if any(r.get("ground_truth") is not None for r in runs):
+                ax.plot([], [], "*", markersize=9, color="#6b7280", label="final judgement (table)")
             if start:
-                ax.axhline(sum(start) / len(start), color="#9ca3af", linestyle="--", linewidth=1, label="SFT")
+                ax.axhline(sum(start) / len(start), color="#9ca3af", linestyle="--", linewidth=1, label="SFT (judged)")
         return draw
 
     ylabel = "gold" if world == "town" else "accuracy"
     figures.append((_plot(plots_dir / "tokens.png", f"{world}: ground truth vs generated tokens", "generated tokens",
                           ylabel, curves("tokens")),
-                    "Held-out ground truth along each run against the response tokens it generated (one line per "
-                    "seed; DPO's point sits at the tokens its pairs cost)."))
+                    "Held-out ground truth along each run (the trainer's own evaluation, one line per seed) against "
+                    "the response tokens it generated; stars: the final judgement of the table; dashed: the SFT "
+                    "model's. DPO generates nothing while it trains: its line joins the SFT start to its final "
+                    "judgement, at the tokens its pairs cost."))
     figures.append((_plot(plots_dir / "seconds.png", f"{world}: ground truth vs seconds", "seconds of training",
                           ylabel, curves("seconds")),
-                    "The same against wall-clock seconds of training on this machine."))
+                    "The same against wall-clock seconds of training on this machine (the table's seconds: "
+                    "training only, without loading, judging and measuring the KL)."))
     finals = [r for r in runs if r.get("ground_truth") is not None]
     if world == "town":
         def proxy_vs_gold(ax):
@@ -99,10 +114,11 @@ def world_plots(out: Path, world: str, runs: list[dict[str, Any]], starts: list[
     return figures
 
 
-def _pm(mean: Any, std: Any, digits: int = 3) -> str:
+def _pm(mean: Any, std: Any, seeds: int, digits: int = 3) -> str:
+    """A mean, with its spread over seeds where there are several (one seed has none)."""
     if mean is None or (isinstance(mean, float) and math.isnan(mean)):
         return "–"
-    return f"{fmt(mean, digits)} ± {fmt(std, digits)}" if std else fmt(mean, digits)
+    return f"{fmt(mean, digits)} ± {fmt(std, digits)}" if seeds > 1 and std is not None else fmt(mean, digits)
 
 
 def world_table(world: str, table: list[dict[str, Any]], starts: list[dict[str, Any]]) -> str:
@@ -116,14 +132,18 @@ def world_table(world: str, table: list[dict[str, Any]], starts: list[dict[str, 
                f'<td class="num">{fmt(sum(proxy) / len(proxy)) if proxy else "–"}</td>' + '<td class="num">–</td>' * 5
                + "</tr>")
     body = "".join(
-        f'<tr><td>{esc(r["algorithm"])}</td><td class="num"><b>{_pm(r["ground_truth"], r["ground_truth_std"])}</b></td>'
-        f'<td class="num">{_pm(r["proxy"], r["proxy_std"])}</td><td class="num">{_pm(r["kl"], r["kl_std"])}</td>'
-        f'<td class="num">{_pm(r["seconds_per_step"], r["seconds_per_step_std"], 2)}</td>'
-        f'<td class="num">{_pm(r["seconds"], r["seconds_std"], 0)}</td>'
+        f'<tr><td>{esc(r["algorithm"])}</td>'
+        f'<td class="num"><b>{_pm(r["ground_truth"], r["ground_truth_std"], r["seeds"])}</b></td>'
+        f'<td class="num">{_pm(r["proxy"], r["proxy_std"], r["seeds"])}</td>'
+        f'<td class="num">{_pm(r["kl"], r["kl_std"], r["seeds"])}</td>'
+        f'<td class="num">{_pm(r["seconds_per_step"], r["seconds_per_step_std"], r["seeds"], 2)}</td>'
+        f'<td class="num">{_pm(r["seconds"], r["seconds_std"], r["seeds"], 0)}</td>'
         f'<td class="num">{fmt(r["generated_tokens"], 0)}</td><td class="num">{fmt(r["peak_rss_mib"], 0)}</td></tr>'
         for r in rows)
-    return ("<table><tr><th>algorithm</th><th>ground truth (mean ± sd over seeds)</th><th>proxy</th>"
-            "<th>KL to reference</th><th>s / step</th><th>seconds</th><th>generated tokens</th>"
+    seeds = max((r["seeds"] for r in rows), default=1)
+    spread = f"mean ± sd over {seeds} seeds" if seeds > 1 else "one seed"
+    return (f"<table><tr><th>algorithm</th><th>ground truth (final judgement; {spread})</th><th>proxy</th>"
+            "<th>KL to reference</th><th>s / step</th><th>seconds of training</th><th>generated tokens</th>"
             f"<th>peak RSS MiB</th></tr>{sft}{body}</table>")
 
 
@@ -151,7 +171,7 @@ def render_arena_report(out: str | Path, output: str | Path | None = None) -> Pa
                      "what the SFT answers of DPO's pairs cost, so that every algorithm sees as many sampled tokens); "
                      f"{summary['seeds']} seed(s). Ground truth: "
                      f"{'the hidden gold judge' if world == 'town' else 'accuracy'} on held-out prompts.</p>")
-        parts.append(world_table(world, summary["table"], starts))
+        parts.append(f"<p>{esc(JUDGEMENT)}</p>" + world_table(world, summary["table"], starts))
         figures = world_plots(out, world, runs, starts, algorithms)
         parts.append('<div class="grid">' + "".join(
             f'<figure><img src="{data_uri(path)}" alt="{esc(path.stem)}"><figcaption>{esc(caption)}</figcaption></figure>'

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from quartet.config import RolloutConfig
+from quartet.config import RolloutConfig, SamplingConfig
 from quartet.data import collate_prompts
 from quartet.envs import Episode, EpisodeRunner, ToolBox, load_environment, load_tools, tool_environment
 from quartet.rollout.episodes import EpisodeLimits, EpisodeRecord, ObservationRenderer, sample_episodes
@@ -58,9 +58,10 @@ class AgentRollout:
 
     def generate(self, model: PreTrainedModel, rows: list[tuple[list[int], dict[str, Any]]], step: int,
                  first_row: int, n: int, generator: torch.Generator | None, row_offset: int, total_rows: int,
-                 device: torch.device) -> tuple[Rollout, list[EpisodeRecord]]:
+                 device: torch.device, sampling: SamplingConfig | None = None) -> tuple[Rollout, list[EpisodeRecord]]:
         """`n` episodes for each of these prompt rows (their ids and dataset columns); `first_row` is the
-        first row's index among all prompts drawn in the run (its episodes' seed)."""
+        first row's index among all prompts drawn in the run (its episodes' seed). `sampling` (default: the
+        rollout's) may switch to greedy decoding for evaluation."""
         episodes = self.runner.start(step, [columns for _, columns in rows for _ in range(n)],
                                      [first_row + i for i in range(len(rows)) for _ in range(n)])
         prompt_ids = []
@@ -74,7 +75,7 @@ class AgentRollout:
             prompt_ids.append(ids if first is None else self.first_prompt_ids(first))
         batch = collate_prompts([{"input_ids": ids} for ids in prompt_ids], self.tokenizer.pad_token_id)
         return sample_episodes(model, self.tokenizer, batch["input_ids"].to(device),
-                               batch["attention_mask"].to(device), self.cfg, self.limits,
+                               batch["attention_mask"].to(device), sampling or self.cfg, self.limits,
                                _Driver(self.runner, episodes), self.renderer, generator=generator,
                                row_offset=row_offset, total_rows=total_rows, n=n)
 

@@ -18,8 +18,11 @@ import signal
 import sys
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:  # the CLI imports this module before any stage: no torch at import
+    import torch
+
 
 
 class TrainingInterrupted(RuntimeError):

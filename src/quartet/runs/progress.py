@@ -16,13 +16,15 @@ def progress_bar(total: int, desc: str, initial: int = 0, disable: bool = False)
                 mininterval=0.5, disable=disable, leave=True)
 
 
-def format_postfix(metrics: dict[str, Any], keys: list[str]) -> dict[str, str]:
-    """Short strings of the chosen metrics for a bar's postfix."""
+def format_postfix(metrics: dict[str, Any], keys: list[str], labels: dict[str, str] | None = None) -> dict[str, str]:
+    """Short strings of the chosen metrics for a bar's postfix, each labelled by the last part of its
+    key unless `labels` names it."""
     shown = {}
     for key in keys:
         value = metrics.get(key)
+        label = (labels or {}).get(key, key.rsplit("/", 1)[-1])
         if isinstance(value, float):
-            shown[key.rsplit("/", 1)[-1]] = f"{value:.4g}"
+            shown[label] = f"{value:.4g}"
         elif value is not None:
-            shown[key.rsplit("/", 1)[-1]] = str(value)
+            shown[label] = str(value)
     return shown

@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from quartet.config import RLConfig
+from quartet.config import RLConfig, SamplingConfig
 from quartet.models.forward import head_parameters, share_trunk
 from quartet.models.lean import lean_unsupported
 from quartet.models.loading import check_model_dir, save_model
@@ -257,7 +257,8 @@ class RLTrainer(Job):
         self.update_forward = torch.compile(self.trained) if self.cfg.train.compile else self.trained
         self.clipped = self._clipped_parameters()
         if self.step == 0 and self.eval_prompts:  # the starting point of the held-out curves
-            self.first_eval = self.last_eval = self.experience.evaluate(self.trained, self.eval_prompts)
+            self.first_eval = self.last_eval = self.experience.evaluate(self.trained, self.eval_prompts,
+                                                                        greedy_accuracy=True)
             self.run.metrics.log(0, self.first_eval)
 
     def train_step(self) -> StepOutcome:
@@ -281,7 +282,8 @@ class RLTrainer(Job):
             self.total_steps = self.step  # the token budget is spent: this is the last step
         evaluated = bool(self.eval_prompts) and (self.step % t.eval_every == 0 or self.step == self.total_steps)
         if evaluated:
-            self.last_eval = self.experience.evaluate(self.trained, self.eval_prompts)
+            self.last_eval = self.experience.evaluate(self.trained, self.eval_prompts,
+                                                      greedy_accuracy=self.step == self.total_steps)
             metrics.update(self.last_eval)
         if t.n_samples and self.ranks.is_main and (self.step % t.sample_every == 0 or self.step in (1, t.steps)):
             write_samples(self.run.dir / "samples.jsonl", self.step,
@@ -290,7 +292,8 @@ class RLTrainer(Job):
         return StepOutcome(metrics, finite, log=evaluated)
 
     def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
-        return format_postfix(metrics, ["score/mean", "kl/ref", "response/length"])
+        # the sampled score, the KL to the reference (kl/ref) and the mean response length
+        return format_postfix(metrics, ["score/mean", "kl/ref", "response/length"], labels={"kl/ref": "kl"})
 
     def _full_state_dicts(self) -> tuple[dict | None, dict | None]:
         """Gathered actor and critic weights when training shards them (a collective), else None."""
@@ -408,8 +411,24 @@ def run_rl(cfg: RLConfig, resume: bool = False, reward_fn: RewardFn | None = Non
     run.write_summary(summary)
     run.close()
     if history:
-        kl = f"; KL to reference {summary['last/kl/ref']:.3f}" if "last/kl/ref" in summary else ""
-        run.ranks.print(f"[{algorithm.name}] {run.steps_done(result['steps'], result['seconds'])}; score "
-                        f"{summary['first/score/mean']:.3f} -> {summary['last/score/mean']:.3f}{kl}; "
-                        f"actor in {run.final_dir}")
+        run.ranks.print(closing_line(summary, cfg.rollout, run.steps_done(result["steps"], result["seconds"])))
     return summary
+
+
+def closing_line(summary: dict[str, Any], rollout: SamplingConfig, steps_done: str | None = None) -> str:
+    """The line an RL run ends with: what this process ran (`steps_done`, default the summary's steps
+    and seconds), its training score (sampled at the rollout's settings, the mean of the first and of the
+    last fifth of the steps), held-out greedy accuracy where a verifier judged held-out prompts, the KL to
+    the reference, and where the actor is."""
+    sampling = "greedy" if rollout.greedy else f"T={rollout.temperature:g}"
+    steps_done = steps_done or f"{summary['steps']} steps in {summary['seconds']:.1f}s"
+    parts = [f"[{summary['stage']}] {steps_done}",
+             f"sampled score ({sampling}) {summary['first/score/mean']:.3f} -> {summary['last/score/mean']:.3f} "
+             "(first -> last fifth of the steps)"]
+    for key in sorted(k for k in summary if k.startswith("greedy_eval/accuracy/")):
+        before = summary.get(f"initial_{key}")
+        parts.append(f"held-out greedy accuracy ({key.rsplit('/', 1)[1]}) "
+                     + (f"{before:.3f} -> " if before is not None else "") + f"{summary[key]:.3f}")
+    if "last/kl/ref" in summary:
+        parts.append(f"KL to reference {summary['last/kl/ref']:.3f}")
+    return "; ".join([*parts, f"actor in {summary['final_dir']}"])

@@ -18,7 +18,7 @@ from typing import Any
 import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
-from quartet.config import RLConfig
+from quartet.config import RLConfig, SamplingConfig
 from quartet.data import collate_prompts
 from quartet.data.schedule import PromptSchedule
 from quartet.models.forward import in_row_chunks, scoring_rows, vocab_size
@@ -110,7 +110,7 @@ class ExperienceMaker:
         exp = self._experience(batch)
         timings["time/scoring"] += time.perf_counter() - t0
         metrics = {**experience_metrics(exp, batch.has_eos, beta), **sampling, **timings,
-                   **score_part_metrics(batch.score_parts, self.reward.functions.verifiers() if self.reward.functions else [])}
+                   **score_part_metrics(batch.score_parts, self.verifiers)}
         for metric_fn in self.metric_fns:
             metrics.update(metric_fn(exp.prompts, exp.responses))
         if self.agent:
@@ -132,10 +132,27 @@ class ExperienceMaker:
         out.update(dict(zip(names, deltas)))
         return out
 
+    @property
+    def verifiers(self) -> list[str]:
+        """Names of the reward functions that say correct (1.0) or incorrect (0.0)."""
+        return self.reward.functions.verifiers() if self.reward.functions else []
+
+    def evaluate(self, trained: torch.nn.Module, rows: list[PromptRow], greedy_accuracy: bool = False
+                 ) -> dict[str, float]:
+        """One response per held-out prompt at the rollout's sampling settings (the same random draws at
+        every evaluation, so steps compare), scored by the reward source and the metric functions:
+        `eval/...` metrics. With `greedy_accuracy` and a verifier among the reward functions, also the
+        verifiers' accuracy of greedy (argmax) responses: `greedy_eval/accuracy/<verifier>`."""
+        metrics = self._evaluate(trained, rows, self.cfg.rollout, with_metric_fns=True)
+        if greedy_accuracy and self.verifiers:
+            greedy = self._evaluate(trained, rows, self.cfg.rollout.model_copy(update={"greedy": True}),
+                                    with_metric_fns=False)
+            metrics.update({f"greedy_eval/{k}": v for k, v in greedy.items() if k.startswith("accuracy/")})
+        return {k if k.startswith("greedy_eval/") else f"eval/{k}": v for k, v in metrics.items()}
+
     @torch.no_grad()
-    def evaluate(self, trained: torch.nn.Module, rows: list[PromptRow]) -> dict[str, float]:
-        """One response per held-out prompt (the same random draws at every evaluation, so steps compare),
-        scored by the reward source and the metric functions: `eval/...` metrics."""
+    def _evaluate(self, trained: torch.nn.Module, rows: list[PromptRow], sampling: SamplingConfig,
+                  with_metric_fns: bool) -> dict[str, float]:
         ranks, n_rows = self.ranks, len(rows)
         start, end = ranks.share(rows)
         batch = collate_prompts([{"input_ids": ids} for ids, _ in rows[start:end]], self.pad_id)
@@ -144,10 +161,10 @@ class ExperienceMaker:
             self.backend.load_weights(pair.actor)
             if self.agent:  # the same episodes at every evaluation
                 rollout, records = self.agent.generate(pair.actor, rows[start:end], EVALUATION_STEP, start, 1, generator,
-                                                       start, n_rows, self.device)
+                                                       start, n_rows, self.device, sampling=sampling)
             else:
                 rollout = self.backend.generate(batch["input_ids"].to(self.device),
-                                                batch["attention_mask"].to(self.device), self.cfg.rollout,
+                                                batch["attention_mask"].to(self.device), sampling,
                                                 generator=generator, row_offset=start, total_rows=n_rows)
         prompts, responses = decode_texts(self.tokenizer, rollout.prompt_ids, rollout.prompt_mask,
                                           rollout.response_ids, rollout.response_mask)
@@ -159,16 +176,16 @@ class ExperienceMaker:
             scores, parts = self.reward(rollout, prompts, responses, None, columns)
         if self.agent:
             scores, parts = self._with_env_rewards(scores, parts, records, per_turn=False)
-        scores, lengths = ranks.gather_rows(scores.float()), ranks.gather_rows(rollout.response_mask.sum(1).float())
+        scores, lengths = ranks.gather_rows(scores.float()), ranks.gather_rows(rollout.chosen_mask.sum(1).float())
         parts = {k: ranks.gather_rows(v) for k, v in sorted(parts.items())}
         prompts, responses = ranks.gather_objects(prompts), ranks.gather_objects(responses)
         metrics = {"score/mean": float(scores.mean()), "response/length": float(lengths.mean()),
-                   **score_part_metrics(parts, self.reward.functions.verifiers() if self.reward.functions else [])}
-        for metric_fn in self.metric_fns:
+                   **score_part_metrics(parts, self.verifiers)}
+        for metric_fn in (self.metric_fns if with_metric_fns else ()):
             metrics.update(metric_fn(prompts, responses))
         if self.agent:
             metrics.update(self._episode_metrics(records, self.agent.tool_counts()))
-        return {f"eval/{k}": v for k, v in metrics.items()}
+        return metrics
 
     @staticmethod
     def _episode_texts(records: list[EpisodeRecord], columns: dict[str, list[Any]]
