@@ -43,6 +43,24 @@ def test_every_algorithm_trains_on_a_multi_turn_environment(fruit, algorithm):
     assert records[0]["score/mean"] == pytest.approx(records[0]["env/reward"], abs=1e-5)
 
 
+def test_sample_tables_and_the_report_show_the_environments_tokens_apart(fruit):
+    run_rl(_config(fruit, "agent_tables", "grpo", steps=2))
+    samples = [json.loads(line) for line in (fruit / "agent_tables" / "samples.jsonl").read_text().splitlines()]
+    two_turns = [s for s in samples if "action" in s]
+    assert two_turns, "a sample with a second turn"
+    for s in two_turns:
+        observed = "".join(t for t, a in zip(s["tokens"], s["action"]) if not a)
+        assert "More fruits:" in observed and "More fruits:" in s["response"]
+        assert all(s["actor_logprob"][i] == 0.0 for i, a in enumerate(s["action"]) if not a)
+        assert any(s["actor_logprob"][i] != 0.0 for i, a in enumerate(s["action"]) if a)
+    from quartet.report.html import render_report, token_table
+
+    table = token_table(two_turns[0])
+    assert "Shaded rows are the environment" in table
+    assert table.count('style="background:#eef2f7') == two_turns[0]["action"].count(0)
+    assert render_report(fruit / "agent_tables").is_file()
+
+
 def test_the_samples_of_a_prompt_face_the_same_seeded_environment(fruit):
     run_rl(_config(fruit, "agent_secret", "grpo", env="agent_envs:SecretFruit", steps=2))
     samples = [json.loads(line) for line in (fruit / "agent_secret" / "samples.jsonl").read_text().splitlines()]

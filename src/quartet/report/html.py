@@ -234,18 +234,26 @@ def token_table(sample: dict[str, Any]) -> str:
     cols = {k: list(sample.get(k) or []) for k, _ in columns}
     max_abs = {k: max([abs(to_float(v)) for v in vals if not math.isnan(to_float(v))] or [0.0])
                for k, vals in cols.items()}
+    action = sample.get("action")  # an episode: 1 on the policy's tokens, 0 on the environment's
+    chosen = [i for i, a in enumerate(action) if a] if action else []
+    last_chosen = chosen[-1] if chosen else len(sample["tokens"]) - 1
     rows = []
     for t, tok in enumerate(tokens):
+        observed = bool(action) and not action[t]
         cells = "".join(
-            f'<td class="num"{cell_color(v, max_abs[k])}>{fmt(v)}</td>'
+            '<td class="num"></td>' if observed else f'<td class="num"{cell_color(v, max_abs[k])}>{fmt(v)}</td>'
             for k, _ in columns for v in [cols[k][t] if t < len(cols[k]) else None])
-        last = t == len(sample["tokens"]) - 1
+        last = t == last_chosen
         mark = ' <span class="badge">+ score</span>' if last else ""
         shown = tok.replace("\n", "↵") if isinstance(tok, str) else str(tok)
-        rows.append(f'<tr{" class=last" if last else ""}><td class="num">{t}</td>'
+        style = ' style="background:#eef2f7;color:#6b7280"' if observed else ""
+        rows.append(f'<tr{" class=last" if last else ""}{style}><td class="num">{t}</td>'
                     f'<td class="tok"><code>{esc(shown)}</code>{mark}</td>{cells}</tr>')
     cut = note(f"Showing the first {MAX_TOKENS} of {len(sample['tokens'])} tokens.") \
         if len(sample["tokens"]) > MAX_TOKENS else ""
+    if action:
+        cut += note("Shaded rows are the environment's tokens (observations and the chat template's markers between "
+                    "turns): the policy did not choose them, so they carry no log-prob, KL, reward or advantage.")
     head = "".join(f"<th>{esc(label)}</th>" for _, label in columns)
     return (f'<div class="sample"><h3>Step {esc(sample.get("step", "?"))} · score {fmt(sample.get("score"))}</h3>'
             f'<div class="resp" style="color:#6b7280">{esc(sample.get("prompt", ""))}</div>'

@@ -21,24 +21,30 @@ def sample_records(exp: Experience, tokenizer: PreTrainedTokenizerBase, step: in
     `value` and `return` appear only for algorithms with a critic.
     """
     n = min(n, exp.sequences.shape[0])
+    p = exp.prompt_len
+    exists = exp.attention_mask[:, p:]  # [batch, response_len] model and observation tokens (one turn: = mask)
     prompts, responses = exp.prompts, exp.responses
-    if prompts is None:  # not decoded for scoring: decode the rows shown
-        p = exp.prompt_len
+    if prompts is None or not torch.equal(exists, exp.mask.to(exists.dtype)):
+        # not decoded for scoring, or an episode (scoring read its last answer): decode the rows shown whole
         prompts, responses = decode_texts(tokenizer, exp.sequences[:n, :p], exp.attention_mask[:n, :p],
-                                          exp.response_ids[:n], exp.mask[:n])
+                                          exp.response_ids[:n], exists[:n])
     per_token = {"actor_logprob": exp.old_logprobs, "ref_logprob": exp.ref_logprobs, "kl_penalty": exp.kl_penalty,
                  "value": exp.old_values, "reward": exp.rewards, "advantage": exp.advantages, "return": exp.returns}
     records = []
     for i in range(n):
-        valid = int(exp.mask[i].sum())
-        ids = exp.response_ids[i, :valid].tolist()
+        length = int(exists[i].sum())
+        ids = exp.response_ids[i, :length].tolist()
 
-        def row(t: torch.Tensor, i: int = i, valid: int = valid) -> list[float]:
-            return [round(float(x), 5) for x in t[i, :valid]]
+        def row(t: torch.Tensor, i: int = i, length: int = length) -> list[float]:
+            return [round(float(x), 5) for x in t[i, :length]]
 
-        records.append({"step": step, "prompt": prompts[i], "response": responses[i], "score": float(exp.scores[i]),
-                        "tokens": [tokenizer.decode([t]) for t in ids],
-                        **{key: row(t) for key, t in per_token.items() if t is not None}})
+        record = {"step": step, "prompt": prompts[i], "response": responses[i], "score": float(exp.scores[i]),
+                  "tokens": [tokenizer.decode([t]) for t in ids],
+                  **{key: row(t) for key, t in per_token.items() if t is not None}}
+        chosen = exp.mask[i, :length]
+        if not bool(chosen.all()):  # an episode: which tokens the policy chose, and which the environment wrote
+            record["action"] = [int(x) for x in chosen.tolist()]
+        records.append(record)
     return records
 
 
