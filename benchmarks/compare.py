@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
-"""Quartet's PPO and GRPO steps beside the anchors in ../shared/bench-anchors, on configs A to E.
+"""Quartet's PPO and GRPO steps beside plain-PyTorch floors (benchmarks/floors/) and TRL, on configs A to E.
 
 For each config the programs run one after another in separate processes, `--repeat` times,
 alternating, with the order rotated each round so that no program always runs first (these
 machines drift by about 10 % between runs, so only ratios from one invocation mean anything).
 TRL runs in its own pinned venvs (PPOTrainer is gone from trl 1.13 on, so PPO and GRPO need two):
 
-    bash benchmarks/setup_trl_venv.sh /tmp/trlppo                               # once, about 2 minutes
-    bash ../shared/bench-anchors/setup_trl_grpo_venv.sh /tmp/trlgrpo            # once, about 2 minutes
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/compare.py                    # prints the table
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/compare.py --configs DE --steps 9 --repeat 2
+    bash benchmarks/trl/setup_trl_ppo_venv.sh /tmp/trlppo                       # once, about 2 minutes
+    bash benchmarks/trl/setup_trl_grpo_venv.sh /tmp/trlgrpo                     # once, about 2 minutes
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.compare                    # prints the table
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.compare --configs DE --steps 9 --repeat 2
 
 Without a venv its TRL column is left out. The floors clip gradients at 1.0 (`--max-grad-norm
 1.0`), as Quartet and TRL do. PPO (benchmarks/ppo_step.py beside bare_ppo_floor.py and
@@ -31,14 +31,12 @@ import sys
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent  # the repository: every program runs from here, Quartet's steps as modules
+FLOORS = HERE / "floors"  # the plain-PyTorch floors: the same arithmetic with nothing else
+TRL = HERE / "trl"  # TRL's trainers on the same shapes, each in its own pinned venv
 CONFIGS = {"A": ["--ppo-epochs", "4"], "B": ["--ppo-epochs", "1"], "C": ["--ppo-epochs", "1", "--new-tokens", "128"],
            "D": [], "E": ["--prompt-len", "128"]}
 GRPO_CONFIGS = "DE"
-
-
-def anchors_dir() -> Path:
-    env = os.environ.get("QUARTET_SHARED")
-    return (Path(env) if env else HERE.parents[1] / "shared") / "bench-anchors"
 
 
 def run_json(cmd: list[str], cwd: Path) -> dict:
@@ -56,13 +54,13 @@ def commands(config: str, steps: int, trl_python: Path | None) -> dict[str, tupl
     flags = CONFIGS[config]
     anchor_flags = [f.replace("--new-tokens", "--response-len") for f in flags]
     out = {
-        "quartet": ([sys.executable, str(HERE / "ppo_step.py"), "--steps", str(steps), *flags], HERE.parent),
+        "quartet": ([sys.executable, "-m", "benchmarks.ppo_step", "--steps", str(steps), *flags], ROOT),
         # Quartet clips both models' gradients at 1.0 (optim.max_grad_norm), as TRL does: so does the floor
-        "floor": ([sys.executable, "bare_ppo_floor.py", "--steps", str(steps), "--quiet", "--max-grad-norm", "1.0",
-                   *anchor_flags], anchors_dir()),
+        "floor": ([sys.executable, str(FLOORS / "bare_ppo_floor.py"), "--steps", str(steps), "--quiet", "--max-grad-norm", "1.0",
+                   *anchor_flags], ROOT),
     }
     if trl_python is not None:
-        out["trl"] = ([str(trl_python), "trl_ppo_bench.py", "--steps", str(steps), "--quiet", *anchor_flags], anchors_dir())
+        out["trl"] = ([str(trl_python), str(TRL / "trl_ppo_bench.py"), "--steps", str(steps), "--quiet", *anchor_flags], ROOT)
     return out
 
 
@@ -70,16 +68,16 @@ def grpo_commands(config: str, steps: int, trl_python: Path | None) -> dict[str,
     """GRPO rounds: Quartet with and without prompt sharing, the floor clipping as Quartet and TRL do, TRL."""
     flags = CONFIGS[config]
     prompt_len = flags[flags.index("--prompt-len") + 1] if "--prompt-len" in flags else "16"
-    quartet = [sys.executable, str(HERE / "grpo_step.py"), "--steps", str(steps), *flags]
+    quartet = [sys.executable, "-m", "benchmarks.grpo_step", "--steps", str(steps), *flags]
     out = {
-        "quartet": ([*quartet, "--share-prompts", "on"], HERE.parent),
-        "quartet_per_row": ([*quartet, "--share-prompts", "off"], HERE.parent),
-        "floor": ([sys.executable, "bare_grpo_floor.py", "--steps", str(steps), "--quiet", "--max-grad-norm", "1.0",
-                   "--prompt-len", prompt_len], anchors_dir()),
+        "quartet": ([*quartet, "--share-prompts", "on"], ROOT),
+        "quartet_per_row": ([*quartet, "--share-prompts", "off"], ROOT),
+        "floor": ([sys.executable, str(FLOORS / "bare_grpo_floor.py"), "--steps", str(steps), "--quiet", "--max-grad-norm", "1.0",
+                   "--prompt-len", prompt_len], ROOT),
     }
     if trl_python is not None:  # TRL draws prompt lengths from a range: pin it to the floor's one length
-        out["trl"] = ([str(trl_python), "trl_grpo_bench.py", "--steps", str(steps), "--quiet",
-                       "--prompt-min", "8" if prompt_len == "16" else prompt_len, "--prompt-max", prompt_len], anchors_dir())
+        out["trl"] = ([str(trl_python), str(TRL / "trl_grpo_bench.py"), "--steps", str(steps), "--quiet",
+                       "--prompt-min", "8" if prompt_len == "16" else prompt_len, "--prompt-max", prompt_len], ROOT)
     return out
 
 
@@ -111,8 +109,8 @@ def main(argv: list[str] | None = None) -> None:
     unknown = sorted(set(a.configs) - set(CONFIGS))
     if unknown:
         p.error(f"unknown config(s) {', '.join(unknown)}; choose from {''.join(CONFIGS)}")
-    trl_ppo = venv_python(a.trl_venv, "benchmarks/setup_trl_venv.sh") if set(a.configs) - set(GRPO_CONFIGS) else None
-    trl_grpo = (venv_python(a.trl_grpo_venv, "../shared/bench-anchors/setup_trl_grpo_venv.sh")
+    trl_ppo = venv_python(a.trl_venv, "benchmarks/trl/setup_trl_ppo_venv.sh") if set(a.configs) - set(GRPO_CONFIGS) else None
+    trl_grpo = (venv_python(a.trl_grpo_venv, "benchmarks/trl/setup_trl_grpo_venv.sh")
                 if set(a.configs) & set(GRPO_CONFIGS) else None)
     rows = []
     for config in a.configs:

@@ -8,8 +8,8 @@ that answers at once) against `sample_responses` sampling T x `--turn-tokens` to
 alternating, `--rounds` times, on a GPT2LMHeadModel of the anchors' shape (4 x 256). Turns end
 at exactly their length: EOS is blocked before it and made near-certain at it.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/episodes.py                  # 4 turns of 8, 32 rows
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/episodes.py --turns 8 --turn-tokens 16
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.episodes                  # 4 turns of 8, 32 rows
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.episodes --turns 8 --turn-tokens 16
 
 The last stdout line is one JSON object: each loop's median and minimum ms per batch and the
 ratio of the medians (episodes / one turn).
@@ -19,15 +19,12 @@ from __future__ import annotations
 
 import json
 import statistics
-import sys
 import time
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from ppo_step import gpt2_config, model_arguments, word_tokenizer  # noqa: E402
+from benchmarks.ppo_step import gpt2_config, model_arguments, word_tokenizer
 
 # every message is its words and the end-of-turn token; the assistant's turn opens with nothing
 CHAT_TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}{{ m['content'] }}{% else %}"

@@ -7,8 +7,8 @@ loop prints after the first step, a Markdown table: trained parameters and optim
 local shards), the frozen models, the actor's weights gathered for generation, and the peak RSS
 of each process. On one process `run.fsdp` shards nothing; the report is the baseline.
 
-    OMP_NUM_THREADS=1 python benchmarks/fsdp_memory.py                 # the `small` preset (about a minute on 2 cores)
-    OMP_NUM_THREADS=1 python benchmarks/fsdp_memory.py --preset nano   # about as long: process start-up dominates
+    OMP_NUM_THREADS=1 python -m benchmarks.fsdp_memory                 # the `small` preset (about a minute on 2 cores)
+    OMP_NUM_THREADS=1 python -m benchmarks.fsdp_memory --preset nano   # about as long: process start-up dominates
 """
 
 from __future__ import annotations

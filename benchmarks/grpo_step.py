@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Seconds per GRPO step of Quartet's real online-RL stage on the GRPO shapes of ../shared/bench-anchors.
+"""Seconds per GRPO step of Quartet's real online-RL stage on the GRPO shapes of benchmarks/floors/bare_grpo_floor.py.
 
 The step is `quartet grpo`'s own code path (`run_rl` with algorithm.name grpo), not a special one,
 on the shapes of `bare_grpo_floor.py` and `trl_grpo_bench.py`: a GPT-2 built from config (4
@@ -25,9 +25,9 @@ than the floor per row. With `--share-prompts on` (the default for GRPO) the ref
 training forwards compute each prompt once per group; `off` computes it once per row, as the
 floor and TRL do.
 
-    python benchmarks/grpo_step.py                          # config D
-    python benchmarks/grpo_step.py --share-prompts off      # D, each prompt computed per row
-    python benchmarks/grpo_step.py --prompt-len 128         # config E
+    python -m benchmarks.grpo_step                          # config D
+    python -m benchmarks.grpo_step --share-prompts off      # D, each prompt computed per row
+    python -m benchmarks.grpo_step --prompt-len 128         # config E
 
 The last stdout line is one JSON object, with the fields of ppo_step.py: median seconds per step
 and its split into generation, scoring and update, generated tokens per second, peak RSS, model
@@ -46,9 +46,7 @@ import sys
 import tempfile
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # ppo_step's helpers, also when imported by the tests
-
-from ppo_step import _actor_body, gpt2_config, matmul_gflops, model_arguments, word_prompts, word_tokenizer  # noqa: E402,E501
+from benchmarks.ppo_step import _actor_body, gpt2_config, matmul_gflops, model_arguments, word_prompts, word_tokenizer  # noqa: E501
 
 # The word-level tokenizer's specials come first (<pad>, <eos>, <unk>): "w17" is id 20.
 N_SPECIAL = 3

@@ -1,15 +1,15 @@
 #!/usr/bin/env python3
-"""Seconds per PPO step of Quartet's real PPO stage on the shapes of ../shared/bench-anchors.
+"""Seconds per PPO step of Quartet's real PPO stage on the shapes of benchmarks/floors/bare_ppo_floor.py.
 
 The models are built from config (GPT-2 architecture, 4 layers, width 256, 4 heads, vocabulary
 4096, context 256: four models of 4.27 M parameters), prompts are 16 tokens, responses exactly
 `--new-tokens` tokens (EOS suppressed), 32 rollouts per step, mini-batch 8, temperature 0.7, fp32.
 The step is `quartet ppo`'s own code path (`run_rl`), not a special one.
 
-    python benchmarks/ppo_step.py                       # config A: 4 PPO epochs, 32 new tokens
-    python benchmarks/ppo_step.py --ppo-epochs 1        # config B
-    python benchmarks/ppo_step.py --ppo-epochs 1 --new-tokens 128   # config C
-    python benchmarks/ppo_step.py --table               # A, B, C, each beside the anchors (see compare.py)
+    python -m benchmarks.ppo_step                       # config A: 4 PPO epochs, 32 new tokens
+    python -m benchmarks.ppo_step --ppo-epochs 1        # config B
+    python -m benchmarks.ppo_step --ppo-epochs 1 --new-tokens 128   # config C
+    python -m benchmarks.ppo_step --table               # A, B, C, each beside the anchors (see compare.py)
 
 The last stdout line is one JSON object: median seconds per step and its split into generation,
 scoring and update, generated tokens per second, peak RSS, model FLOPs per step, achieved GFLOP/s,

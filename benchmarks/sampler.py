@@ -8,29 +8,24 @@ bare_ppo_floor.py's loop on its own modules (the same shape; a prompt's KV cache
 group's rows as bare_grpo_floor.py does), alternating, `--rounds` times. Responses run to exactly
 `--new-tokens` tokens (EOS suppressed), as in the benchmarks.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/sampler.py                 # 32 rows (configs A-C)
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/sampler.py --group 8       # 8 prompts x 8 (config D)
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.sampler                 # 32 rows (configs A-C)
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.sampler --group 8       # 8 prompts x 8 (config D)
 
 The last stdout line is one JSON object: each loop's median and minimum ms per rollout and the
-ratios of the medians to the floor's loop. `--no-floor` leaves the floor out (it is read from
-../shared/bench-anchors, or $QUARTET_SHARED/bench-anchors).
+ratios of the medians to the floor's loop (benchmarks/floors/bare_ppo_floor.py). `--no-floor` leaves
+the floor out.
 """
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import statistics
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from compare import anchors_dir  # noqa: E402
-from ppo_step import gpt2_config, model_arguments, word_tokenizer  # noqa: E402
+from benchmarks.ppo_step import gpt2_config, model_arguments, word_tokenizer
 
 
 def parse_args(argv: list[str] | None = None):
@@ -49,11 +44,8 @@ def parse_args(argv: list[str] | None = None):
 
 def floor_loop(a) -> Callable[[torch.Generator], float]:
     """bare_ppo_floor.py's sampling loop on its own GPT-2 modules, timed per rollout."""
-    spec = importlib.util.spec_from_file_location("bare_ppo_floor", anchors_dir() / "bare_ppo_floor.py")
-    if spec is None or not spec.loader:
-        raise SystemExit(f"error: no bare_ppo_floor.py in {anchors_dir()} (set QUARTET_SHARED, or pass --no-floor)")
-    floor = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(floor)
+    from benchmarks.floors import bare_ppo_floor as floor
+
     fa = floor.parse_args(["--n-layer", str(a.n_layer), "--n-embd", str(a.n_embd), "--n-head", str(a.n_head),
                            "--vocab", str(a.vocab), "--n-ctx", str(a.n_ctx)])
     policy = floor.LM(fa).eval()

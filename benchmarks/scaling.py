@@ -21,9 +21,9 @@ goes (generation, scoring, update) at each size. With `--repeat` R every point r
 alternating its programs (the small points, where one step takes a second or less, two or three
 times as many); the table shows the medians and each round's ratio.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/scaling.py --repeat 2       # about 38 min (2026-12-01)
-    .venv/bin/python benchmarks/scaling.py --axes prompt --algos grpo         # one axis, one algorithm
-    .venv/bin/python benchmarks/scaling.py --plot-only docs/scaling.json      # table and plot again
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.scaling --repeat 2       # about 38 min (2026-12-01)
+    .venv/bin/python -m benchmarks.scaling --axes prompt --algos grpo         # one axis, one algorithm
+    .venv/bin/python -m benchmarks.scaling --plot-only docs/scaling.json      # table and plot again
 
 Only ratios from one invocation mean anything (these machines drift by 10 % or more). On a
 shared machine, one thread per program gives steadier ratios than two: a 2-thread process whose
@@ -40,11 +40,8 @@ import sys
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+from benchmarks.compare import FLOORS, ROOT, rotated, run_json
 
-from compare import anchors_dir, rotated, run_json  # noqa: E402
-
-HERE = Path(__file__).resolve().parent
 N_CTX = 1024
 
 
@@ -104,12 +101,12 @@ def programs(point: Point, algos: str) -> dict[str, tuple[list[str], Path]]:
     py = sys.executable
     out: dict[str, tuple[list[str], Path]] = {}
     if "ppo" in algos:
-        out["ppo/quartet"] = ([py, str(HERE / "ppo_step.py"), *quartet, "--ppo-epochs", "1"], HERE.parent)
-        out["ppo/floor"] = ([py, "bare_ppo_floor.py", *floor, "--ppo-epochs", "1"], anchors_dir())
+        out["ppo/quartet"] = ([py, "-m", "benchmarks.ppo_step", *quartet, "--ppo-epochs", "1"], ROOT)
+        out["ppo/floor"] = ([py, str(FLOORS / "bare_ppo_floor.py"), *floor, "--ppo-epochs", "1"], ROOT)
     if "grpo" in algos:
-        out["grpo/quartet_per_row"] = ([py, str(HERE / "grpo_step.py"), *quartet, "--share-prompts", "off"], HERE.parent)
-        out["grpo/floor"] = ([py, "bare_grpo_floor.py", *floor], anchors_dir())
-        out["grpo/quartet"] = ([py, str(HERE / "grpo_step.py"), *quartet, "--share-prompts", "on"], HERE.parent)
+        out["grpo/quartet_per_row"] = ([py, "-m", "benchmarks.grpo_step", *quartet, "--share-prompts", "off"], ROOT)
+        out["grpo/floor"] = ([py, str(FLOORS / "bare_grpo_floor.py"), *floor], ROOT)
+        out["grpo/quartet"] = ([py, "-m", "benchmarks.grpo_step", *quartet, "--share-prompts", "on"], ROOT)
     return out
 
 
@@ -260,8 +257,8 @@ def main(argv: list[str] | None = None) -> list[dict]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--axes", default="model,answer,prompt", help="comma-separated: model, answer, prompt")
     p.add_argument("--algos", default="ppo,grpo", help="comma-separated: ppo, grpo")
-    p.add_argument("--json", default=str(HERE.parent / "docs" / "scaling.json"), help="where the results go")
-    p.add_argument("--plot", default=str(HERE.parent / "docs" / "scaling.png"))
+    p.add_argument("--json", default=str(ROOT / "docs" / "scaling.json"), help="where the results go")
+    p.add_argument("--plot", default=str(ROOT / "docs" / "scaling.png"))
     p.add_argument("--steps", type=int, help="steps at every point (default: the grid's, fewer where slow)")
     p.add_argument("--repeat", type=int, default=1, help="rounds per point, alternating; medians of the rounds")
     p.add_argument("--quick", action="store_true", help="a smoke run: the two smallest points of each axis, 2 steps")

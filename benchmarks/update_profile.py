@@ -19,8 +19,8 @@ the vocabulary-wide part almost as they are; the ratio of the two totals is what
 off the update on these shapes. The profiler also counts the matrix products' FLOPs (body and LM
 head), the arithmetic beside the time. Wall-clock medians of `--repeat` runs without the profiler beside it.
 
-    OMP_NUM_THREADS=2 .venv/bin/python benchmarks/update_profile.py
-    .venv/bin/python benchmarks/update_profile.py --prompt-len 128       # config E's prompts
+    OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.update_profile
+    .venv/bin/python -m benchmarks.update_profile --prompt-len 128       # config E's prompts
 
 The last stdout line is one JSON object.
 """
@@ -34,11 +34,8 @@ import statistics
 import sys
 import time
 from collections import defaultdict
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # ppo_step's parser, also when imported by the tests
-
-from ppo_step import model_arguments  # noqa: E402
+from benchmarks.ppo_step import model_arguments
 
 PARTS = ("body matrix products", "LM head", "attention", "vocabulary-wide element-wise", "other")
 _MATMULS = ("aten::mm", "aten::addmm", "aten::bmm", "aten::baddbmm", "aten::matmul", "aten::linear")

@@ -1,23 +1,20 @@
 """The PPO benchmark runs Quartet's real PPO stage and reports consistent numbers (tiny shapes here)."""
 
+import importlib
 import importlib.util
 import json
-import sys
+import re
 from pathlib import Path
 
 import pytest
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks" / "ppo_step.py"
+BENCHMARKS = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = BENCHMARKS / "ppo_step.py"
 
 
 def load_benchmark(path: Path):
-    """A benchmark script as a module (benchmarks/ is no package); registered in sys.modules, where
-    dataclasses look their module up."""
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    sys.modules[path.stem] = module
-    spec.loader.exec_module(module)
-    return module
+    """A benchmark as the module `python -m benchmarks.NAME` runs (benchmarks/ is a package)."""
+    return importlib.import_module(f"benchmarks.{path.stem}")
 
 
 @pytest.fixture(scope="module")
@@ -53,18 +50,29 @@ def test_flops_scale_with_the_work(bench):
     assert flops["scoring"] == pytest.approx(3 * 2 * 1000 * tokens + no_attention.batch * no_attention.new_tokens * 2)
 
 
-def test_trl_venv_script_refuses_a_missing_anchor_folder(tmp_path):
-    import os
-    import subprocess
+def test_benchmarks_take_nothing_from_outside_the_repository():
+    """A clone runs every benchmark: no sys.path edits, no folder beside the repository."""
+    for path in BENCHMARKS.rglob("*"):
+        if path.suffix in (".py", ".sh", ".md"):
+            text = path.read_text()
+            assert "sys.path" not in text and "../shared" not in text and "QUARTET_SHARED" not in text, path
 
-    script = BENCH.parent / "setup_trl_venv.sh"
-    done = subprocess.run(["bash", str(script), str(tmp_path / "venv")], capture_output=True, text=True,
-                          env={**os.environ, "QUARTET_SHARED": str(tmp_path / "nowhere")})
-    assert done.returncode == 2
-    assert done.stderr.strip().splitlines() == [
-        f"error: no TRL anchor at {tmp_path / 'nowhere' / 'bench-anchors'} "
-        "(set QUARTET_SHARED to the folder holding bench-anchors/)"]
-    assert not (tmp_path / "venv").exists()  # nothing created
+
+def test_every_program_compare_and_scaling_run_is_in_the_repository():
+    compare = load_benchmark(BENCHMARKS / "compare.py")
+    scaling = load_benchmark(BENCHMARKS / "scaling.py")
+    trl_python = Path("/nonexistent/bin/python")  # only the command lines are built, nothing runs
+    rounds = [compare.commands(config, 2, trl_python) for config in compare.CONFIGS]
+    rounds.append(scaling.programs(scaling.grid()[0], "ppo,grpo"))
+    programs = [cmd for round_ in rounds for cmd, cwd in round_.values()]
+    assert len(programs) >= 20
+    for cmd in programs:
+        if cmd[1] == "-m":  # Quartet's steps, run as modules from the repository root
+            assert importlib.util.find_spec(cmd[2]) is not None, cmd
+        else:  # the floors and TRL's scripts, by path inside benchmarks/
+            assert Path(cmd[1]).is_file() and BENCHMARKS in Path(cmd[1]).parents, cmd
+    setups = re.findall(r"benchmarks/trl/\S+\.sh", (BENCHMARKS / "compare.py").read_text())
+    assert setups and all((BENCHMARKS.parent / s).is_file() for s in setups)
 
 
 GRPO_BENCH = BENCH.parent / "grpo_step.py"
@@ -152,7 +160,7 @@ def test_scaling_merges_rounds_into_medians_and_keeps_each_rounds_ratio(monkeypa
     order = []
 
     def fake_run(cmd, cwd):
-        quartet = "ppo_step.py" in " ".join(map(str, cmd))
+        quartet = "benchmarks.ppo_step" in " ".join(map(str, cmd))
         order.append(quartet)
         sec = next(steps[quartet])
         phase = ({"phase_sec_median": {"generation": sec / 2, "scoring": 0.0, "update": sec / 2}} if quartet else
