@@ -1,6 +1,7 @@
 # Two commands do all set-up on a fresh machine:
 #   make demo   builds .venv and runs the whole pipeline on the bundled demo world
-#   make test   builds .venv and runs the test suite
+#   make test   builds .venv and runs the test suite (which builds the docs site too)
+#   make docs   writes the configuration reference and builds the docs site into site/ (make docs-serve: read it locally)
 VENV ?= .venv
 PY := $(VENV)/bin/python
 # The CPU wheel on machines without a GPU: on this project's machines `torch==2.13.0` is a local
@@ -9,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup demo test clean
+.PHONY: setup demo test docs docs-serve clean
 
 setup: $(VENV)/.installed
 
@@ -26,5 +27,12 @@ demo: setup
 test: setup
 	$(PY) -m pytest tests
 
+docs: setup
+	$(PY) -m quartet.config.reference docs/reference/config.md
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict
+
+docs-serve: setup
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs serve
+
 clean:
-	rm -rf $(VENV) runs
+	rm -rf $(VENV) runs site
