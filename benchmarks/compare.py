@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def markdown_table(rows: list[dict]) -> str:
-    """The README's table: s/step, ratios and peak RSS per config; '-' where a program did not run."""
+    """The table of docs/performance.md: s/step, ratios and peak RSS per config; '-' where a program did not run."""
     def num(value: float | None, digits: int = 2) -> str:
         return "-" if value is None else f"{value:.{digits}f}"
 

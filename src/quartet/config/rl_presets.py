@@ -22,7 +22,7 @@ def _deep_merge(base: dict, top: dict) -> dict:
     return merged
 
 
-# Named defaults, each following the paper or framework named beside it (README: "Algorithms").
+# Named defaults, each following the paper or framework named beside it (docs/concepts.md: "The algorithm family").
 # Choosing `algorithm.name: X` applies the preset of the same name, if there is one.
 # The group algorithms normalise or centre raw scores, unclipped, as TRL, verl and OpenRLHF do for GRPO and RLOO.
 _GROUP = {"rollout": {"n": 8}, "batch": {"ppo_epochs": 1}, "models": {"critic_init": "actor"},

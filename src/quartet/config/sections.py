@@ -228,7 +228,7 @@ class RLModelsConfig(Section):
                                                     json_schema_extra=CRITIC_ONLY)
     shared_trunk: bool = Field(False, description="The critic is a value head on the actor's own trunk: one trunk forward and "
                                                   "backward per update instead of two (changes the algorithm: the value loss "
-                                                  "trains the actor's trunk; see README).",
+                                                  "trains the actor's trunk; see docs/stages/ppo.md).",
                                  json_schema_extra=CRITIC_ONLY)
     trust_remote_code: bool = Field(False, description="Run model code shipped with a checkpoint (only for sources you trust).")
     allow_pickle: bool = Field(False, description="Allow loading non-safetensors (pickle) weights. Only for files you trust.")
@@ -318,7 +318,7 @@ class AlgorithmConfig(Section):
     """The RL algorithm (a registered name, see quartet.rl.algorithms) and its constants."""
 
     name: str = Field("ppo", description="Registered algorithm: ppo, grpo, rloo, reinforce++, reinforce++-baseline "
-                                         "(its preset applies under your values; see README).")
+                                         "(its preset applies under your values; see docs/concepts.md).")
     beta: float = Field(0.1, ge=0, description="KL penalty coefficient (initial value when adaptive); 0 and no "
                                                "adaptive KL: no reference model is loaded.")
     kl_estimator: Literal["k1", "k2", "k3"] = Field("k1", description="Per-token KL estimate of the penalty (Schulman's k1, k2, k3).")
@@ -444,9 +444,10 @@ class RLTrainConfig(LoopConfig):
     log_every: int = Field(1, gt=0, description="Log metrics every N steps (always the last).")
     sample_every: int = Field(10, gt=0, description="Log a table of sample responses every N steps.")
     n_samples: int = Field(4, ge=0, description="Sample responses shown and written to samples.jsonl each time.")
-    bf16: bool = Field(False, description="bf16 autocast for generation, scoring and updates (GPUs with bf16; see README).")
+    bf16: bool = Field(False, description="bf16 autocast for generation, scoring and updates "
+                                          "(GPUs with bf16; see docs/stages/ppo.md).")
     compile: bool = Field(False, description="torch.compile the actor and critic forward of the updates "
-                                             "(a one-time compile of about a minute; see README).")
+                                             "(a one-time compile of about a minute; see docs/stages/ppo.md).")
     eval_every: int = Field(10, gt=0, description="With held-out prompts (data.eval or data.eval_fraction): sample "
                                                   "and score them before training, every N steps and at the end.")
     max_generated_tokens: int | None = Field(

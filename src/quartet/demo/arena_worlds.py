@@ -40,7 +40,7 @@ from quartet.demo.run import (
 
 @dataclass(frozen=True)
 class ArenaSettings:
-    """Sizes of an arena's worlds: `--quick` for a first look, the default for the README's table, `TEST` for
+    """Sizes of an arena's worlds: `--quick` for a first look, the default for the arena table in docs/arena.md, `TEST` for
     the tests. Every online algorithm may generate as many response tokens as DPO's pairs cost (two SFT
     samples per prompt), so the pairs' prompt count sets the budget."""
 

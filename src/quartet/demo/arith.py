@@ -270,7 +270,7 @@ class ArithSettings:
 FULL = ArithSettings()
 TEST = ArithSettings(sft_steps=300)
 CHAINS = ArithSettings(level=2, sft_steps=600, max_new_tokens=40)
-# The start online RL is measured from (tests, README, `quartet arena`): a careless teacher. Operands
+# The start online RL is measured from (tests, docs, `quartet arena`): a careless teacher. Operands
 # 0..5 (57 expressions, so RL meets each one many times) and 40% of the SFT answers off by one: the
 # model learns the format and mostly the right answers, but samples a wrong one about half the time
 # (held-out accuracy about 0.53 at temperature 1); a verifier's reward then tells right from wrong.
