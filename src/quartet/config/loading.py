@@ -176,6 +176,8 @@ def _format_validation_error(err: ValidationError, valid: list[str]) -> str:
         message = item["msg"]
         if item["type"] == "extra_forbidden":
             lines.append(f"unknown config key '{key}'{_suggest(key, valid)}")
+        elif item["type"] == "value_error" and isinstance(item.get("input"), dict):  # a section's own check: it names its keys
+            lines.append(message.removeprefix("Value error, "))
         elif key:
             got = item.get("input")
             shown = "" if isinstance(got, dict) else f" (got {got!r})"

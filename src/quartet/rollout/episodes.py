@@ -221,15 +221,13 @@ class _EpisodeLoop:
         logits = self._prefill_prompts()
         sampler = TokenSampler(self.cfg, self.eos, self.pad, self.batch, logits)
         for turn in range(self.limits.max_turns):
-            logits, sampled = self._model_turn(sampler, logits, turn)
-            logits = self._environment_turn(turn, sampled)
+            logits = self._environment_turn(turn, self._model_turn(sampler, logits, turn))
             if logits is None:
                 break
 
-    def _model_turn(self, sampler: TokenSampler, logits: torch.Tensor, turn: int
-                    ) -> tuple[torch.Tensor, dict[int, list[int]]]:
-        """Sample turn `turn` for every row whose episode goes on: the logits after it, and each such row's
-        sampled ids (its EOS last when the turn ended with one)."""
+    def _model_turn(self, sampler: TokenSampler, logits: torch.Tensor, turn: int) -> dict[int, list[int]]:
+        """Sample turn `turn` for every row whose episode goes on, from the `logits` after the history: each
+        such row's sampled ids (its EOS last when the turn ended with one)."""
         finished = self.over.clone()
         budget = self.limits.max_episode_tokens
         first = len(self.columns)
@@ -248,9 +246,8 @@ class _EpisodeLoop:
                 break
         tokens = torch.stack([c[0] for c in self.columns[first:]], dim=1).tolist()  # [batch, turn length]
         chosen = torch.stack([c[2] for c in self.columns[first:]], dim=1).tolist()
-        sampled = {row: [tok for tok, c in zip(tokens[row], chosen[row]) if c]
-                   for row in (~self.over).nonzero().squeeze(1).tolist()}
-        return logits, sampled
+        return {row: [tok for tok, c in zip(tokens[row], chosen[row]) if c]
+                for row in (~self.over).nonzero().squeeze(1).tolist()}
 
     def _environment_turn(self, turn: int, sampled: dict[int, list[int]]) -> torch.Tensor | None:
         """The environment answers the rows that ended their turn with EOS; the logits after the observations,

@@ -160,6 +160,7 @@ class ExperienceMaker:
         with ranks.full_parameters(trained, "actor") as pair, autocast_context(self.device, self.cfg.train.bf16):
             self.backend.load_weights(pair.actor)
             if self.agent:  # the same episodes at every evaluation
+                tools_before = self.agent.tool_counts()
                 rollout, records = self.agent.generate(pair.actor, rows[start:end], EVALUATION_STEP, start, 1, generator,
                                                        start, n_rows, self.device, sampling=sampling)
             else:
@@ -184,7 +185,7 @@ class ExperienceMaker:
         for metric_fn in (self.metric_fns if with_metric_fns else ()):
             metrics.update(metric_fn(prompts, responses))
         if self.agent:
-            metrics.update(self._episode_metrics(records, self.agent.tool_counts()))
+            metrics.update(self._episode_metrics(records, tools_before))
         return metrics
 
     @staticmethod
