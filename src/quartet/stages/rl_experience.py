@@ -41,6 +41,7 @@ from quartet.rollout.generate import Rollout
 from quartet.rollout.scored import ScoredRollout, concat
 from quartet.rollout.texts import decode_texts
 from quartet.runs.distributed import Ranks
+from quartet.runs.faults import StepAbandoned
 from quartet.runs.precision import autocast_context
 from quartet.runs.seeds import STEP_MORE_ROLLOUTS, STEP_ROLLOUT, derive_seed
 
@@ -105,7 +106,12 @@ class ExperienceMaker:
         self.trained, self.step, self.beta = trained, step, beta
         timings = {"time/generation": 0.0, "time/scoring": 0.0}
         tools_before, self.records = self.agent.tool_counts() if self.agent else {}, []
-        batch, sampling = self._sample_batch(timings)
+        position = self.prompt_position
+        try:
+            batch, sampling = self._sample_batch(timings)
+        except StepAbandoned:  # e.g. the reward server is down: the step is redone from the same prompts
+            self.prompt_position = position
+            raise
         t0 = time.perf_counter()
         exp = self._experience(batch)
         timings["time/scoring"] += time.perf_counter() - t0
