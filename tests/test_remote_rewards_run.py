@@ -5,9 +5,9 @@ is back `--resume` ends with the same weights and metrics as an undisturbed run.
 import json
 
 import torch
-from http_servers import LoopbackServer
 from safetensors.torch import load_file
 
+from http_servers import LoopbackServer
 from quartet.cli import main
 from quartet.runs.checkpoint import list_checkpoints
 from quartet.runs.metrics import read_metrics

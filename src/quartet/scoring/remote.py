@@ -17,14 +17,16 @@ import itertools
 import json
 import math
 import numbers
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from quartet.runs.faults import RewardServerDown
 
 RETRYABLE_STATUS = {408, 425, 429, 500, 502, 503, 504}
 MAX_BACKOFF_SECONDS = 30.0
+T = TypeVar("T")
 
 
 class _Failed(Exception):
@@ -105,42 +107,58 @@ class RemoteRewards:
         body: dict[str, Any] = {"query": [p + r for p, r in zip(prompts, responses)], "prompts": prompts}
         if labels is not None:
             body["labels"] = labels
-        last: _Failed | None = None
-        for attempt in range(self.retries + 1):
-            if attempt:
-                self.retried += 1
-                await asyncio.sleep(min(self.backoff * 2 ** (attempt - 1), MAX_BACKOFF_SECONDS))
-            url = self.urls[next(self._next_url) % len(self.urls)]
-            async with semaphore:
-                try:
-                    self.requests += 1
-                    return await self._post(client, url, body, len(responses))
-                except _Failed as failed:
-                    last = failed
-            if not last.retryable:
-                break
-        tries = f" after {attempt + 1} tries" if attempt else ""
-        raise _Failed(last.url, last.error + tries)
 
-    async def _post(self, client, url: str, body: dict[str, Any], n: int) -> list[float]:
-        import httpx
+        def next_url() -> str:
+            self.requests += 1
+            return self.urls[next(self._next_url) % len(self.urls)]
 
-        try:
-            answer = await client.post(url, json=body)
-        except httpx.TimeoutException:
-            raise _Failed(url, f"no answer within {self.timeout:g} s (models.reward_timeout)") from None
-        except httpx.HTTPError as err:
-            raise _Failed(url, f"{type(err).__name__}: {err or 'connection failed'}") from None
-        if answer.status_code != 200:
-            detail = answer.text[:200].strip()
-            raise _Failed(url, f"HTTP {answer.status_code}" + (f": {detail}" if detail else ""),
-                          retryable=answer.status_code in RETRYABLE_STATUS or answer.status_code >= 500)
-        try:
-            return checked_rewards(json.loads(answer.content), n)
-        except json.JSONDecodeError:
-            raise _Failed(url, f"the answer is not JSON: {answer.text[:80]!r}") from None
-        except ValueError as err:
-            raise _Failed(url, f"invalid answer: {err}") from None
+        def on_retry() -> None:
+            self.retried += 1
+        return await post_with_retries(client, semaphore, next_url, body, partial(checked_rewards, n=len(responses)),
+                                       self.retries, self.backoff, self.timeout, on_retry)
+
+
+async def post_with_retries(client, semaphore: asyncio.Semaphore, next_url: Callable[[], str], body: dict[str, Any],
+                            check: Callable[[Any], T], retries: int, backoff: float, timeout: float,
+                            on_retry: Callable[[], None] = lambda: None) -> T:
+    """POST `body` as JSON and return `check(answer's JSON)`; a failed try (see the module docstring) is
+    retried on `next_url()` after 1, 2, 4... x `backoff` seconds; raises `_Failed` past `retries`."""
+    last: _Failed | None = None
+    for attempt in range(retries + 1):
+        if attempt:
+            on_retry()
+            await asyncio.sleep(min(backoff * 2 ** (attempt - 1), MAX_BACKOFF_SECONDS))
+        url = next_url()
+        async with semaphore:
+            try:
+                return await _post(client, url, body, check, timeout)
+            except _Failed as failed:
+                last = failed
+        if not last.retryable:
+            break
+    tries = f" after {attempt + 1} tries" if attempt else ""
+    raise _Failed(last.url, last.error + tries)
+
+
+async def _post(client, url: str, body: dict[str, Any], check: Callable[[Any], T], timeout: float) -> T:
+    import httpx
+
+    try:
+        answer = await client.post(url, json=body)
+    except httpx.TimeoutException:
+        raise _Failed(url, f"no answer within {timeout:g} s") from None
+    except httpx.HTTPError as err:
+        raise _Failed(url, f"{type(err).__name__}: {err or 'connection failed'}") from None
+    if answer.status_code != 200:
+        detail = answer.text[:200].strip()
+        raise _Failed(url, f"HTTP {answer.status_code}" + (f": {detail}" if detail else ""),
+                      retryable=answer.status_code in RETRYABLE_STATUS or answer.status_code >= 500)
+    try:
+        return check(json.loads(answer.content))
+    except json.JSONDecodeError:
+        raise _Failed(url, f"the answer is not JSON: {answer.text[:80]!r}") from None
+    except ValueError as err:
+        raise _Failed(url, f"invalid answer: {err}") from None
 
 
 def remote_rewards_from_config(models) -> RemoteRewards:
