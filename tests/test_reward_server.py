@@ -262,3 +262,19 @@ def test_the_rl_config_takes_reward_urls_instead_of_a_reward_model(lm_dir):
         build_config(RLConfig, {"models": {"actor": str(lm_dir), "reward": "rm", "reward_url": "http://a:1"}})
     with pytest.raises(ValueError, match="models.reward_url"):
         build_config(RLConfig, {"models": {"actor": str(lm_dir)}})
+
+
+def test_the_benchmark_serves_from_its_own_process_and_counts_every_text():
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / "reward_server.py"
+    spec = importlib.util.spec_from_file_location("reward_server_benchmark", path)
+    bench = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = bench
+    spec.loader.exec_module(bench)
+    result = bench.main(["--clients", "2", "--requests", "3", "--texts", "2", "--words", "6", "--batch-size", "4"])
+    assert result["texts_scored"] == 2 * 3 * 2 + 2 * 2  # the measured requests and the warm-up's
+    assert result["texts_per_second"] > 0 and 0 < result["latency_p50_ms"] <= result["latency_p99_ms"]
+    assert result["server_batches"] <= result["texts_scored"]
