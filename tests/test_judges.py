@@ -63,7 +63,7 @@ def test_an_endpoint_down_past_its_retries_stops_like_a_reward_server():
     seen = []
     with serving(fake_openai_app(seen, fail_first=100)) as server:
         judge_fn = make_judge(url=server.url + "/v1", retries=1)
-        with pytest.raises(RewardServerDown, match=r"/v1/chat/completions failed: HTTP 503.*after 2 tries"):
+        with pytest.raises(RewardServerDown, match=r"/v1/chat/completions failed: HTTP 503.*tried 2 times"):
             judge_fn(PROMPTS[:1], RESPONSES[:1])
 
 

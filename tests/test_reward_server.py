@@ -200,14 +200,14 @@ def test_a_bad_answer_is_retried_and_a_lasting_one_stops_with_the_url_and_the_er
             lasting.urls = [down.url + "/get_reward"]
             with pytest.raises(RewardServerDown) as err:
                 lasting(TEXTS, [""] * 5)
-    assert err.value.url == down.url + "/get_reward" and words in str(err.value) and "after 3 tries" in str(err.value)
+    assert err.value.url == down.url + "/get_reward" and words in str(err.value) and "(tried 3 times)" in str(err.value)
     assert len(calls) == 3
 
 
 def test_a_wrong_token_is_not_retried_and_names_the_server():
     calls = []
     with serving(misbehaving_app(lambda n, body: "401", calls)) as server:
-        with pytest.raises(RewardServerDown, match=r"reward server http://127\.0\.0\.1:\d+/get_reward failed: HTTP 401"):
+        with pytest.raises(RewardServerDown, match=r"reward server http://127\.0\.0\.1:\d+/get_reward failed: HTTP 401.*models.reward_token_file"):
             RemoteRewards([server.url], retries=3, backoff=0.01)(TEXTS, [""] * 5)
     assert len(calls) == 1
 
@@ -278,3 +278,19 @@ def test_the_benchmark_serves_from_its_own_process_and_counts_every_text():
     assert result["texts_scored"] == 2 * 3 * 2 + 2 * 2  # the measured requests and the warm-up's
     assert result["texts_per_second"] > 0 and 0 < result["latency_p50_ms"] <= result["latency_p99_ms"]
     assert result["server_batches"] <= result["texts_scored"]
+
+
+def test_the_client_sends_the_token_file_s_token_and_without_it_is_refused_by_name(tmp_path, lm_dir):
+    from quartet.scoring.sources import build_reward_source
+
+    (tmp_path / "token").write_text("s3cret\n")
+    with serving(build_app(length_score, batch_size=4, token="s3cret")) as server:
+        models = {"actor": str(lm_dir), "reward_url": server.url, "reward_retries": 0}
+        cfg = build_config(RLConfig, {"models": {**models, "reward_token_file": str(tmp_path / "token")},
+                                      "data": {"train": "x.jsonl"}})
+        source, stats = build_reward_source(cfg.models, None, None)
+        scores, _ = source(_rollout(2), ["a", "b"], ["c", "dd"])
+        assert stats is None and scores.tolist() == pytest.approx(length_score(["ac", "bdd"]))
+        cfg = build_config(RLConfig, {"models": models, "data": {"train": "x.jsonl"}})
+        with pytest.raises(RewardServerDown, match="HTTP 401.*models.reward_token_file"):
+            build_reward_source(cfg.models, None, None)[0](_rollout(2), ["a", "b"], ["c", "dd"])

@@ -99,7 +99,8 @@ class RemoteRewards:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
-                raise RewardServerDown(failed.url, failed.error) from None
+                hint = "; models.reward_token_file holds the token it asks for" if " 401" in failed.error[:9] else ""
+                raise RewardServerDown(failed.url, failed.error + hint) from None
         return [r for part in parts for r in part]
 
     async def _request(self, client, semaphore: asyncio.Semaphore, prompts: list[str], responses: list[str],
@@ -136,7 +137,7 @@ async def post_with_retries(client, semaphore: asyncio.Semaphore, next_url: Call
                 last = failed
         if not last.retryable:
             break
-    tries = f" after {attempt + 1} tries" if attempt else ""
+    tries = f" (tried {attempt + 1} times)" if attempt else ""
     raise _Failed(last.url, last.error + tries)
 
 
