@@ -132,7 +132,7 @@ def chat_replies(url: str, model: str = "judge", token: str | None = None, max_n
     """Replies of an OpenAI-compatible server (`url` is its base, e.g. http://host:8000/v1), one chat
     request per text, at most `max_concurrency` at once, each retried like a reward server's."""
     from quartet.runs.faults import RewardServerDown
-    from quartet.scoring.remote import _Failed, post_with_retries
+    from quartet.scoring.remote import RequestFailed, post_with_retries
 
     endpoint = url.rstrip("/") + ("" if url.rstrip("/").endswith("/chat/completions") else "/chat/completions")
 
@@ -157,7 +157,7 @@ def chat_replies(url: str, model: str = "judge", token: str | None = None, max_n
                                                            backoff, timeout)) for b in bodies]
             try:
                 return list(await asyncio.gather(*tasks))
-            except _Failed as failed:
+            except RequestFailed as failed:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)

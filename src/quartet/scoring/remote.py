@@ -29,7 +29,7 @@ MAX_BACKOFF_SECONDS = 30.0
 T = TypeVar("T")
 
 
-class _Failed(Exception):
+class RequestFailed(Exception):
     """One request's failure: its URL, what went wrong, and whether another try may help."""
 
     def __init__(self, url: str, error: str, retryable: bool = True):
@@ -95,7 +95,7 @@ class RemoteRewards:
                      for s in starts]
             try:
                 parts = await asyncio.gather(*tasks)
-            except _Failed as failed:
+            except RequestFailed as failed:
                 for task in tasks:
                     task.cancel()
                 await asyncio.gather(*tasks, return_exceptions=True)
@@ -123,8 +123,8 @@ async def post_with_retries(client, semaphore: asyncio.Semaphore, next_url: Call
                             check: Callable[[Any], T], retries: int, backoff: float, timeout: float,
                             on_retry: Callable[[], None] = lambda: None) -> T:
     """POST `body` as JSON and return `check(answer's JSON)`; a failed try (see the module docstring) is
-    retried on `next_url()` after 1, 2, 4... x `backoff` seconds; raises `_Failed` past `retries`."""
-    last: _Failed | None = None
+    retried on `next_url()` after 1, 2, 4... x `backoff` seconds; raises `RequestFailed` past `retries`."""
+    last: RequestFailed | None = None
     for attempt in range(retries + 1):
         if attempt:
             on_retry()
@@ -133,12 +133,12 @@ async def post_with_retries(client, semaphore: asyncio.Semaphore, next_url: Call
         async with semaphore:
             try:
                 return await _post(client, url, body, check, timeout)
-            except _Failed as failed:
+            except RequestFailed as failed:
                 last = failed
         if not last.retryable:
             break
     tries = f" (tried {attempt + 1} times)" if attempt else ""
-    raise _Failed(last.url, last.error + tries)
+    raise RequestFailed(last.url, last.error + tries)
 
 
 async def _post(client, url: str, body: dict[str, Any], check: Callable[[Any], T], timeout: float) -> T:
@@ -147,19 +147,19 @@ async def _post(client, url: str, body: dict[str, Any], check: Callable[[Any], T
     try:
         answer = await client.post(url, json=body)
     except httpx.TimeoutException:
-        raise _Failed(url, f"no answer within {timeout:g} s") from None
+        raise RequestFailed(url, f"no answer within {timeout:g} s") from None
     except httpx.HTTPError as err:
-        raise _Failed(url, f"{type(err).__name__}: {err or 'connection failed'}") from None
+        raise RequestFailed(url, f"{type(err).__name__}: {err or 'connection failed'}") from None
     if answer.status_code != 200:
         detail = answer.text[:200].strip()
-        raise _Failed(url, f"HTTP {answer.status_code}" + (f": {detail}" if detail else ""),
+        raise RequestFailed(url, f"HTTP {answer.status_code}" + (f": {detail}" if detail else ""),
                       retryable=answer.status_code in RETRYABLE_STATUS or answer.status_code >= 500)
     try:
         return check(json.loads(answer.content))
     except json.JSONDecodeError:
-        raise _Failed(url, f"the answer is not JSON: {answer.text[:80]!r}") from None
+        raise RequestFailed(url, f"the answer is not JSON: {answer.text[:80]!r}") from None
     except ValueError as err:
-        raise _Failed(url, f"invalid answer: {err}") from None
+        raise RequestFailed(url, f"invalid answer: {err}") from None
 
 
 def remote_rewards_from_config(models) -> RemoteRewards:
