@@ -76,7 +76,7 @@ def test_ppo_batch_arithmetic_is_checked_at_load():
         load_config(RLConfig, None, base + ["--batch.rollout_batch_size", "12"])
     with pytest.raises(ConfigError, match=r"mini_batch_size \(8\) must be a multiple of batch.grad_accum \(3\)"):
         load_config(RLConfig, None, base + ["--batch.grad_accum", "3"])
-    with pytest.raises(ConfigError, match=r"set models.reward \(a reward model directory\) or models.reward_fn"):
+    with pytest.raises(ConfigError, match=r"set models.reward \(a reward model directory\), models.reward_fn .* or models.reward_url"):
         load_config(RLConfig, None, ["--models.actor", "a"])
 
 

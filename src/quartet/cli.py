@@ -166,6 +166,18 @@ def _cmd_convert(args, overrides: list[str]) -> None:
     print(f"converted: {convert_llama2c(args.checkpoint, args.tokenizer, args.output)}")
 
 
+def _cmd_serve(args, overrides: list[str]) -> None:
+    if overrides:
+        raise ValueError(f"unexpected arguments: {' '.join(overrides)}")
+    from quartet.serve.reward_server import ServerLimits, serve_reward
+
+    if args.batch_size < 1 or args.max_texts < 1:
+        raise ValueError("--batch-size and --max-texts must be at least 1")
+    serve_reward(args.model, host=args.host, port=args.port, batch_size=args.batch_size, token_file=args.token_file,
+                 max_length=args.max_length, limits=ServerLimits(max_texts=args.max_texts),
+                 trust_remote_code=args.trust_remote_code, allow_pickle=args.allow_pickle)
+
+
 def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     parser = _Parser(prog="quartet", description="RLHF with four models: SFT -> reward model -> PPO.")
     parser.add_argument("--version", action="version", version=f"quartet {__version__}")
@@ -197,6 +209,27 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
     score.add_argument("--batch-size", type=int, default=16)
     score.add_argument("--max-length", type=int, default=1024)
     handlers["score"] = _cmd_score
+    serve = sub.add_parser("serve", help="serve a model over HTTP (a reward model for remote rewards)")
+    serve_sub = serve.add_subparsers(dest="served", metavar="WHAT", required=True)
+    served = serve_sub.add_parser(
+        "reward", help="a reward model behind POST /get_reward (OpenRLHF's contract) and GET /health",
+        description="Score texts with a reward-model directory over HTTP: POST /get_reward with "
+                    '{"query": [prompt + response, ...]} answers {"rewards": [...], "scores": [...]}. '
+                    "Concurrent requests are scored together in batches. Online RL reads it with "
+                    "--models.reward_url http://HOST:PORT (see docs/rewards.md).")
+    served.add_argument("--model", required=True, help="reward model directory (e.g. runs/rm/final)")
+    served.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default 127.0.0.1: this machine only; 0.0.0.0 for every interface)")
+    served.add_argument("--port", type=int, default=8000)
+    served.add_argument("--batch-size", type=int, default=32, help="most texts scored in one forward (default 32)")
+    served.add_argument("--token-file", help="file holding a bearer token every request must send "
+                                             "('Authorization: Bearer TOKEN'); others get 401")
+    served.add_argument("--max-length", type=int, default=1024, help="tokens kept per text (its end, where the score "
+                                                                       "is read; default 1024)")
+    served.add_argument("--max-texts", type=int, default=1024, help="most queries in one request (default 1024)")
+    served.add_argument("--trust-remote-code", action="store_true", help="run model code shipped with the checkpoint")
+    served.add_argument("--allow-pickle", action="store_true", help="allow non-safetensors (pickle) weights")
+    handlers["serve"] = _cmd_serve
     demo = sub.add_parser("demo", help="the whole pipeline on a generated restaurant town (no download)",
                           description="SFT -> reward model -> PPO on a small generated world, judged by a hidden "
                                       "gold judge; writes report.html and summary.json.")
@@ -255,7 +288,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if rest and not rest[0].startswith("--"):
         parser.error(f"unexpected argument '{rest[0]}'")
-    from quartet.runs.faults import NumericalFault, TrainingInterrupted, say  # no torch: a stage imports that
+    from quartet.runs.faults import NumericalFault, StepAbandoned, TrainingInterrupted, say  # no torch here
 
     try:
         handlers[args.command](args, rest)
@@ -268,6 +301,9 @@ def main(argv: list[str] | None = None) -> int:
     except NumericalFault as err:
         print(f"error: {err}", file=sys.stderr)
         return 1
+    except StepAbandoned as err:  # e.g. a reward server down past its retries (exit status 3)
+        say(f"error: {err}")
+        return err.exit_status
     except USER_ERRORS as err:
         if os.environ.get("QUARTET_DEBUG"):
             raise

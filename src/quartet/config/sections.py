@@ -219,6 +219,16 @@ class RLModelsConfig(Section):
         None, description="Instead of a reward model: 'module:function' (or a list of them) taking (prompts, responses, "
                           "**columns) -> scores, one per response (None for a row a function does not judge).")
     reward_weights: list[float] | None = Field(None, description="Weights of the reward functions (default 1 each).")
+    reward_url: str | list[str] | None = Field(
+        None, description="Instead of a reward model: the URL of a reward server (`quartet serve reward`, or any server "
+                          "of OpenRLHF's POST /get_reward contract), e.g. http://127.0.0.1:8000; several, comma-separated "
+                          "or a list: requests are spread over them.")
+    reward_token_file: str | None = Field(None, description="File holding the bearer token the reward server asks for.")
+    reward_timeout: float = Field(60.0, gt=0, description="Seconds one reward-server request may take before it is retried.")
+    reward_retries: int = Field(3, ge=0, description="Retries of a failed reward-server request (waiting 1, 2, 4... seconds, "
+                                                     "at most 30); past them the run checkpoints and stops (exit status 3).")
+    reward_max_concurrency: int = Field(4, gt=0, description="Reward-server requests in flight at once.")
+    reward_request_size: int = Field(32, gt=0, description="Most texts in one reward-server request.")
     critic: str | None = Field(None, description="Critic initialisation directory; default per critic_init (algorithms "
                                                  "with a critic).", json_schema_extra=CRITIC_ONLY)
     critic_init: Literal["reward", "actor"] = Field("reward", description="Critic starts from the reward model "
@@ -236,14 +246,21 @@ class RLModelsConfig(Section):
     _critic_init_defaulted: bool = PrivateAttr(False)
 
     @property
+    def reward_urls(self) -> list[str]:
+        """The reward servers' URLs, from a list or a comma-separated string."""
+        urls = self.reward_url if isinstance(self.reward_url, list) else (self.reward_url or "").split(",")
+        return [u.strip() for u in urls if u.strip()]
+
+    @property
     def critic_init_defaulted(self) -> bool:
         """Whether the critic starts from the actor because critic_init was left unset with no reward model."""
         return self._critic_init_defaulted
 
     @model_validator(mode="after")
     def _one_reward(self) -> "RLModelsConfig":
-        if self.reward and self.reward_fn:
-            raise ValueError("set models.reward or models.reward_fn, not both")
+        given = [name for name in ("reward", "reward_fn", "reward_url") if getattr(self, name)]
+        if len(given) > 1:
+            raise ValueError(f"set one of models.reward, models.reward_fn and models.reward_url, not {' and '.join(given)}")
         n_fns = len(self.reward_fn) if isinstance(self.reward_fn, list) else int(self.reward_fn is not None)
         if self.reward_weights is not None and len(self.reward_weights) != n_fns:
             raise ValueError(f"models.reward_weights has {len(self.reward_weights)} weights for {n_fns} reward functions")
@@ -487,8 +504,9 @@ class RLConfig(StageConfig):
     def _check(self) -> "RLConfig":
         if not self.models.actor:
             raise ValueError("models.actor is required (the SFT model directory)")
-        if not self.models.reward and not self.models.reward_fn and not self.rollout.env:
-            raise ValueError("set models.reward (a reward model directory) or models.reward_fn ('module:function')"
+        if not self.models.reward and not self.models.reward_fn and not self.models.reward_url and not self.rollout.env:
+            raise ValueError("set models.reward (a reward model directory), models.reward_fn ('module:function') or "
+                             "models.reward_url (a reward server)"
                              + (" to score the answers after the tool calls" if self.rollout.tools else ""))
         b, m = self.batch, self.models
         if b.rollout_batch_size % b.mini_batch_size:
@@ -508,7 +526,8 @@ class RLConfig(StageConfig):
         algorithm = self.algorithm.spec
         if self.needs_critic and m.critic_init == "reward" and not m.shared_trunk and not m.reward and not m.critic:
             if "critic_init" in m.model_fields_set:  # asked for outright (or by a preset): say so
-                raise ValueError("models.critic_init is 'reward' but there is no reward model (reward_fn given): "
+                raise ValueError("models.critic_init is 'reward' but there is no reward model (reward_fn or reward_url "
+                                 "given): "
                                  "set models.critic_init=actor or models.critic")
             m.critic_init = "actor"  # reward functions, no reward model: nothing else to start the critic from
             m._critic_init_defaulted = True

@@ -7,6 +7,10 @@
 - A non-finite loss or gradient skips that update with a warning and is counted; after
   `max_nonfinite_steps` such steps in a row the run stops with `NumericalFault`, leaving the
   last good checkpoint as it was.
+- A reward server that stays unreachable or keeps answering nonsense past its retries stops the
+  run with `RewardServerDown` (exit status 3) before anything of that step is trained: a
+  checkpoint of the state before the step is written, and `--resume` redoes the step once the
+  server is back, as if nothing had happened.
 """
 
 from __future__ import annotations
@@ -37,6 +41,34 @@ class TrainingInterrupted(RuntimeError):
 
 class NumericalFault(RuntimeError):
     """Too many non-finite steps in a row."""
+
+
+class StepAbandoned(RuntimeError):
+    """A step that could not be completed and changed nothing (no update, the prompt stream and the
+    step counter as before it): the run loop writes a checkpoint of the state before the step,
+    records it in `checkpoint`, and lets the error stop the run."""
+
+    exit_status = 1
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+        self.checkpoint: Path | None = None  # set by the run loop
+        self.outcome = ""  # what the run loop did about it, said after the message
+
+    def __str__(self) -> str:
+        return self.message + self.outcome
+
+
+class RewardServerDown(StepAbandoned):
+    """A reward server failed past its retries (unreachable, timing out, refusing, or answering with
+    the wrong count or non-finite numbers): the run stops with exit status 3."""
+
+    exit_status = 3
+
+    def __init__(self, url: str, error: str):
+        super().__init__(f"reward server {url} failed: {error}")
+        self.url, self.error = url, error
 
 
 def _reader_gone(err: OSError) -> bool:

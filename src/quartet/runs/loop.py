@@ -12,7 +12,10 @@ how its models are written and read. The loop owns everything a run does the sam
 - SIGTERM / SIGINT: the step finishes, a checkpoint is written, `TrainingInterrupted` (exit 128 + signal);
 - a checkpoint every `save_every` steps after a finite step, the newest `keep_checkpoints` kept;
 - the non-finite guard: a step with a NaN/inf loss or gradient was skipped by the job and is
-  counted; too many in a row stop the run with the last good checkpoint intact.
+  counted; too many in a row stop the run with the last good checkpoint intact;
+- a step the job abandons before changing anything (`StepAbandoned`, e.g. a reward server that
+  stays down): a checkpoint of the state before that step (its RNG state as it was) and the error
+  stops the run; `--resume` redoes the step.
 """
 
 from __future__ import annotations
@@ -36,7 +39,7 @@ from quartet.runs.checkpoint import (
     save_training_state,
     set_rng_state,
 )
-from quartet.runs.faults import GracefulStop, NonFiniteGuard, TrainingInterrupted
+from quartet.runs.faults import GracefulStop, NonFiniteGuard, StepAbandoned, TrainingInterrupted
 from quartet.runs.metrics import truncate_jsonl_after
 from quartet.runs.progress import progress_bar
 from quartet.runs.run import Run
@@ -126,7 +129,21 @@ class RunLoop:
         started = time.perf_counter()
         first_step = job.step + 1
         while job.step < job.total_steps:
-            outcome = job.train_step()
+            step_before, rng_before = job.step, rng_state()
+            try:
+                outcome = job.train_step()
+            except StepAbandoned as fault:
+                bar.close()
+                if job.step == step_before:  # nothing of the step was kept: checkpoint the state before it
+                    set_rng_state(rng_before)
+                    fault.checkpoint = self.save_checkpoint()
+                    fault.outcome = (f"; stopped before step {job.step + 1}, checkpoint saved in {fault.checkpoint}; "
+                                     "continue with --resume")
+                else:  # it failed after its update (e.g. in the evaluation): the last checkpoint stands
+                    fault.checkpoint = latest_checkpoint(self.run.checkpoints_dir)
+                    fault.outcome = (f"; the last checkpoint is {fault.checkpoint}; continue with --resume"
+                                     if fault.checkpoint else "; no checkpoint was written")
+                raise
             if job.step == first_step and self.ranks.fsdp_requested:
                 self.report_memory()  # after the first step, when the optimizer's moments exist
             self.guard.record(outcome.finite, job.step, lambda: latest_checkpoint(self.run.checkpoints_dir))

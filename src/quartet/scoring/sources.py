@@ -1,4 +1,5 @@
-"""Reward sources: a frozen reward model, or Python reward functions with weights, behind one call.
+"""Reward sources: a frozen reward model, Python reward functions with weights, or reward servers
+(`scoring.remote`), behind one call.
 
 A reward function is `fn(prompts, responses, **columns) -> one score per response`, where
 `columns` are the batch's other dataset columns (e.g. `answer=[...]`), aligned with the rows:
@@ -26,6 +27,7 @@ from quartet.models.forward import in_row_chunks, sequence_scores
 from quartet.models.loading import ModelLoadError, load_scalar_model
 from quartet.models.tokenizer import load_tokenizer
 from quartet.rollout.generate import Rollout
+from quartet.scoring.remote import RemoteRewards, remote_rewards_from_config
 from quartet.user_code import function_name, keywords_taken
 from quartet.user_code import load_callable as _load_user_callable
 
@@ -110,18 +112,21 @@ class RewardFunctions:
 
 
 class RewardSource:
-    """Scores prompt+response: a frozen reward model or reward functions."""
+    """Scores prompt+response: a frozen reward model, reward functions, or reward servers."""
 
     def __init__(self, model: PreTrainedModel | None = None, tokenizer: PreTrainedTokenizerBase | None = None,
-                 same_tokenizer: bool = True, fn: RewardFn | RewardFunctions | None = None):
+                 same_tokenizer: bool = True, fn: RewardFn | RewardFunctions | None = None,
+                 remote: RemoteRewards | None = None):
         if fn is not None and not isinstance(fn, RewardFunctions):
             fn = RewardFunctions([fn])
         self.model, self.tokenizer, self.same_tokenizer, self.functions = model, tokenizer, same_tokenizer, fn
+        self.remote = remote
 
     @property
     def reads_text(self) -> bool:
-        """Reward functions, or a reward model with its own tokenizer, score decoded text (not token ids)."""
-        return self.functions is not None or not self.same_tokenizer
+        """Reward functions, reward servers, or a reward model with its own tokenizer, score decoded text
+        (not token ids)."""
+        return self.functions is not None or self.remote is not None or not self.same_tokenizer
 
     @torch.no_grad()
     def __call__(self, rollout: Rollout, prompts: list[str] | None, responses: list[str] | None,
@@ -134,6 +139,9 @@ class RewardSource:
         other dataset columns, for reward functions.
         """
         device = rollout.prompt_ids.device
+        if self.remote is not None:  # every answer checked; a server down past its retries raises RewardServerDown
+            labels = (columns or {}).get("label")
+            return torch.tensor(self.remote(prompts, responses, labels), dtype=torch.float32, device=device), {}
         if self.functions is None and self.model is None:  # an environment's rewards alone
             return torch.zeros(rollout.prompt_ids.shape[0], device=device), {}
         if self.functions is not None:
@@ -166,6 +174,8 @@ def build_reward_source(models: RLModelsConfig, tokenizer: PreTrainedTokenizerBa
         else:
             fns = list(reward_fn) if isinstance(reward_fn, (list, tuple)) else [reward_fn]
         return RewardSource(fn=RewardFunctions(fns, models.reward_weights)), None
+    if models.reward_urls:
+        return RewardSource(remote=remote_rewards_from_config(models)), None
     if not models.reward:  # an environment's rewards alone
         return RewardSource(), None
     reward_tokenizer = tokenizer

@@ -41,6 +41,7 @@ from quartet.rollout.generate import Rollout
 from quartet.rollout.scored import ScoredRollout, concat
 from quartet.rollout.texts import decode_texts
 from quartet.runs.distributed import Ranks
+from quartet.runs.faults import RewardServerDown, StepAbandoned
 from quartet.runs.precision import autocast_context
 from quartet.runs.seeds import STEP_MORE_ROLLOUTS, STEP_ROLLOUT, derive_seed
 
@@ -105,7 +106,12 @@ class ExperienceMaker:
         self.trained, self.step, self.beta = trained, step, beta
         timings = {"time/generation": 0.0, "time/scoring": 0.0}
         tools_before, self.records = self.agent.tool_counts() if self.agent else {}, []
-        batch, sampling = self._sample_batch(timings)
+        position = self.prompt_position
+        try:
+            batch, sampling = self._sample_batch(timings)
+        except StepAbandoned:  # e.g. the reward server is down: the step is redone from the same prompts
+            self.prompt_position = position
+            raise
         t0 = time.perf_counter()
         exp = self._experience(batch)
         timings["time/scoring"] += time.perf_counter() - t0
@@ -265,7 +271,13 @@ class ExperienceMaker:
             episode = {"attention": rollout.response_mask.float(), "turn_ids": rollout.turn_ids,
                        "turn_rewards": torch.tensor([r.turn_rewards + [float("nan")] * (turns - len(r.turn_rewards))
                                                      for r in records], device=self.device)}
-        scored = self._score(rollout, prompts, responses, columns)
+        failure = None
+        try:
+            scored = self._score(rollout, prompts, responses, columns)
+        except StepAbandoned as err:  # e.g. a reward server down: every rank abandons the step, none waits
+            failure = err
+        if self.ranks.any(failure is not None):
+            raise failure or RewardServerDown("of another process", "the step's rewards are incomplete")
         if records is not None:
             scored["scores"], scored["score_parts"] = self._with_env_rewards(
                 scored["scores"], scored["score_parts"], records, per_turn=self.cfg.algorithm.turn_rewards)
