@@ -118,3 +118,33 @@ def test_question_rows_carry_the_answer_for_the_verifier():
     assert calc.used_tool([{"role": "assistant", "content": "1"}, {"role": "tool", "content": "2"}])
     assert not calc.used_tool([{"role": "assistant", "content": "1"}])
 
+
+
+# ---------------------------------------------------------------- end to end
+
+# The test's start: the nano preset, 600 SFT steps. Measured (seed 0, 64 held-out questions x 4 episodes at
+# temperature 1): the start answers 0.375 right and calls the tool 0.64 of the time; GRPO on 25,000 model tokens
+# (12 steps) raised them to 0.64 and 0.93 (the world's tiny start of 700 steps: 0.45 / 0.68 -> 0.75 / 0.96).
+E2E = calc.CalculatorSettings(preset="nano", sft_steps=600, sft_lr=5e-3, n_eval=64)
+BUDGET = 25_000
+
+
+def test_grpo_raises_held_out_accuracy_and_the_tool_call_rate(tmp_path):
+    from quartet.demo.arena import TEST
+    from quartet.demo.arena_worlds import CalculatorWorld
+    from quartet.runs.metrics import read_metrics
+    from quartet.stages.rl import run_rl
+
+    world = CalculatorWorld(tmp_path, 0, TEST)
+    world.settings = E2E
+    world.prepare(resume=False)
+    start = world.judge(world.sft_dir)
+    summary = run_rl(world.rl_config("grpo", tmp_path / "grpo", BUDGET), reward_fn=world.reward_fn())
+    end = world.judge(tmp_path / "grpo" / "final")
+    assert BUDGET <= summary["generated_tokens"] < BUDGET + 64 * 2 * E2E.max_new_tokens  # model tokens only
+    assert end.ground_truth >= start.ground_truth + 0.12, (start, end)
+    assert end.details["tool_call_rate"] >= start.details["tool_call_rate"] + 0.12, (start, end)
+    # the trainer's own held-out evaluation runs episodes with the tool and counts that evaluation's calls
+    evals = [r for r in read_metrics(tmp_path / "grpo" / "metrics.jsonl") if "eval/tools/calculate/calls" in r]
+    assert 0 < evals[0]["eval/tools/calculate/calls"] < evals[-1]["eval/tools/calculate/calls"] <= E2E.n_eval * 2
+    assert evals[-1]["eval/accuracy/final_number_answer"] > evals[0]["eval/accuracy/final_number_answer"]

@@ -493,7 +493,7 @@ class CalculatorWorld(AgentWorld):
 
 
 class GuessWorld(AgentWorld):
-    """Guess the number from 1 to 15 in 5 tries with "higher"/"lower" feedback (quartet.demo.guess)."""
+    """Guess the number from 1 to 7 in 4 tries with "higher"/"lower" feedback (quartet.demo.guess)."""
 
     name = "guess"
     max_prompt_length, max_length = 48, 128  # the rules; a whole game

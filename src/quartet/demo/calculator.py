@@ -205,15 +205,21 @@ def used_tool(messages: list[dict[str, str]]) -> bool:
 
 @dataclass(frozen=True)
 class CalculatorSettings:
-    """The careless teacher and the sizes of the world's SFT start."""
+    """The careless teacher and the sizes of the world's SFT start.
+
+    Measured (seed 0, 128 held-out questions, 4 episodes each at temperature 1; a shared, loaded machine):
+    the careless teacher's 2,000 traces and 700 SFT steps of the tiny preset give a start that answers
+    right 0.45 of the time and calls the tool 0.68 of the time (greedy: 0.84 right); GRPO on 60,000
+    model tokens (25 steps of 64 episodes) raises them to 0.75 and 0.96.
+    """
 
     p_skip: float = 0.3  # share of teacher episodes answered by a guess, without the tool
     p_miscopy: float = 0.2  # share of the teacher's calls with one operand digit miscopied
     n_sft: int = 2000
     preset: str = "tiny"
     vocab_size: int = 320
-    sft_steps: int = 300
-    sft_lr: float = 2e-3
+    sft_steps: int = 700  # copying digits at temperature 1 takes this many (300 steps at 2e-3 started at 0.07)
+    sft_lr: float = 3e-3
     batch_size: int = 32
     max_new_tokens: int = 40  # per turn: a call is about 25 tokens
     max_turns: int = 3
