@@ -10,7 +10,7 @@ TORCH_SPEC ?= torch==2.13.0
 TORCH_PIP_ARGS ?=
 DEMO_ARGS ?=
 
-.PHONY: setup demo test docs docs-serve clean
+.PHONY: setup demo test test-slow docs docs-serve clean
 
 setup: $(VENV)/.installed
 
@@ -25,7 +25,10 @@ demo: setup
 	$(VENV)/bin/quartet demo --output runs/demo $(DEMO_ARGS)
 
 test: setup
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest tests -m slow
 
 docs: setup
 	$(PY) -m quartet.config.reference docs/reference/config.md

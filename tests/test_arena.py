@@ -66,7 +66,7 @@ def test_a_finished_arena_is_kept_and_an_interrupted_one_resumes_the_rest(arena,
 
 
 def test_bad_worlds_and_algorithms_are_named_before_anything_is_written(tmp_path, monkeypatch):
-    with pytest.raises(ValueError, match="unknown world 'moon'; choose town, arith or reasoning_gym:NAME"):
+    with pytest.raises(ValueError, match="unknown world 'moon'; choose town, arith, calculator, guess or reasoning_gym:NAME"):
         run_arena(tmp_path / "a", ["moon"], ["grpo"], settings=TEST)
     with pytest.raises(ValueError, match=r"unknown algorithm\(s\) \['ppoo'\]"):
         run_arena(tmp_path / "b", ["arith"], ["ppoo"], settings=TEST)

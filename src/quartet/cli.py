@@ -249,7 +249,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
                                        "write report.html and summary.json.")
     arena.add_argument("--output", default="runs/arena", help="arena directory (default: runs/arena)")
     arena.add_argument("--world", default="town,arith",
-                       help="comma-separated: town, arith, reasoning_gym:NAME (needs pip install 'quartet-rlhf[tasks]')")
+                       help="comma-separated: town, arith, calculator, guess, reasoning_gym:NAME (needs pip install "
+                            "'quartet-rlhf[tasks]')")
     arena.add_argument("--algorithms", default="ppo,grpo,rloo,reinforce++,dpo",
                        help="comma-separated: ppo, grpo, rloo, reinforce++, reinforce++-baseline, dpo")
     arena.add_argument("--seeds", type=int, default=1, help="runs per algorithm, with seeds 0..N-1")

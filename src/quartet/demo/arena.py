@@ -63,8 +63,11 @@ def run_arena(output: str | Path, worlds: list[str], algorithms: list[str], seed
     settings = settings or (QUICK if quick else FULL)
     jobs = jobs or max(1, min(8, (os.cpu_count() or 1) // threads))
     out = Path(output)
-    for spec in worlds:  # a bad world name (or a missing optional package) fails before anything is written
-        make_world(spec, out / "check", 0, settings)
+    # a bad world name (or a missing optional package) fails before anything is written
+    supported = {spec: getattr(make_world(spec, out / "check", 0, settings), "algorithms", ALGORITHMS) for spec in worlds}
+    for spec in worlds:
+        if skipped := [a for a in algorithms if a not in supported[spec]]:
+            print(f"[arena] {spec}: {', '.join(skipped)} left out (this world runs only {', '.join(supported[spec])})")
     if (out / "summary.json").exists():
         raise FileExistsError(f"{out} already holds a finished arena; choose another --output or delete it")
     if out.exists() and any(out.iterdir()) and not resume:
@@ -83,7 +86,7 @@ def run_arena(output: str | Path, worlds: list[str], algorithms: list[str], seed
             directory = out / world_directory(spec) / f"seed-{seed}"
             base = {"spec": spec, "directory": str(directory), "seed": seed, "settings": settings, "threads": threads}
             tasks.append({**base, "algorithm": None})  # the start: SFT, data, reward model
-            tasks += [{**base, "algorithm": a} for a in algorithms]
+            tasks += [{**base, "algorithm": a} for a in algorithms if a in supported[spec]]
     _run_tasks(tasks, jobs)
     starts = [{"world": t["spec"], "seed": t["seed"], **json.loads(_record(t).read_text())}
               for t in tasks if t["algorithm"] is None]
@@ -182,7 +185,8 @@ def prepare_one(task: dict[str, Any]) -> None:
     world = make_world(task["spec"], directory, task["seed"], task["settings"])
     prepared = world.prepare(resume=True)
     sft = world.judge(world.sft_dir)  # the start every algorithm is measured from
-    prepared.update({"sft_ground_truth": sft.ground_truth, "sft_proxy": sft.proxy, "sft_answers": sft.answers})
+    prepared.update({"sft_ground_truth": sft.ground_truth, "sft_proxy": sft.proxy, "sft_answers": sft.answers,
+                     "sft_details": sft.details})
     tmp = directory / "start.done.tmp"
     tmp.write_text(json.dumps(prepared, default=float) + "\n", encoding="utf-8")
     tmp.replace(directory / "start.done")
@@ -215,7 +219,7 @@ def run_one(job: dict[str, Any]) -> None:
     kl = held_out_kl(run_dir / "final", world.sft_dir, held_out, world.settings.max_new_tokens, job["seed"] + 13)
     record = {
         "world": job["spec"], "seed": job["seed"], "algorithm": algorithm, "ground_truth": judged.ground_truth,
-        "proxy": judged.proxy, "kl": kl, "steps": summary["steps"],
+        "proxy": judged.proxy, "details": judged.details, "kl": kl, "steps": summary["steps"],
         "seconds": seconds, "seconds_per_step": seconds / max(summary["steps"], 1), "generated_tokens": tokens,
         "budget": job["budget"], "peak_rss_mib": peak_rss_mib(),
         "curve": _curve(run_dir, world, algorithm, tokens, judged.ground_truth, seconds), "answers": judged.answers,
@@ -270,14 +274,22 @@ def _table(runs: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def _details(summary: dict[str, Any], world: str, algorithm: str) -> str:
+    """Episode worlds' details (tool-call rate, turns), the SFT start's -> the run's, means over seeds."""
+    starts = [s.get("sft_details") or {} for s in summary["starts"] if s["world"] == world]
+    runs = [r.get("details") or {} for r in summary["runs"] if r["world"] == world and r["algorithm"] == algorithm]
+    keys = sorted({k for d in runs for k in d})
+    return "".join(f"  {k} {statistics.fmean(s[k] for s in starts if k in s):.2f} -> "
+                   f"{statistics.fmean(r[k] for r in runs if k in r):.2f}" for k in keys if any(k in s for s in starts))
+
+
 def print_table(summary: dict[str, Any], report: Path) -> None:
     seeds = summary["seeds"]
     print("\n== Quartet arena ==")
     print(f"ground truth: the final judgement, {JUDGE_SAMPLES} answers per held-out prompt"
           + (f"; mean ± sd over {seeds} seeds" if seeds > 1 else "; one seed"))
     for world in summary["worlds"]:
-        print(f"{world} (budget per seed: {', '.join(f'{b:,}' for b in summary['budgets'][world])} generated tokens, "
-              f"the tokens of DPO's pairs):")
+        print(f"{world} (budget per seed: {', '.join(f'{b:,}' for b in summary['budgets'][world])} generated tokens):")
         start = [s["sft_ground_truth"] for s in summary.get("starts", []) if s["world"] == world]
         if start:
             print(f"  {'SFT (the start)':<22} ground truth {sum(start) / len(start):+.3f}")
@@ -285,7 +297,8 @@ def print_table(summary: dict[str, Any], report: Path) -> None:
             spread = f" ± {row['ground_truth_std']:.3f}" if row["seeds"] > 1 else ""  # one seed has no spread
             proxy = f"  proxy {row['proxy']:+.3f}" if row["proxy"] is not None else ""
             print(f"  {row['algorithm']:<22} ground truth {row['ground_truth']:+.3f}{spread}"
-                  f"{proxy}  training {row['seconds']:.0f} s  {row['peak_rss_mib']:.0f} MiB")
+                  f"{proxy}{_details(summary, world, row['algorithm'])}  training {row['seconds']:.0f} s  "
+                  f"{row['peak_rss_mib']:.0f} MiB")
     print(f"report: {report}")
 
 

@@ -17,14 +17,14 @@ from __future__ import annotations
 import json
 import random
 import re
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from quartet.config import DPOConfig, RLConfig, SamplingConfig, SFTConfig, build_config
-from quartet.demo import arith, world
+from quartet.demo import arith, calculator, guess, world
 from quartet.demo.run import QUICK as QUICK_TOWN
 from quartet.demo.run import (
     DemoSettings,
@@ -85,6 +85,7 @@ class Judgement:
     ground_truth: float
     proxy: float | None
     answers: list[dict[str, Any]]
+    details: dict[str, float] = field(default_factory=dict)  # episodes: e.g. the tool-call rate, turns used
 
 
 # ----------------------------------------------------------------------------- the town
@@ -344,16 +345,190 @@ class ReasoningGymWorld(VerifiableWorld):
         return reasoning_gym_score
 
 
+# ----------------------------------------------------------------------------- agents
+
+
+class AgentWorld(VerifiableWorld):
+    """A world of multi-turn episodes (a tool or a game): SFT on a careless teacher's traces, then online RL
+    on episodes, judged by running episodes on held-out rows through the trainer's own `AgentRollout`.
+
+    DPO takes no part: its pairs are single answers, not episodes. The online algorithms share a budget of
+    generated *model* tokens (the episodes' action tokens; observations are not counted), `budget_tokens`."""
+
+    algorithms = ONLINE
+    max_prompt_length, max_length = 32, 96
+    budget_tokens = 60_000
+    judge_step = 888_888  # the episode seeds of the judgement (+ k for its k-th sample): none a training step's
+
+    def rollout_section(self) -> dict[str, Any]:
+        """The config's `rollout` keys of the world's episodes (env or tools, turns)."""
+        raise NotImplementedError
+
+    def judge_episodes(self, rows: list[dict], records: list) -> tuple[list[float], dict[str, list[float]]]:
+        """Per episode: its ground truth, and named per-episode details (e.g. a tool-call rate)."""
+        raise NotImplementedError
+
+    def reward_fn(self):
+        return None
+
+    def prepare(self, resume: bool) -> dict[str, float]:
+        import time
+
+        from quartet.stages.sft import run_sft
+
+        rows, data = self.rows(), self.dir / "data"
+        _write_jsonl(data / "sft.jsonl", rows.sft)
+        _write_jsonl(data / "questions.jsonl", rows.questions)
+        _write_jsonl(data / "held_out.jsonl", rows.held_out)
+        t = time.perf_counter()
+        if not (resume and (self.dir / "sft" / "summary.json").exists()):
+            run_sft(build_config(SFTConfig, self.sft_section(str(data / "sft.jsonl"))), resume=resume)
+        return {"sft": time.perf_counter() - t, "preference_tokens": self.budget_tokens}
+
+    def sft_section(self, train_file: str) -> dict[str, Any]:
+        s = self.settings
+        return {
+            "run": {"output_dir": str(self.dir / "sft"), "seed": self.seed},
+            "model": {"preset": s.preset, "vocab_size": s.vocab_size},
+            "data": {"train": train_file, "eval_fraction": 0.05, "max_length": self.max_length,
+                     "max_prompt_length": self.max_length - 8},
+            "train": {"lr": s.sft_lr, "max_steps": s.sft_steps, "batch_size": s.batch_size, "warmup_ratio": 0.05,
+                      "eval_every": 10_000, "log_every": 10, "save_every": 10_000},
+        }
+
+    def rl_config(self, algorithm: str, output_dir: Path, budget: int, **sections: Any) -> RLConfig:
+        data = self.dir / "data"
+        critic = {"critic_init": "actor"} if algorithm == "ppo" else {}
+        reward = {"reward_fn": self.reward_spec} if self.reward_spec else {}
+        n = 1 if algorithm in ("ppo", "reinforce++") else 8
+        return build_config(RLConfig, _merged({
+            "run": {"output_dir": str(output_dir), "seed": self.seed},
+            "models": {"actor": str(self.sft_dir), **reward, **critic},
+            "data": {"train": str(data / "questions.jsonl"), "eval": str(data / "held_out.jsonl"),
+                     "max_prompt_length": self.max_prompt_length},
+            "algorithm": {"name": algorithm},
+            "rollout": {"temperature": 1.0, "n": n, **self.rollout_section()},
+            "batch": {"rollout_batch_size": 64, "mini_batch_size": 32},
+            "optim": {"actor_lr": 3e-4, "critic_lr": 1e-3},
+            "train": {"steps": 10**6, "max_generated_tokens": budget, "eval_every": 10, "save_every": 10**6,
+                      "n_samples": 2, "sample_every": 50},
+        }, sections))
+
+    def dpo_config(self, output_dir: Path) -> DPOConfig:
+        raise ValueError(f"the {self.name} world runs episodes, which DPO's single-answer pairs do not hold; "
+                         f"choose from {', '.join(self.algorithms)}")
+
+    def judge(self, actor_dir: Path, n_answers: int = 3) -> Judgement:
+        """Episodes on every held-out row (JUDGE_SAMPLES draws), run by the trainer's `AgentRollout`."""
+        from quartet.data import load_prompts, tokenize_prompt_examples
+        from quartet.models.loading import load_causal_lm
+        from quartet.models.tokenizer import load_tokenizer
+        from quartet.rollout.agent import AgentRollout
+
+        held_out = self.dir / "data" / "held_out.jsonl"
+        rows = [json.loads(line) for line in held_out.read_text().splitlines()]
+        tokenizer, model = load_tokenizer(actor_dir), load_causal_lm(actor_dir).eval()
+        cfg = self.rl_config("grpo", self.dir / "judge", self.budget_tokens)  # its rollout section only
+        kept, _ = tokenize_prompt_examples(load_prompts(held_out, tokenizer), tokenizer, self.max_prompt_length)
+        prompt_rows = [(ids, example.columns) for ids, example in kept]
+        agent = AgentRollout(cfg.rollout, tokenizer, self.seed, self.max_prompt_length)
+        truths, details, shown = [], {}, []
+        try:
+            for k in range(JUDGE_SAMPLES):
+                generator = torch.Generator().manual_seed(self.seed + 11 + 1000 * k)
+                _, records = agent.generate(model, prompt_rows, self.judge_step + k, 0, 1, generator, 0,
+                                            len(prompt_rows), torch.device("cpu"))
+                truth, detail = self.judge_episodes(rows, records)
+                truths += truth
+                for key, values in detail.items():
+                    details.setdefault(key, []).extend(values)
+                shown = shown or [{"prompt": json.dumps(r["prompt"]), "answer": json.dumps(rec.messages),
+                                   "ground_truth": g} for r, rec, g in zip(rows[:n_answers], records, truth)]
+        finally:
+            agent.close()
+        return Judgement(_mean(truths), None, shown, {key: _mean(v) for key, v in details.items()})
+
+
+def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """`base` with `extra`'s sections merged in, key by key."""
+    return {**base, **{k: {**base.get(k, {}), **v} for k, v in extra.items()}}
+
+
+class CalculatorWorld(AgentWorld):
+    """3-digit by 2-digit products, answered with a calculator tool (quartet.demo.calculator)."""
+
+    name = "calculator"
+    ground_truth_name = "held-out exact-match accuracy"
+    reward_spec = "quartet.scoring.verifiers:final_number_answer"
+    settings = calculator.CalculatorSettings()
+
+    @property
+    def eval_ground_truth(self) -> str:
+        return "eval/accuracy/final_number_answer"
+
+    def rows(self) -> TaskRows:
+        s = self.settings
+        traces = calculator.teacher_rows(s.n_sft, calculator.SEED_SFT + self.seed, s.p_skip, s.p_miscopy)
+        return TaskRows(traces,
+                        calculator.question_rows(self.n_questions, calculator.SEED_RL + self.seed),
+                        calculator.question_rows(s.n_eval, calculator.SEED_EVAL, held_out=True))
+
+    def rollout_section(self) -> dict[str, Any]:
+        s = self.settings
+        return {"tools": f"quartet.demo.calculator:{calculator.TOOL_NAME}", "max_new_tokens": s.max_new_tokens,
+                "max_turns": s.max_turns, "max_observation_tokens": 16, "tool_timeout": 5.0}
+
+    def reward_fn(self):
+        from quartet.scoring.verifiers import final_number_answer
+
+        return final_number_answer
+
+    def judge_episodes(self, rows: list[dict], records: list) -> tuple[list[float], dict[str, list[float]]]:
+        from quartet.scoring.verifiers import final_number_answer
+
+        answers = [next((m["content"] for m in reversed(r.messages) if m["role"] == "assistant"), "") for r in records]
+        truth = final_number_answer([""] * len(rows), answers, answer=[r["answer"] for r in rows])
+        return [float(t) for t in truth], {"tool_call_rate": [float(calculator.used_tool(r.messages)) for r in records],
+                                           "turns": [float(r.turns) for r in records]}
+
+
+class GuessWorld(AgentWorld):
+    """Guess the number from 1 to 7 in 4 tries with "higher"/"lower" feedback (quartet.demo.guess)."""
+
+    name = "guess"
+    max_prompt_length, max_length = 48, 128  # the rules; a whole game
+    ground_truth_name = "held-out success rate"
+    reward_spec = "quartet.demo.guess:turn_cost"  # the environment's win reward plus a cost per guess
+    eval_ground_truth = "eval/env/reward"  # the win reward alone: the share of games won
+    settings = guess.GuessSettings()
+
+    def rows(self) -> TaskRows:
+        s = self.settings
+        return TaskRows(guess.turn_rows(guess.teacher_rows(s.n_sft, guess.SEED_SFT + self.seed, s.p_edge)),
+                        guess.game_rows(self.n_questions), guess.game_rows(s.n_eval))
+
+    def rollout_section(self) -> dict[str, Any]:
+        return {"env": "quartet.demo.guess:GuessNumber", "max_new_tokens": self.settings.max_new_tokens,
+                "max_turns": guess.TRIES, "max_observation_tokens": 24}
+
+    def reward_fn(self):
+        return guess.turn_cost
+
+    def judge_episodes(self, rows: list[dict], records: list) -> tuple[list[float], dict[str, list[float]]]:
+        return [float(guess.won(r.turn_rewards)) for r in records], {"turns": [float(r.turns) for r in records]}
+
+
 def _rg_prompt(entry: dict) -> str:
     return f"Q: {entry['question']}\nA:"
 
 
 @torch.no_grad()
-def held_out_kl(actor_dir: Path, reference_dir: Path, prompts: list[str], max_new_tokens: int, seed: int,
+def held_out_kl(actor_dir: Path, reference_dir: Path, prompts: list[str | list[dict]], max_new_tokens: int, seed: int,
                 batch_size: int = 50) -> float:
     """KL(actor || reference) in nats per response on held-out prompts: responses sampled from the actor at
     temperature 1, each one's summed k1 (log pi_actor - log pi_ref over its tokens), averaged. One measure for
-    every algorithm, DPO's included, which has no rollouts to log it on."""
+    every algorithm, DPO's included, which has no rollouts to log it on. A prompt given as chat messages is
+    rendered with the chat template; in a world of episodes this measures the first turn."""
     from quartet.data.collate import collate_prompts
     from quartet.models.loading import load_causal_lm
     from quartet.models.policy import response_logprobs
@@ -367,8 +542,10 @@ def held_out_kl(actor_dir: Path, reference_dir: Path, prompts: list[str], max_ne
     generator = torch.Generator().manual_seed(seed)
     total = 0.0
     for start in range(0, len(prompts), batch_size):
-        batch = collate_prompts([tokenizer(p, add_special_tokens=False)["input_ids"]
-                                 for p in prompts[start : start + batch_size]], tokenizer.pad_token_id)
+        texts = [p if isinstance(p, str) else tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+                 for p in prompts[start : start + batch_size]]
+        batch = collate_prompts([tokenizer(t, add_special_tokens=False)["input_ids"] for t in texts],
+                                tokenizer.pad_token_id)
         rollout = sample_responses(actor, batch["input_ids"], batch["attention_mask"], sampling,
                                    tokenizer.eos_token_id, tokenizer.pad_token_id, generator=generator)
         sequences = torch.cat([rollout.prompt_ids, rollout.response_ids], 1)
@@ -416,18 +593,23 @@ def world_directory(spec: str) -> str:
 
 
 def make_world(spec: str, directory: Path, seed: int, sizes: ArenaSettings):
-    """The world named by `spec` (town, arith or reasoning_gym:NAME) in one seed's directory."""
+    """The world named by `spec` (town, arith, calculator, guess or reasoning_gym:NAME) in one seed's directory."""
     if spec == "town":
         return TownWorld(directory, seed, sizes)
     if spec == "arith":
         return ArithWorld(directory, seed, sizes)
+    if spec == "calculator":
+        return CalculatorWorld(directory, seed, sizes)
+    if spec == "guess":
+        return GuessWorld(directory, seed, sizes)
     if spec.startswith("reasoning_gym:") and spec.split(":", 1)[1]:
         task, options = parse_task(spec.split(":", 1)[1])
         names = sorted(require_reasoning_gym().factory.DATASETS)
         if task not in names:
             raise ValueError(f"reasoning-gym has no dataset {task!r}; it has {len(names)}, e.g. {', '.join(names[:8])}")
         return ReasoningGymWorld(directory, seed, sizes, task, options)
-    raise ValueError(f"unknown world {spec!r}; choose town, arith or reasoning_gym:NAME (a reasoning-gym dataset)")
+    raise ValueError(f"unknown world {spec!r}; choose town, arith, calculator, guess or reasoning_gym:NAME "
+                     "(a reasoning-gym dataset)")
 
 
 

@@ -163,6 +163,7 @@ class ExperienceMaker:
         start, end = ranks.share(rows)
         batch = collate_prompts([{"input_ids": ids} for ids, _ in rows[start:end]], self.pad_id)
         generator = torch.Generator(device=self.device).manual_seed(derive_seed(self.cfg.run.seed, "evaluation"))
+        tools_before = self.agent.tool_counts() if self.agent else {}  # this evaluation's calls are the difference
         with ranks.full_parameters(trained, "actor") as pair, autocast_context(self.device, self.cfg.train.bf16):
             self.backend.load_weights(pair.actor)
             if self.agent:  # the same episodes at every evaluation
