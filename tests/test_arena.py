@@ -6,8 +6,8 @@ import json
 
 import pytest
 
-from quartet.demo.arena import TEST, run_arena
-from quartet.demo.arena_worlds import make_world
+from quartet.arena.runner import TEST, run_arena
+from quartet.arena.worlds import make_world
 
 
 @pytest.fixture(scope="module")
@@ -79,7 +79,7 @@ def test_bad_worlds_and_algorithms_are_named_before_anything_is_written(tmp_path
 
 
 def test_a_reasoning_gym_task_scores_with_its_own_verifier(tmp_path):
-    from quartet.demo.arena_worlds import reasoning_gym_score
+    from quartet.arena.worlds import reasoning_gym_score
 
     world = make_world("reasoning_gym:chain_sum", tmp_path, 0, TEST)
     rows = world.rows()

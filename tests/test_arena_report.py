@@ -9,9 +9,9 @@ import re
 
 import pytest
 
-from quartet.demo import arena
-from quartet.demo.arena_worlds import JUDGE_SAMPLES
-from quartet.report.arena import render_arena_report
+from quartet.arena import runner
+from quartet.arena.report import render_arena_report
+from quartet.arena.worlds import JUDGE_SAMPLES
 
 
 def _run(algorithm: str, seed: int, ground_truth: float, curve_end: float, seconds: float) -> dict:
@@ -31,7 +31,7 @@ def _summary(seeds: int) -> dict:
                "sft_proxy": None, "sft_answers": []} for s in range(seeds)]
     return {"worlds": ["arith"], "algorithms": ["grpo", "rloo"], "seeds": seeds, "quick": False, "jobs": 1,
             "threads": 1, "budgets": {"arith": [1000] * seeds}, "runs": runs, "starts": starts,
-            "table": arena._table(runs), "seconds": 100.0}
+            "table": runner._table(runs), "seconds": 100.0}
 
 
 def _report(tmp_path, summary: dict) -> str:
@@ -54,7 +54,7 @@ def test_one_seed_shows_no_spread_and_the_table_is_the_final_judgement(tmp_path,
     assert "<td>SFT (the start)</td><td class=\"num\">0.450</td>" in table
     assert f"answers every held-out prompt {JUDGE_SAMPLES} times" in html and "trainer's own held-out evaluation" in html
     assert "seconds of training" in table and "stars: the final judgement of the table" in html
-    arena.print_table(summary, tmp_path / "report.html")
+    runner.print_table(summary, tmp_path / "report.html")
     printed = capsys.readouterr().out
     assert "±" not in printed and "one seed" in printed
     lines = {line.split()[0]: line for line in printed.splitlines() if line.startswith("  ")}
@@ -68,7 +68,7 @@ def test_several_seeds_show_mean_and_sample_sd(tmp_path, capsys):
     grpo = [0.625 + 0.1 * s for s in range(3)]
     assert "mean ± sd over 3 seeds" in table
     assert f"<td>grpo</td><td class=\"num\"><b>{sum(grpo) / 3:.3f} ± {_sd(grpo):.3f}</b>" in table
-    arena.print_table(summary, tmp_path / "report.html")
+    runner.print_table(summary, tmp_path / "report.html")
     printed = capsys.readouterr().out
     assert f"ground truth {sum(grpo) / 3:+.3f} ± {_sd(grpo):.3f}" in printed and "over 3 seeds" in printed
 
@@ -76,8 +76,8 @@ def test_several_seeds_show_mean_and_sample_sd(tmp_path, capsys):
 @pytest.mark.parametrize("algorithm", ["grpo", None])
 def test_a_finished_task_s_line_names_its_training_seconds_beside_its_wall_time(tmp_path, algorithm):
     task = {"spec": "arith", "seed": 0, "directory": str(tmp_path), "algorithm": algorithm}
-    record = arena._record(task)
+    record = runner._record(task)
     record.parent.mkdir(parents=True, exist_ok=True)
     record.write_text(json.dumps(_run("grpo", 0, 0.625, 0.4, 31.6) if algorithm else {"sft_ground_truth": 0.45}))
     expected = " (training 32 s): ground truth +0.625" if algorithm else ": SFT ground truth +0.450"
-    assert arena._result_line(task) == expected
+    assert runner._result_line(task) == expected

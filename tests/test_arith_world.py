@@ -1,8 +1,8 @@
-"""Tests for the arithmetic world (quartet.demo.arith): exact questions, worked answers, the verifier."""
+"""Tests for the arithmetic world (quartet.arena.arith): exact questions, worked answers, the verifier."""
 
 import pytest
 
-from quartet.demo.arith import (
+from quartet.arena.arith import (
     FULL,
     SEED_EVAL,
     SEED_RL,
@@ -158,8 +158,8 @@ def test_worked_answers_fit_the_generation_and_length_limits_of_the_preset_token
     EOS fit in max_new_tokens, and prompt + answer in the warm-up's max_length: RL never cuts an answer short."""
     import json
 
+    from quartet.arena import arith
     from quartet.config import SFTConfig, build_config
-    from quartet.demo import arith
     from quartet.stages.common import resolve_tokenizer
 
     s = getattr(arith, name)

@@ -7,7 +7,7 @@ from fractions import Fraction
 
 import pytest
 
-from quartet.demo import calculator as calc
+from quartet.arena import calculator as calc
 from quartet.envs import ToolBox, parse_tool_calls, tool_schema
 from quartet.scoring.verifiers import final_number_answer
 
@@ -130,8 +130,8 @@ BUDGET = 25_000
 
 
 def test_grpo_raises_held_out_accuracy_and_the_tool_call_rate(tmp_path):
-    from quartet.demo.arena import TEST
-    from quartet.demo.arena_worlds import CalculatorWorld
+    from quartet.arena.runner import TEST
+    from quartet.arena.worlds import CalculatorWorld
     from quartet.runs.metrics import read_metrics
     from quartet.stages.rl import run_rl
 

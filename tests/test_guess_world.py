@@ -6,7 +6,7 @@ import random
 
 import pytest
 
-from quartet.demo import guess
+from quartet.arena import guess
 from quartet.envs import episode_rng
 
 
@@ -119,8 +119,8 @@ def test_game_rows_are_the_rules():
 
 @pytest.mark.slow  # about 4 minutes of SFT and GRPO: the episode plumbing it checks is in test_agents.py too
 def test_the_world_plays_held_out_games_end_to_end(tmp_path):
-    from quartet.demo.arena import TEST
-    from quartet.demo.arena_worlds import GuessWorld
+    from quartet.arena.runner import TEST
+    from quartet.arena.worlds import GuessWorld
     from quartet.runs.metrics import read_metrics
     from quartet.stages.rl import run_rl
 

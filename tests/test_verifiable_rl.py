@@ -6,8 +6,8 @@ import json
 
 import pytest
 
+from quartet.arena import arith
 from quartet.config import RLConfig, SFTConfig, build_config
-from quartet.demo import arith
 from quartet.runs.metrics import read_metrics
 from quartet.stages.rl import run_rl
 from quartet.stages.sft import run_sft

@@ -140,7 +140,7 @@ def _cmd_demo(args, overrides: list[str]) -> None:
 
 
 def _cmd_arena(args, overrides: list[str]) -> None:
-    from quartet.demo.arena import run_arena
+    from quartet.arena.runner import run_arena
 
     if overrides:
         raise ValueError(f"unexpected arguments: {' '.join(overrides)}")

@@ -13,7 +13,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from quartet.demo.arena_worlds import JUDGE_SAMPLES, world_directory  # noqa: E402
+from quartet.arena.worlds import JUDGE_SAMPLES, world_directory  # noqa: E402
 from quartet.report.html import _write_page, data_uri, esc, fmt, note  # noqa: E402
 from quartet.report.plots import COLORS, finish_figure  # noqa: E402
 

@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
-from quartet.demo.arena_worlds import (
+from quartet.arena.worlds import (
     ALGORITHMS,
     FULL,
     JUDGE_SAMPLES,
@@ -49,7 +49,7 @@ def run_arena(output: str | Path, worlds: list[str], algorithms: list[str], seed
     Every start and every run is a process of its own with `threads` torch threads, `jobs` of them at a time
     (default: the CPU count over `threads`, at most 8). A run's numbers depend on its threads, not on the jobs.
     """
-    from quartet.report.arena import render_arena_report
+    from quartet.arena.report import render_arena_report
 
     if int(os.environ.get("WORLD_SIZE", "1")) > 1:
         raise ValueError("quartet arena runs on one process (each algorithm in a process of its own)")

@@ -23,8 +23,9 @@ from typing import Any
 
 import torch
 
+from quartet.arena import arith, calculator, guess
 from quartet.config import DPOConfig, RLConfig, SamplingConfig, SFTConfig, build_config
-from quartet.demo import arith, calculator, guess, world
+from quartet.demo import world
 from quartet.demo.run import QUICK as QUICK_TOWN
 from quartet.demo.run import (
     DemoSettings,
@@ -301,7 +302,7 @@ class VerifiableWorld:
 
 
 class ArithWorld(VerifiableWorld):
-    """Sums and differences of 0..5, SFT-warmed by a careless teacher (quartet.demo.arith)."""
+    """Sums and differences of 0..5, SFT-warmed by a careless teacher (quartet.arena.arith)."""
 
     name = "arith"
 
@@ -321,7 +322,7 @@ class ArithWorld(VerifiableWorld):
 class ReasoningGymWorld(VerifiableWorld):
     """A reasoning-gym task (`reasoning_gym:NAME`), its dataset's `score_answer` as the verifier."""
 
-    reward_spec = "quartet.demo.arena_worlds:reasoning_gym_score"
+    reward_spec = "quartet.arena.worlds:reasoning_gym_score"
     max_prompt_length, max_length = 96, 128  # its questions are sentences
 
     def __init__(self, directory: Path, seed: int, sizes: ArenaSettings, task: str,
@@ -455,7 +456,7 @@ def _merged(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
 
 
 class CalculatorWorld(AgentWorld):
-    """3-digit by 2-digit products, answered with a calculator tool (quartet.demo.calculator)."""
+    """3-digit by 2-digit products, answered with a calculator tool (quartet.arena.calculator)."""
 
     name = "calculator"
     ground_truth_name = "held-out exact-match accuracy"
@@ -475,7 +476,7 @@ class CalculatorWorld(AgentWorld):
 
     def rollout_section(self) -> dict[str, Any]:
         s = self.settings
-        return {"tools": f"quartet.demo.calculator:{calculator.TOOL_NAME}", "max_new_tokens": s.max_new_tokens,
+        return {"tools": f"quartet.arena.calculator:{calculator.TOOL_NAME}", "max_new_tokens": s.max_new_tokens,
                 "max_turns": s.max_turns, "max_observation_tokens": 16, "tool_timeout": 5.0}
 
     def reward_fn(self):
@@ -493,12 +494,12 @@ class CalculatorWorld(AgentWorld):
 
 
 class GuessWorld(AgentWorld):
-    """Guess the number from 1 to 7 in 4 tries with "higher"/"lower" feedback (quartet.demo.guess)."""
+    """Guess the number from 1 to 7 in 4 tries with "higher"/"lower" feedback (quartet.arena.guess)."""
 
     name = "guess"
     max_prompt_length, max_length = 48, 128  # the rules; a whole game
     ground_truth_name = "held-out success rate"
-    reward_spec = "quartet.demo.guess:turn_cost"  # the environment's win reward plus a cost per guess
+    reward_spec = "quartet.arena.guess:turn_cost"  # the environment's win reward plus a cost per guess
     eval_ground_truth = "eval/env/reward"  # the win reward alone: the share of games won
     settings = guess.GuessSettings()
 
@@ -508,7 +509,7 @@ class GuessWorld(AgentWorld):
                         guess.game_rows(self.n_questions), guess.game_rows(s.n_eval))
 
     def rollout_section(self) -> dict[str, Any]:
-        return {"env": "quartet.demo.guess:GuessNumber", "max_new_tokens": self.settings.max_new_tokens,
+        return {"env": "quartet.arena.guess:GuessNumber", "max_new_tokens": self.settings.max_new_tokens,
                 "max_turns": guess.TRIES, "max_observation_tokens": 24}
 
     def reward_fn(self):
