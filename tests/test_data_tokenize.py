@@ -246,8 +246,8 @@ def test_real_hh_sample_tokenizes_within_limits(tok):
     assert all(any(label != IGNORE_INDEX for label in d["labels"]) for d in sft)
 
 
-def test_an_agents_trace_trains_on_every_assistant_turn_and_its_end_of_turn_only(tok):
-    """SFT on a conversation with tool turns: labels cover each assistant turn (EOS included) and nothing
+def test_a_multi_turn_conversation_trains_on_every_assistant_turn_and_its_end_of_turn_only(tok):
+    """SFT on a conversation with tool or user turns: labels cover each assistant turn (EOS included) and nothing
     else, and the tokens between turns are exactly what a multi-turn episode appends for the observation."""
     from quartet.data.formats import parse_sft_row
     from quartet.data.readers import Row
@@ -268,8 +268,15 @@ def test_an_agents_trace_trains_on_every_assistant_turn_and_its_end_of_turn_only
     assert ids == prompt + first + between + last
     ignored = [IGNORE_INDEX]
     assert labels == ignored * len(prompt) + first + ignored * len(between) + last
-    # a conversation without tool turns keeps the one-reply rule: only the last assistant message is trained
+    # a chat or a game with feedback in user turns trains every assistant turn too, and nothing of the user's
     chat = [messages[0], {"role": "assistant", "content": "Hmm."}, {"role": "user", "content": "And?"},
             {"role": "assistant", "content": "408."}]
-    plain = parse_sft_row(Row("chat.jsonl", 1, {"messages": chat}), tok)
-    assert plain.segments is None
+    [row], _ = tokenize_sft([parse_sft_row(Row("chat.jsonl", 1, {"messages": chat}), tok)], tok, 512, 64)
+    hmm = tok("Hmm.", add_special_tokens=False)["input_ids"] + [eos]
+    between = ObservationRenderer(tok).suffix([chat[2]])
+    answer = tok("408.", add_special_tokens=False)["input_ids"] + [eos]
+    assert row["input_ids"] == prompt + hmm + between + answer
+    assert row["labels"] == ignored * len(prompt) + hmm + ignored * len(between) + answer
+    # one assistant turn keeps the prompt/completion split
+    single = parse_sft_row(Row("chat.jsonl", 1, {"messages": chat[:2]}), tok)
+    assert single.segments is None

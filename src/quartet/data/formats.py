@@ -4,9 +4,10 @@ SFT rows (:func:`parse_sft_row`), first match wins:
 
 - ``messages``: a list of ``{"role", "content"}``; the last message must be the assistant's.
   prompt = the chat template over ``messages[:-1]`` with the generation prompt, completion =
-  the rest of the template over all of ``messages``. An agent's trace (a conversation with
-  ``tool`` messages) is trained on every assistant turn, end-of-turn token included, and on
-  nothing else: prompt = the messages before the first assistant turn.
+  the rest of the template over all of ``messages``. A conversation with several assistant turns
+  (a multi-turn chat, a game, an agent's trace with ``tool`` messages) is trained on every
+  assistant turn, end-of-turn token included, and on nothing else: prompt = the messages before
+  the first assistant turn.
 - ``prompt`` + ``completion`` (or ``response``): both text, or both message lists (TRL's
   conversational prompt-completion, rendered the same way as ``messages``); a text
   completion after a message-list prompt is taken as the assistant's reply.
@@ -228,15 +229,16 @@ def _as_turns(row: Row, name: str, value: str | Messages, prompt: Messages) -> M
 
 def _sft_from_messages(row: Row, tokenizer: Any, messages: Messages, name: str) -> SFTExample:
     _require_assistant_last(row, name, messages)
-    if any(m["role"] == "tool" for m in messages):
+    if sum(m["role"] == "assistant" for m in messages) > 1 or any(m["role"] == "tool" for m in messages):
         return _agent_trace(row, tokenizer, messages, name)
     prompt, completion = _render_split(row, tokenizer, messages[:-1], messages[-1:], name)
     return SFTExample(prompt=prompt, completion=completion)
 
 
 def _agent_trace(row: Row, tokenizer: Any, messages: Messages, name: str) -> SFTExample:
-    """An agent's trace: everything from its first assistant turn on is the completion, in segments; the
-    assistant turns (up to and including the end-of-turn token) are trained, the rest is context."""
+    """A multi-turn conversation (an agent's trace, a game, a chat): everything from its first assistant turn on
+    is the completion, in segments; the assistant turns (up to and including the end-of-turn token) are
+    trained, the user, tool and template tokens between them are context."""
     first = next(i for i, m in enumerate(messages) if m["role"] == "assistant")
     if first == 0:
         raise row.error(f"field '{name}': the conversation starts with the assistant: there is no prompt", name)
