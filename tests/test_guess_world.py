@@ -102,14 +102,6 @@ def test_the_weak_teacher_guesses_inside_the_interval_and_its_games_replay_in_th
     assert edges / turns > 0.6
 
 
-def test_games_become_one_row_per_guess():
-    (game,) = guess.teacher_rows(1, 2, p_edge=0.0)
-    rows = guess.turn_rows([game])
-    guesses = [m for m in game["messages"] if m["role"] == "assistant"]
-    assert len(rows) == len(guesses) and all(r["messages"][-1] == g for r, g in zip(rows, guesses))
-    assert rows[-1] == game and all(game["messages"][: len(r["messages"])] == r["messages"] for r in rows)
-
-
 def test_game_rows_are_the_rules():
     rows = guess.game_rows(3)
     assert rows == [{"prompt": [{"role": "user", "content": guess.intro()}]}] * 3
@@ -117,22 +109,29 @@ def test_game_rows_are_the_rules():
     assert guess.won([0.0, 0.0, 1.0]) and not guess.won([0.0] * 5)
 
 
-@pytest.mark.slow  # about 4 minutes of SFT and GRPO: the episode plumbing it checks is in test_agents.py too
-def test_the_world_plays_held_out_games_end_to_end(tmp_path):
+# The test's start is the world's own (tiny preset, 300 SFT steps on whole games). Measured (seed 0, 128 held-out
+# games x 4 at temperature 1): it wins 0.686 of its games in 3.01 guesses; GRPO on 10,000 model tokens raised that
+# to 0.797 in 2.86 guesses. The margins asserted are about half of those.
+BUDGET = 10_000
+
+
+def test_grpo_raises_the_held_out_win_rate_and_lowers_the_guesses(tmp_path):
     from quartet.arena.runner import TEST
     from quartet.arena.worlds import GuessWorld
     from quartet.runs.metrics import read_metrics
     from quartet.stages.rl import run_rl
 
     world = GuessWorld(tmp_path, 0, TEST)
-    world.settings = guess.GuessSettings(preset="nano", n_sft=500, sft_steps=200, sft_lr=5e-3, n_eval=32)
     world.prepare(resume=False)
     start = world.judge(world.sft_dir)
-    # the start learnt the game from its teacher: numbers in range, won far above blind guessing
-    # (one random number a turn wins 1 - (6/7)^4 = 0.46 at best; a model that never says a number wins nothing)
-    assert 0.25 < start.ground_truth <= 1.0 and 1.0 <= start.details["turns"] <= guess.TRIES
-    summary = run_rl(world.rl_config("grpo", tmp_path / "grpo", 1500), reward_fn=world.reward_fn())
-    assert 1500 <= summary["generated_tokens"] < 1500 + 64 * guess.TRIES * world.settings.max_new_tokens
+    # the start learnt to read the feedback from its teacher: it wins far above blind guessing
+    # (one random number a turn wins 1 - (6/7)^4 = 0.46 at best) and near its teacher's 0.75
+    assert 0.6 < start.ground_truth < 0.8 and 2.8 < start.details["turns"] <= guess.TRIES, start
+    summary = run_rl(world.rl_config("grpo", tmp_path / "grpo", BUDGET), reward_fn=world.reward_fn())
+    end = world.judge(tmp_path / "grpo" / "final")
+    assert BUDGET <= summary["generated_tokens"] < BUDGET + 64 * guess.TRIES * world.settings.max_new_tokens
+    assert end.ground_truth >= start.ground_truth + 0.05, (start, end)
+    assert end.details["turns"] <= start.details["turns"] - 0.07, (start, end)
     evals = [r for r in read_metrics(tmp_path / "grpo" / "metrics.jsonl") if world.eval_ground_truth in r]
     assert len(evals) >= 2 and all(0.0 <= r["eval/env/reward"] <= 1.0 and 1.0 <= r["eval/turns/mean"] <= guess.TRIES
                                    for r in evals)

@@ -1,6 +1,6 @@
 """`quartet arena`: every algorithm from the same start, on the same budget, judged by ground truth.
 
-For each world (arena_worlds.py) and seed, the world prepares one start (the SFT model, prompts,
+For each world (worlds.py) and seed, the world prepares one start (the SFT model, prompts,
 held-out prompts, DPO's preference pairs, the town's reward model); then every algorithm trains from
 it in a process of its own (so its peak memory is its own), with held-out evaluations along the way.
 The budget is counted in generated response tokens: DPO learns from pairs of SFT answers sampled for

@@ -505,7 +505,7 @@ class GuessWorld(AgentWorld):
 
     def rows(self) -> TaskRows:
         s = self.settings
-        return TaskRows(guess.turn_rows(guess.teacher_rows(s.n_sft, guess.SEED_SFT + self.seed, s.p_edge)),
+        return TaskRows(guess.teacher_rows(s.n_sft, guess.SEED_SFT + self.seed, s.p_edge),
                         guess.game_rows(self.n_questions), guess.game_rows(s.n_eval))
 
     def rollout_section(self) -> dict[str, Any]:
