@@ -3,6 +3,7 @@ rule reward rises with no critic anywhere, KL goes where the algorithm puts it, 
 reach the reward function, and dynamic sampling fills the batch with groups that carry a signal."""
 
 import json
+import re
 
 import pytest
 import torch
@@ -91,13 +92,16 @@ def test_a_group_algorithm_with_one_sample_per_prompt_is_refused_before_any_work
     assert not out.exists()
 
 
-def test_held_out_prompts_are_scored_during_training_and_a_token_budget_ends_the_run(fruit):
+def test_held_out_prompts_are_scored_during_training_and_a_token_budget_ends_the_run(fruit, capsys, monkeypatch):
     (fruit / "held_out.jsonl").write_text("".join(json.dumps({"prompt": "List some fruits:", "target": "apple"}) + "\n"
                                                   for _ in range(6)))
     cfg = _config(fruit, "cf_eval", "grpo", steps=50, reward_fn="rule_rewards:target_fraction", data="targets.jsonl",
                   train={"eval_every": 2, "max_generated_tokens": 1500})
     cfg.data.eval = str(fruit / "held_out.jsonl")
+    monkeypatch.setenv("QUARTET_PROGRESS", "1")
     summary = run_rl(cfg)
+    # the bar counts the budget's tokens, not the steps the budget cuts short
+    assert re.search(r"1500/1500 \[[^\r\n]*tok", capsys.readouterr().err)
     records = read_metrics(fruit / "cf_eval" / "metrics.jsonl")
     tokens = [r["tokens/generated"] for r in records if "tokens/generated" in r]
     assert records[0]["step"] == 0 and "eval/reward/target_fraction/mean" in records[0]  # before any update

@@ -83,6 +83,10 @@ class Job:
         """What the progress bar shows of a step's metrics."""
         return {}
 
+    def progress(self) -> tuple[int, int, str]:
+        """What the progress bar counts: (done, total, unit); steps unless a job has a tighter measure."""
+        return self.step, self.total_steps, "step"
+
     def training_state(self) -> dict[str, Any]:
         """The checkpoint's state beyond models, step, RNG and the guard (optimizer, scheduler...)."""
         return {}
@@ -125,7 +129,8 @@ class RunLoop:
 
     def _steps(self, stop: GracefulStop) -> float:
         job, settings = self.job, self.settings
-        bar = progress_bar(job.total_steps, desc=self.run.stage, initial=job.step, disable=not self.ranks.is_main)
+        done, total, unit = job.progress()
+        bar = progress_bar(total, desc=self.run.stage, initial=done, disable=not self.ranks.is_main, unit=unit)
         started = time.perf_counter()
         first_step = job.step + 1
         while job.step < job.total_steps:
@@ -150,7 +155,7 @@ class RunLoop:
             outcome.metrics[job.nonfinite_metric] = self.guard.total
             if outcome.log or job.step % settings.log_every == 0 or job.step == job.total_steps:
                 self.run.metrics.log(job.step, outcome.metrics)
-            bar.update(1)
+            bar.update(job.progress()[0] - bar.n)
             bar.set_postfix(job.postfix(outcome.metrics))
             if job.step < job.total_steps:
                 if self.ranks.any(stop.requested):  # every rank stops after the same step

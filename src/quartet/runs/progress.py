@@ -9,11 +9,11 @@ from typing import Any
 from tqdm.auto import tqdm
 
 
-def progress_bar(total: int, desc: str, initial: int = 0, disable: bool = False) -> tqdm:
+def progress_bar(total: int, desc: str, initial: int = 0, disable: bool = False, unit: str = "it") -> tqdm:
     """A tqdm bar on stderr; QUARTET_PROGRESS=0 turns bars off (logs stay)."""
     disable = disable or os.environ.get("QUARTET_PROGRESS", "1") == "0"
     return tqdm(total=total, desc=desc, initial=initial, file=sys.stderr, dynamic_ncols=True,
-                mininterval=0.5, disable=disable, leave=True)
+                mininterval=0.5, disable=disable, leave=True, unit=unit)
 
 
 def format_postfix(metrics: dict[str, Any], keys: list[str], labels: dict[str, str] | None = None) -> dict[str, str]:

@@ -291,6 +291,15 @@ class RLTrainer(Job):
         self.history.append({k: float(metrics[k]) for k in SUMMARY_KEYS if k in metrics})
         return StepOutcome(metrics, finite, log=evaluated)
 
+    def progress(self) -> tuple[int, int, str]:
+        """Generated tokens against `train.max_generated_tokens` when that budget can end the run before its
+        steps do (the arena sets a million steps and a budget); steps otherwise."""
+        t = self.cfg.train
+        most_per_step = self.cfg.batch.rollout_batch_size * self.cfg.rollout.generation_limit
+        if t.max_generated_tokens and t.max_generated_tokens < t.steps * most_per_step:
+            return min(self.generated_tokens, t.max_generated_tokens), t.max_generated_tokens, "tok"
+        return self.step, self.total_steps, "step"
+
     def postfix(self, metrics: dict[str, Any]) -> dict[str, str]:
         # the sampled score, the KL to the reference (kl/ref) and the mean response length
         return format_postfix(metrics, ["score/mean", "kl/ref", "response/length"], labels={"kl/ref": "kl"})
