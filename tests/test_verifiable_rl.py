@@ -33,7 +33,10 @@ def arithmetic(tmp_path_factory):
     return root
 
 
-@pytest.mark.parametrize("algorithm", ["grpo", "rloo", "reinforce++"])
+# RLOO and REINFORCE++ take over a minute each on 2 idle cores; their estimators are pinned against plain loops in
+# test_rl_advantages.py and test_rl_multiturn.py, and GRPO shows the verifier end to end in every run of the suite
+@pytest.mark.parametrize("algorithm", ["grpo", pytest.param("rloo", marks=pytest.mark.slow),
+                                       pytest.param("reinforce++", marks=pytest.mark.slow)])
 def test_rl_with_a_verifier_raises_held_out_accuracy(arithmetic, algorithm):
     out = arithmetic / algorithm
     run_rl(build_config(RLConfig, {
