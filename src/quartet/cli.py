@@ -235,7 +235,8 @@ def build_parser() -> tuple[argparse.ArgumentParser, dict[str, Callable]]:
                                       "gold judge; writes report.html and summary.json.")
     demo.add_argument("--output", default="runs/demo", help="run directory (default: runs/demo)")
     demo.add_argument("--quick", action="store_true", help="a smaller run (about 3 minutes on 2 CPU cores)")
-    demo.add_argument("--seed", type=int, default=0)
+    demo.add_argument("--seed", type=int, default=0,
+                      help="seed of the whole demo: the town, the data and every stage (default 0)")
     demo.add_argument("--resume", action="store_true", help="continue an interrupted demo: finished stages are "
                                                              "kept, the interrupted one resumes from its checkpoint")
     demo.add_argument("--beta", type=float, help="KL coefficient of PPO (default 0.05; try 0.001 to watch the "
