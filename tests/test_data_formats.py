@@ -73,13 +73,19 @@ def test_sft_messages_render_with_the_chat_template(tok):
     assert ex.completion == f"Hello!{EOS}"
 
 
-def test_sft_conversational_prompt_completion_renders_like_messages(tok):
+def test_sft_conversational_prompt_completion_trains_the_completion_and_messages_every_assistant_turn(tok):
     msgs = [user("Hi"), assistant("Hello"), user("Bye"), assistant("See you")]
-    as_messages = parse_sft_row(row({"messages": msgs}), tok)
     as_pair = parse_sft_row(row({"prompt": msgs[:-1], "completion": msgs[-1:]}), tok)
     text_reply = parse_sft_row(row({"prompt": msgs[:-1], "completion": "See you"}), tok)
-    assert as_messages == as_pair == text_reply
-    assert as_messages.completion == f"See you{EOS}"
+    assert as_pair == text_reply and as_pair.segments is None
+    assert as_pair.prompt == f"<|user|>Hi{EOS}<|assistant|>Hello{EOS}<|user|>Bye{EOS}<|assistant|>"
+    assert as_pair.completion == f"See you{EOS}"
+    # the same conversation as `messages`: every assistant turn is trained, the user's turn between is context
+    as_messages = parse_sft_row(row({"messages": msgs}), tok)
+    assert as_messages.prompt == f"<|user|>Hi{EOS}<|assistant|>"
+    assert as_messages.segments == [(f"Hello{EOS}", True), (f"<|user|>Bye{EOS}<|assistant|>", False),
+                                    (f"See you{EOS}", True)]
+    assert as_messages.prompt + as_messages.completion == as_pair.prompt + as_pair.completion
 
 
 def test_sft_completion_field_reads_chosen():
