@@ -139,6 +139,19 @@ def test_budgets_end_episodes_and_cut_long_observations(lm_dir, tokenizer):
     assert cut
 
 
+def test_repeated_observations_give_the_same_ids_and_count_their_cuts_each_time(tokenizer):
+    """The renderer remembers what it rendered: a repeat gives what a fresh renderer gives, and is counted."""
+    renderer = ObservationRenderer(tokenizer, max_observation_tokens=20)
+    long = [{"role": "tool", "content": " ".join(["apple"] * 40)}]
+    short = [{"role": "user", "content": "Higher."}]
+    for _ in range(2):
+        messages, n_cut = renderer.cut(long)
+        assert n_cut == 1 and "[cut: " in messages[0]["content"]
+        assert renderer.cut(short) == (short, 0)
+        assert renderer.suffix(messages) == ObservationRenderer(tokenizer, 20).suffix(messages)
+        assert renderer.suffix(short) == ObservationRenderer(tokenizer, 20).suffix(short) != renderer.suffix(messages)
+
+
 def test_a_template_that_rewrites_the_conversation_is_named_before_training(tokenizer):
     class Rewriting:
         eos_token = tokenizer.eos_token

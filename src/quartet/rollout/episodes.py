@@ -16,6 +16,7 @@ global batch is split over ranks.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol
@@ -99,6 +100,10 @@ class ObservationRenderer:
                 f"token {eos!r} right after its text (it renders {after!r}): multi-turn episodes append the model's "
                 "tokens as sampled, so they need a template that does")
         self.after_turn = after[len("!" + eos):]  # e.g. "\n" after <|im_end|>
+        # Episodes repeat observations (the same feedback, the same tool error): rendering a chat template and
+        # tokenizing cost more than a decode step for a whole batch, and both depend on the text alone.
+        self._cut_contents: dict[str, tuple[str, bool]] = {}
+        self._suffixes: dict[str, list[int]] = {}
         self.suffix([{"role": "tool", "content": "probe"}])  # a template that cannot extend fails before training
 
     def _render(self, messages: list[Message], open_turn: bool = False) -> str:
@@ -109,15 +114,26 @@ class ObservationRenderer:
         out, n_cut = [], 0
         for message in messages:
             content = str(message.get("content", ""))
-            ids = self.tokenizer(content, add_special_tokens=False)["input_ids"]
-            if len(ids) > self.max_tokens:
-                content = self.tokenizer.decode(ids[:self.max_tokens]) + f" [cut: {len(ids)} tokens, {self.max_tokens} kept]"
-                n_cut += 1
+            if content not in self._cut_contents:
+                ids = self.tokenizer(content, add_special_tokens=False)["input_ids"]
+                too_long = len(ids) > self.max_tokens
+                kept = (self.tokenizer.decode(ids[:self.max_tokens]) + f" [cut: {len(ids)} tokens, {self.max_tokens} kept]"
+                        if too_long else content)
+                _remember(self._cut_contents, content, (kept, too_long))
+            content, was_cut = self._cut_contents[content]
+            n_cut += was_cut
             out.append({**message, "content": content})
         return out, n_cut
 
     def suffix(self, messages: list[Message]) -> list[int]:
-        """The ids of `messages` after an assistant turn, ending with the next assistant turn opened."""
+        """The ids of `messages` after an assistant turn, ending with the next assistant turn opened (a list the
+        caller must not change: the same messages give the same list)."""
+        key = json.dumps(messages, sort_keys=True, default=str)
+        if key not in self._suffixes:
+            _remember(self._suffixes, key, self._suffix(messages))
+        return self._suffixes[key]
+
+    def _suffix(self, messages: list[Message]) -> list[int]:
         full = self._render([*self._BASE, self._ACTION, *messages], open_turn=True)
         if not full.startswith(self.with_action):
             raise TemplateMismatch(
@@ -126,6 +142,13 @@ class ObservationRenderer:
                 "multi-turn episodes need a template that extends the previous tokens")
         text = self.after_turn + full[len(self.with_action):]
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
+def _remember(memo: dict, key, value, most: int = 4096) -> None:
+    """memo[key] = value, forgetting everything once `most` entries are held (observations that never repeat)."""
+    if len(memo) >= most:
+        memo.clear()
+    memo[key] = value
 
 
 @torch.no_grad()
@@ -252,8 +275,8 @@ class _EpisodeLoop:
     def _environment_turn(self, turn: int, sampled: dict[int, list[int]]) -> torch.Tensor | None:
         """The environment answers the rows that ended their turn with EOS; the logits after the observations,
         or None when no episode goes on."""
-        texts = {row: self.tokenizer.decode(ids[:-1] if ids and ids[-1] == self.eos else ids, skip_special_tokens=True)
-                 for row, ids in sampled.items()}
+        actions = [ids[:-1] if ids and ids[-1] == self.eos else ids for ids in sampled.values()]
+        texts = dict(zip(sampled, self.tokenizer.batch_decode(actions, skip_special_tokens=True)))
         for row, text in texts.items():
             self.records[row].messages.append({"role": "assistant", "content": text})
         answered = [row for row, ids in sampled.items() if ids and ids[-1] == self.eos]
