@@ -8,11 +8,18 @@ that answers at once) against `sample_responses` sampling T x `--turn-tokens` to
 alternating, `--rounds` times, on a GPT2LMHeadModel of the anchors' shape (4 x 256). Turns end
 at exactly their length: EOS is blocked before it and made near-certain at it.
 
+The observations' tokens are work the one-turn rollout does not do, and at small shapes a
+chunk of them costs several decode steps. A third loop therefore samples the same model tokens
+in one turn after a prompt longer by an episode's observation tokens: the same tokens through
+the model, the observations prefilled with the prompt. `episodes / one turn, observations in the
+prompt` is the cost of the turns themselves (the kept cache, one prefill per observation, the
+environment's round trips); `episodes / one turn` adds the observations' own forward passes.
+
     OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.episodes                  # 4 turns of 8, 32 rows
     OMP_NUM_THREADS=2 .venv/bin/python -m benchmarks.episodes --turns 8 --turn-tokens 16
 
 The last stdout line is one JSON object: each loop's median and minimum ms per batch and the
-ratio of the medians (episodes / one turn).
+ratios of the medians.
 """
 
 from __future__ import annotations
@@ -96,30 +103,39 @@ def main(argv: list[str] | None = None) -> dict:
                                            generator=torch.Generator().manual_seed(1))
         return time.perf_counter() - t0, int(rollout.action_mask.sum())
 
-    def single() -> tuple[float, int]:
+    observation_tokens = (turns - 1) * len(renderer.suffix([{"role": "user", "content": observation}]))
+    long_prompt_ids = torch.randint(3, a.vocab, (a.batch, a.prompt_len + observation_tokens), generator=generator)
+
+    def single(ids: torch.Tensor = prompt_ids) -> tuple[float, int]:
         t0 = time.perf_counter()
-        rollout = sample_responses(model, prompt_ids, prompt_mask, one_turn, eos, pad,
+        rollout = sample_responses(model, ids, torch.ones_like(ids), one_turn, eos, pad,
                                    generator=torch.Generator().manual_seed(1))
         return time.perf_counter() - t0, int(rollout.response_mask.sum())
 
-    episodes(), single()  # warm-up
-    times: dict[str, list[float]] = {"episodes": [], "one_turn": []}
+    loops = {"episodes": episodes, "one_turn": single, "one_turn_observations_in_prompt": lambda: single(long_prompt_ids)}
+    for fn in loops.values():
+        fn()  # warm-up
+    times: dict[str, list[float]] = {name: [] for name in loops}
     tokens = {}
+    names = list(loops)
     for r in range(a.rounds):
-        for name, fn in ((("episodes", episodes), ("one_turn", single)) if r % 2 == 0
-                         else (("one_turn", single), ("episodes", episodes))):
-            seconds, tokens[name] = fn()
+        for name in names[r % len(names):] + names[:r % len(names)]:  # rotated: each loop leads in turn
+            seconds, tokens[name] = loops[name]()
             times[name].append(seconds * 1000)
-    if tokens["episodes"] != tokens["one_turn"]:
-        raise SystemExit(f"the two loops sampled {tokens['episodes']} and {tokens['one_turn']} model tokens")
+    if len(set(tokens.values())) != 1:
+        raise SystemExit(f"the loops sampled different numbers of model tokens: {tokens}")
     result = {name: {"median_ms": statistics.median(v), "min_ms": min(v)} for name, v in times.items()}
     result["model_tokens"] = tokens["episodes"]
-    result["observation_tokens_per_episode"] = (turns - 1) * renderer.suffix(
-        [{"role": "user", "content": observation}]).__len__()
+    result["observation_tokens_per_episode"] = observation_tokens
     result["episodes/one_turn"] = result["episodes"]["median_ms"] / result["one_turn"]["median_ms"]
-    print(f"{turns} turns x {k} tokens, {a.batch} rows, {a.n_layer}x{a.n_embd}: episodes "
-          f"{result['episodes']['median_ms']:.1f} ms, one turn of {k * turns} tokens "
-          f"{result['one_turn']['median_ms']:.1f} ms (medians of {a.rounds}): {result['episodes/one_turn']:.3f}x")
+    result["episodes/one_turn_observations_in_prompt"] = (result["episodes"]["median_ms"]
+                                                         / result["one_turn_observations_in_prompt"]["median_ms"])
+    print(f"{turns} turns x {k} tokens + {observation_tokens} observation tokens, {a.batch} rows, "
+          f"{a.n_layer}x{a.n_embd} (medians of {a.rounds}): episodes {result['episodes']['median_ms']:.1f} ms; "
+          f"one turn of {k * turns} tokens {result['one_turn']['median_ms']:.1f} ms "
+          f"({result['episodes/one_turn']:.3f}x); the same after a prompt holding the observations' tokens "
+          f"{result['one_turn_observations_in_prompt']['median_ms']:.1f} ms "
+          f"({result['episodes/one_turn_observations_in_prompt']:.3f}x)")
     print(json.dumps({"args": vars(a), **result}))
     return result
 

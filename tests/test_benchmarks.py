@@ -219,3 +219,16 @@ def test_sampler_benchmark_times_quartets_two_paths_on_the_same_rollouts(capsys)
         result["ms_per_rollout_median"]["quartet"] / result["ms_per_rollout_median"]["quartet_forward"])
     with pytest.raises(SystemExit, match="not a multiple"):
         sampler.main(["--batch", "6", "--group", "4", "--no-floor"])
+
+
+def test_the_episodes_benchmark_times_equal_model_tokens_three_ways():
+    from benchmarks import episodes
+
+    result = episodes.main(["--rounds", "2", "--batch", "4", "--n-layer", "1", "--n-embd", "32", "--n-head", "2",
+                            "--vocab", "64", "--turns", "2", "--turn-tokens", "3", "--observation-tokens", "2",
+                            "--threads", "1"])
+    assert result["model_tokens"] == 4 * 2 * 3  # every loop sampled every model token (it exits otherwise)
+    assert result["observation_tokens_per_episode"] >= 2
+    for name in ("episodes", "one_turn", "one_turn_observations_in_prompt"):
+        assert 0 < result[name]["min_ms"] <= result[name]["median_ms"]
+    assert result["episodes/one_turn"] == result["episodes"]["median_ms"] / result["one_turn"]["median_ms"]
