@@ -283,6 +283,10 @@ class RolloutConfig(SamplingConfig):
 
     n: int = Field(1, gt=0, description="Samples per prompt (the group size of group algorithms; 8 in their presets).")
     backend: Literal["hf"] = Field("hf", description="Rollout backend: 'hf' samples with the actor itself (a KV-cached loop).")
+    compile: bool = Field(False, description="Decode steps compiled over a static KV cache (torch.compile; "
+                                             "GPT-2 and Llama-shaped actors): a compilation of 10-60 s per shape, "
+                                             "then faster steps where they are matrix-product bound; old log-probs "
+                                             "are recomputed. See docs/performance.md.")
     logprobs_from_generation: bool = Field(
         True, description="Old log-probs from the sampling step (no extra actor forward); the trainer recomputes them "
                           "when off or when the backend's log-probs differ from the trainer's.")

@@ -153,9 +153,15 @@ def _full_forward(body: torch.nn.Module, cache: DynamicCache | None = None
     return forward
 
 
-def lean_decode_step(model: torch.nn.Module) -> DecodeStep | None:
+def lean_decode_step(model: torch.nn.Module, linear: Callable[[torch.nn.Module], Callable] | None = None,
+                     attention: Callable | None = None) -> DecodeStep | None:
     """A causal LM's lean decode step, or None where its forward must run (see `lean_unsupported`;
     in train mode too).
+
+    `linear(module)` gives the function a plain projection layer (`Linear`, GPT-2's `Conv1D`) runs as
+    (default: the ops its forward calls), and `attention(attn, query, key, value, mask)` the attention
+    over what the cache layers' `update` returned (default: SDPA); the compiled decode step
+    (models/compiled_decode.py) passes prepacked weights and its own cache this way.
 
     A step takes the new tokens [batch, 1], their positions [batch, 1], the cache's layers (each
     with `update(keys, values) -> (keys, values)` over all cached positions) and the mask
@@ -165,8 +171,9 @@ def lean_decode_step(model: torch.nn.Module) -> DecodeStep | None:
     if not _lean_causal_lm(model):
         return None
     body = model.base_model
-    run = _body_runner(body, one_query=True)
-    head = _direct(model.lm_head)
+    linear = linear or _direct
+    run = _body_runner(body, one_query=True, linear=linear, attention=attention)
+    head = linear(model.lm_head)
     return lambda tokens, positions, layers, mask: head(run(tokens, positions, lambda embeds: mask, layers))[:, -1]
 
 
@@ -179,10 +186,14 @@ def _lean_causal_lm(model: torch.nn.Module) -> bool:
     return not model.training and _is_causal_lm(model) and not lean_unsupported(model)
 
 
-def _body_runner(body: torch.nn.Module, one_query: bool = False) -> Callable:
+def _body_runner(body: torch.nn.Module, one_query: bool = False, linear: Callable | None = None,
+                 attention: Callable | None = None) -> Callable:
     """`(input_ids, positions, mask_of, layers) -> last hidden state` of a GPT-2 or Llama-shaped body;
-    `one_query` for decode steps (one new token per row)."""
-    return _gpt2_runner(body, one_query) if _known(body, "Model") == "gpt2" else _llama_runner(body)
+    `one_query` for decode steps (one new token per row); `linear` and `attention` as in `lean_decode_step`."""
+    linear = linear or _direct
+    if _known(body, "Model") == "gpt2":
+        return _gpt2_runner(body, one_query, linear, attention)
+    return _llama_runner(body, linear, attention)
 
 
 def _direct(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
@@ -214,6 +225,14 @@ def _direct(module: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
     return F.silu  # SiLUActivation
 
 
+def projection_weight(module: torch.nn.Module) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The weight [out, in] (a view for GPT-2's `Conv1D`, which stores [in, out]) and bias of a plain projection
+    layer a lean pass runs as its ops, or None for anything else (hooks, adapters, other classes)."""
+    if not _plain(module) or type(module) not in (torch.nn.Linear, Conv1D):
+        return None
+    return (module.weight.t() if type(module) is Conv1D else module.weight), module.bias
+
+
 def _plain(module: torch.nn.Module) -> bool:
     """A layer of a class `_PLAIN_FORWARDS` knows, with its forward as seen at import (not replaced on the
     instance or the class, as kernels' `kernelize` does) and nothing that only a module call runs."""
@@ -229,28 +248,30 @@ def _hooked(module: torch.nn.Module) -> bool:
                 or torch.nn.modules.module._global_backward_hooks or torch.nn.modules.module._global_backward_pre_hooks)
 
 
-def _direct_mlp(mlp: torch.nn.Module) -> Callable[[torch.Tensor], torch.Tensor]:
+def _direct_mlp(mlp: torch.nn.Module, linear: Callable = _direct) -> Callable[[torch.Tensor], torch.Tensor]:
     """GPT2MLP (eval: dropout is the identity) or a Llama-shaped gated MLP, composed of its layers' `_direct`
     forms; any other MLP, or one with hooks, is the module itself."""
     if not _plain(mlp):
         return mlp
     cls = type(mlp)
     if cls is GPT2MLP and not mlp.dropout.training:
-        c_fc, act, c_proj = _direct(mlp.c_fc), _direct(mlp.act), _direct(mlp.c_proj)
+        c_fc, act, c_proj = linear(mlp.c_fc), _direct(mlp.act), linear(mlp.c_proj)
         return lambda x: c_proj(act(c_fc(x)))
     if cls in _GATED_MLPS:
-        gate, up, down, act = _direct(mlp.gate_proj), _direct(mlp.up_proj), _direct(mlp.down_proj), _direct(mlp.act_fn)
+        gate, up, down, act = linear(mlp.gate_proj), linear(mlp.up_proj), linear(mlp.down_proj), _direct(mlp.act_fn)
         return lambda x: down(act(gate(x)) * up(x))
     return mlp
 
 
-def _gpt2_runner(body: torch.nn.Module, one_query: bool) -> Callable:
+def _gpt2_runner(body: torch.nn.Module, one_query: bool, linear: Callable = _direct,
+                 attention: Callable | None = None) -> Callable:
     # GPT2Model.forward and GPT2Block.forward in eval mode, op for op (dropout is the identity)
     wte, wpe, ln_f = _direct(body.wte), _direct(body.wpe), _direct(body.ln_f)
-    blocks = [(b.attn, _direct(b.ln_1), _direct(b.attn.c_attn), _direct(b.attn.c_proj), _direct(b.ln_2),
-               _direct_mlp(b.mlp)) for b in body.h]
+    blocks = [(b.attn, _direct(b.ln_1), linear(b.attn.c_attn), linear(b.attn.c_proj), _direct(b.ln_2),
+               _direct_mlp(b.mlp, linear)) for b in body.h]
     # one query token and no key/value groups: SDPA's call without `sdpa_attention_forward`'s checks around it
-    attend = _one_query_attention if one_query and not hasattr(body.h[0].attn, "num_key_value_groups") else _attention
+    attend = attention or (_one_query_attention if one_query and not hasattr(body.h[0].attn, "num_key_value_groups")
+                           else _attention)
 
     def run(input_ids: torch.Tensor, positions: torch.Tensor, mask_of: Callable, layers: list) -> torch.Tensor:
         embeds = wte(input_ids)
@@ -284,14 +305,15 @@ def _one_query_attention(attn: torch.nn.Module, query: torch.Tensor, key: torch.
                                           is_causal=False).transpose(1, 2).contiguous()
 
 
-def _llama_runner(body: torch.nn.Module) -> Callable:
+def _llama_runner(body: torch.nn.Module, linear: Callable = _direct, attention: Callable | None = None) -> Callable:
     # LlamaModel.forward and LlamaDecoderLayer.forward in eval mode, op for op (Mistral's and Qwen2's are
     # Llama's; Qwen3 normalises each head's queries and keys before the rotation)
     apply_rotary_pos_emb = sys.modules[type(body).__module__].apply_rotary_pos_emb  # the model's own
     embed, norm = _direct(body.embed_tokens), body.norm
-    decoders = [(d.self_attn, d.input_layernorm, _direct(d.self_attn.q_proj), _direct(d.self_attn.k_proj),
-                 _direct(d.self_attn.v_proj), _direct(d.self_attn.o_proj), d.post_attention_layernorm,
-                 _direct_mlp(d.mlp)) for d in body.layers[: body.config.num_hidden_layers]]
+    attend = attention or _attention
+    decoders = [(d.self_attn, d.input_layernorm, linear(d.self_attn.q_proj), linear(d.self_attn.k_proj),
+                 linear(d.self_attn.v_proj), linear(d.self_attn.o_proj), d.post_attention_layernorm,
+                 _direct_mlp(d.mlp, linear)) for d in body.layers[: body.config.num_hidden_layers]]
 
     def run(input_ids: torch.Tensor, positions: torch.Tensor, mask_of: Callable, layers: list) -> torch.Tensor:
         hidden = embed(input_ids)
@@ -310,7 +332,7 @@ def _llama_runner(body: torch.nn.Module) -> Callable:
             query, key = apply_rotary_pos_emb(query, key, cos, sin)
             if layer is not None:
                 key, value = layer.update(key, value)
-            out = _attention(attn, query, key, value, mask)
+            out = attend(attn, query, key, value, mask)
             hidden = residual + o_proj(out.reshape(*input_shape, -1).contiguous())
             residual = hidden
             hidden = residual + mlp(post_norm(hidden))

@@ -17,6 +17,7 @@ from transformers import PreTrainedModel, PreTrainedTokenizerBase
 from quartet.config import RolloutConfig, SamplingConfig
 from quartet.data import collate_prompts
 from quartet.envs import Episode, EpisodeRunner, ToolBox, load_environment, load_tools, tool_environment
+from quartet.models.compiled_decode import CompiledDecoder
 from quartet.rollout.episodes import EpisodeLimits, EpisodeRecord, ObservationRenderer, sample_episodes
 from quartet.rollout.generate import Rollout
 
@@ -58,10 +59,11 @@ class AgentRollout:
 
     def generate(self, model: PreTrainedModel, rows: list[tuple[list[int], dict[str, Any]]], step: int,
                  first_row: int, n: int, generator: torch.Generator | None, row_offset: int, total_rows: int,
-                 device: torch.device, sampling: SamplingConfig | None = None) -> tuple[Rollout, list[EpisodeRecord]]:
+                 device: torch.device, sampling: SamplingConfig | None = None, decoder: CompiledDecoder | None = None
+                 ) -> tuple[Rollout, list[EpisodeRecord]]:
         """`n` episodes for each of these prompt rows (their ids and dataset columns); `first_row` is the
         first row's index among all prompts drawn in the run (its episodes' seed). `sampling` (default: the
-        rollout's) may switch to greedy decoding for evaluation."""
+        rollout's) may switch to greedy decoding for evaluation; `decoder` runs decode steps compiled."""
         episodes = self.runner.start(step, [columns for _, columns in rows for _ in range(n)],
                                      [first_row + i for i in range(len(rows)) for _ in range(n)])
         prompt_ids = []
@@ -77,7 +79,7 @@ class AgentRollout:
         return sample_episodes(model, self.tokenizer, batch["input_ids"].to(device),
                                batch["attention_mask"].to(device), sampling or self.cfg, self.limits,
                                _Driver(self.runner, episodes), self.renderer, generator=generator,
-                               row_offset=row_offset, total_rows=total_rows, n=n)
+                               row_offset=row_offset, total_rows=total_rows, n=n, decoder=decoder)
 
     def tool_counts(self) -> dict[str, float]:
         """The tools' counts so far (cumulative over the run)."""

@@ -11,11 +11,13 @@ says `logprobs_match_trainer = False` and the trainer recomputes the old log-pro
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Callable
 from typing import ClassVar
 
 import torch
 
 from quartet.config import SamplingConfig
+from quartet.models.compiled_decode import CompiledDecoder
 from quartet.rollout.generate import Rollout, sample_responses
 
 
@@ -23,7 +25,8 @@ class RolloutBackend(ABC):
     """Samples responses to left-padded prompts with the actor's current weights."""
 
     name: ClassVar[str]
-    logprobs_match_trainer: ClassVar[bool]  # sampled-token log-probs equal the trainer's forward pass
+    logprobs_match_trainer: bool  # sampled-token log-probs equal the trainer's forward pass
+    decoder: CompiledDecoder | None = None  # compiled decode steps, for episodes sampled outside `generate`
 
     @abstractmethod
     def load_weights(self, actor: torch.nn.Module) -> None:
@@ -42,17 +45,27 @@ class RolloutBackend(ABC):
 
 
 class HFRollout(RolloutBackend):
-    """Samples with the actor module itself, in this process: the weights are the trainer's own."""
+    """Samples with the actor module itself, in this process: the weights are the trainer's own.
+
+    With `compile` (`rollout.compile`), decode steps run compiled over a static cache
+    (models/compiled_decode.py); their log-probs then differ from the trainer's forward in the last
+    bits, so the trainer recomputes the old log-probs. `note` receives its one-line messages.
+    """
 
     name = "hf"
-    logprobs_match_trainer = True
 
-    def __init__(self, eos_token_id: int, pad_token_id: int):
+    def __init__(self, eos_token_id: int, pad_token_id: int, compile: bool = False,
+                 note: Callable[[str], None] = print):
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+        self.compile, self.note = compile, note
+        self.logprobs_match_trainer = not compile
         self.actor: torch.nn.Module | None = None
+        self.decoder: CompiledDecoder | None = None
 
     def load_weights(self, actor: torch.nn.Module) -> None:
-        self.actor = actor  # the same parameters: nothing to copy
+        self.actor = actor  # the same parameters: nothing to copy (the compiled step repacks what changed)
+        if self.compile and (self.decoder is None or self.decoder.model is not actor):
+            self.decoder = CompiledDecoder(actor, note=self.note)
 
     def generate(self, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, sampling: SamplingConfig,
                  n: int = 1, generator: torch.Generator | None = None, row_offset: int = 0,
@@ -60,13 +73,15 @@ class HFRollout(RolloutBackend):
         if self.actor is None:
             raise RuntimeError("HFRollout.generate before load_weights: no actor to sample from")
         return sample_responses(self.actor, prompt_ids, prompt_mask, sampling, self.eos_token_id, self.pad_token_id,
-                                generator=generator, row_offset=row_offset, total_rows=total_rows, n=n)
+                                generator=generator, row_offset=row_offset, total_rows=total_rows, n=n,
+                                decoder=self.decoder)
 
 
 ROLLOUT_BACKENDS: dict[str, type[RolloutBackend]] = {"hf": HFRollout}
 
 
-def make_rollout_backend(name: str, eos_token_id: int, pad_token_id: int) -> RolloutBackend:
+def make_rollout_backend(name: str, eos_token_id: int, pad_token_id: int, compile: bool = False,
+                         note: Callable[[str], None] = print) -> RolloutBackend:
     if name not in ROLLOUT_BACKENDS:
         raise ValueError(f"unknown rollout backend {name!r}; known: {', '.join(ROLLOUT_BACKENDS)}")
-    return ROLLOUT_BACKENDS[name](eos_token_id, pad_token_id)
+    return ROLLOUT_BACKENDS[name](eos_token_id, pad_token_id, compile=compile, note=note)

@@ -25,6 +25,7 @@ import torch
 from transformers import PreTrainedModel, PreTrainedTokenizerBase
 
 from quartet.config import SamplingConfig
+from quartet.models.compiled_decode import CompiledDecoder, compiled_capacity
 from quartet.models.forward import cache_kwarg, position_ids_from_mask
 from quartet.models.lean import lean_decode_step
 from quartet.rollout.generate import Rollout, TokenSampler, rollout_cache
@@ -155,13 +156,14 @@ def _remember(memo: dict, key, value, most: int = 4096) -> None:
 def sample_episodes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, prompt_ids: torch.Tensor,
                     prompt_mask: torch.Tensor, cfg: SamplingConfig, limits: EpisodeLimits, driver: EpisodeDriver,
                     renderer: ObservationRenderer, generator: torch.Generator | None = None, row_offset: int = 0,
-                    total_rows: int | None = None, n: int = 1) -> tuple[Rollout, list[EpisodeRecord]]:
+                    total_rows: int | None = None, n: int = 1, decoder: CompiledDecoder | None = None
+                    ) -> tuple[Rollout, list[EpisodeRecord]]:
     """`n` episodes per left-padded prompt (rows of one prompt next to each other), each up to
     `limits.max_turns` model turns of at most `cfg.max_new_tokens` tokens, the environment answering
     each turn that ended with EOS; the rollout (with `action_mask` and `turn_ids`) and a record per episode.
 
     `driver.step` is called with this batch's row indices (0-based here; add `row_offset` for the
-    global row)."""
+    global row). With a `decoder` (`rollout.compile`), single-token steps run compiled."""
     if cfg.temperature <= 0 and not cfg.greedy:
         raise ValueError("generation.temperature must be > 0 for sampling (use greedy for argmax decoding)")
     was_training = model.training
@@ -169,7 +171,7 @@ def sample_episodes(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, 
     try:
         with torch.inference_mode():
             loop = _EpisodeLoop(model, tokenizer, prompt_ids, prompt_mask, cfg, limits, driver, renderer, generator,
-                                row_offset, total_rows or n * prompt_ids.shape[0], n)
+                                row_offset, total_rows or n * prompt_ids.shape[0], n, decoder)
             loop.run()
     finally:
         model.train(was_training)
@@ -180,8 +182,8 @@ class _EpisodeLoop:
     """The state of one batch of episodes: the kept cache and a growing record of every position."""
 
     def __init__(self, model, tokenizer, prompt_ids, prompt_mask, cfg, limits, driver, renderer, generator,
-                 row_offset, total_rows, n):
-        self.model, self.tokenizer, self.cfg, self.limits = model, tokenizer, cfg, limits
+                 row_offset, total_rows, n, decoder=None):
+        self.model, self.tokenizer, self.cfg, self.limits, self.decoder = model, tokenizer, cfg, limits, decoder
         self.driver, self.renderer, self.n = driver, renderer, n
         self.eos, self.pad = tokenizer.eos_token_id, tokenizer.pad_token_id
         self.device = prompt_ids.device
@@ -204,7 +206,7 @@ class _EpisodeLoop:
         n, model = self.n, self.model
         prompt_len = self.prompt_ids.shape[1]
         capacity = prompt_len + self.limits.max_turns * (self.cfg.max_new_tokens + self.limits.max_observation_tokens)
-        self.cache = rollout_cache(model, capacity)
+        self.cache = rollout_cache(model, compiled_capacity(capacity) if self.decoder is not None else capacity)
         self.cache_key = cache_kwarg(model)
         positions = position_ids_from_mask(self.prompt_mask)
         out = model(input_ids=self.prompt_ids, attention_mask=self.prompt_mask, position_ids=positions, use_cache=True,
@@ -220,6 +222,7 @@ class _EpisodeLoop:
         layers_ok = len(self.cache.layers) == model.config.num_hidden_layers and all(
             hasattr(layer, "capacity") for layer in self.cache.layers)
         self.lean_step = step if layers_ok else None
+        self.compiled = layers_ok and self.decoder is not None and self.decoder.prepare(self.batch)
         return logits
 
     def _forward(self, ids: torch.Tensor, exists: torch.Tensor) -> torch.Tensor:
@@ -227,6 +230,16 @@ class _EpisodeLoop:
         positions = self.next_position[:, None] + (exists.long().cumsum(1) - 1).clamp(min=0)  # [batch, k]
         self.attention = torch.cat([self.attention, exists.long()], dim=1)
         self.next_position = self.next_position + exists.long().sum(1)
+        if ids.shape[1] == 1 and self.compiled:
+            layers = self.cache.layers
+            # the static cache's key mask: padding False, positions not yet written masked by the step; the new
+            # token attends to itself even where it is padding (such a row's logits are never sampled from)
+            key_mask = torch.ones(self.batch, layers[0].capacity, dtype=torch.bool, device=self.device)
+            key_mask[:, : self.attention.shape[1]] = self.attention.bool()
+            logits = self.decoder.step(ids, positions, layers[0].length, key_mask, layers)
+            if logits is not None:
+                return logits.float()
+            self.compiled = False  # it could not compile: the eager step from here on
         if ids.shape[1] == 1 and self.lean_step is not None:
             return self.lean_step(ids, positions, self.cache.layers, self.attention.bool()[:, None, None, :]).float()
         out = self.model(input_ids=ids, attention_mask=self.attention, position_ids=positions, use_cache=True,

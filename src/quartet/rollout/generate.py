@@ -22,6 +22,7 @@ from transformers.cache_utils import DynamicLayer
 
 from quartet.config import SamplingConfig
 from quartet.data.collate import collate_prompts
+from quartet.models.compiled_decode import CompiledDecoder, compiled_capacity
 from quartet.models.forward import cache_kwarg, position_ids_from_mask
 from quartet.models.lean import lean_decode_step
 from quartet.rl.masks import response_mask
@@ -126,6 +127,16 @@ class _PreallocatedLayer(DynamicLayer):
     def get_seq_length(self) -> int:
         return self.length
 
+    def adopt(self, keys: torch.Tensor, values: torch.Tensor) -> None:
+        """Use these buffers (same shape, holding this layer's cached positions) from now on."""
+        self._key_buffer, self._value_buffer = keys, values
+        self.keys, self.values = keys[:, :, : self.length], values[:, :, : self.length]
+
+    def advance(self, positions: int) -> None:
+        """Count `positions` written into the buffers directly (by the compiled decode step)."""
+        self.length += positions
+        self.keys, self.values = self._key_buffer[:, :, : self.length], self._value_buffer[:, :, : self.length]
+
     def batch_repeat_interleave(self, repeats: int) -> None:
         """Each row `repeats` times, next to each other (a prompt's cache shared by its group's samples)."""
         if not self.is_initialized:
@@ -152,14 +163,15 @@ def rollout_cache(model: PreTrainedModel, capacity: int) -> DynamicCache:
 def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor,
                      cfg: SamplingConfig, eos_token_id: int, pad_token_id: int,
                      generator: torch.Generator | None = None, row_offset: int = 0,
-                     total_rows: int | None = None, n: int = 1) -> Rollout:
+                     total_rows: int | None = None, n: int = 1, decoder: CompiledDecoder | None = None) -> Rollout:
     """Sample `n` responses per left-padded prompt, stopping each row at its first EOS.
 
     The rollout's rows are the samples, a prompt's `n` next to each other. Each prompt is
     prefilled once and its KV cache shared by its samples. Each new token draws one uniform
     number per row of a global batch of `total_rows` samples (default: this batch's); this
     batch holds samples `row_offset ...`. Ranks that split a batch therefore sample exactly what
-    one process would have sampled for the same rows.
+    one process would have sampled for the same rows. With a `decoder` (`rollout.compile`), decode
+    steps run compiled over a static cache where it applies.
     """
     if cfg.temperature <= 0 and not cfg.greedy:
         raise ValueError("generation.temperature must be > 0 for sampling (use greedy for argmax decoding)")
@@ -168,7 +180,8 @@ def sample_responses(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_ma
     try:
         with torch.inference_mode():  # less per-op bookkeeping than no_grad
             tokens, logprobs, steps = _sample_loop(model, prompt_ids, prompt_mask, cfg, eos_token_id, pad_token_id,
-                                                   generator, row_offset, total_rows or n * prompt_ids.shape[0], n)
+                                                   generator, row_offset, total_rows or n * prompt_ids.shape[0], n,
+                                                   decoder)
     finally:
         model.train(was_training)
     if n > 1:
@@ -217,7 +230,8 @@ class TokenSampler:
 
 def _sample_loop(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: torch.Tensor, cfg: SamplingConfig,
                  eos_token_id: int, pad_token_id: int, generator: torch.Generator | None, row_offset: int,
-                 total_rows: int, n: int = 1) -> tuple[torch.Tensor, torch.Tensor, int]:
+                 total_rows: int, n: int = 1, decoder: CompiledDecoder | None = None
+                 ) -> tuple[torch.Tensor, torch.Tensor, int]:
     """Tokens [batch, max_new_tokens] and their log-probs, and how many leading columns are valid
     (batch = n samples per prompt).
 
@@ -226,7 +240,8 @@ def _sample_loop(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: 
     n_prompts, prompt_len = prompt_ids.shape
     device = prompt_ids.device
     max_new = cfg.max_new_tokens
-    cache = rollout_cache(model, prompt_len + max_new)
+    capacity = prompt_len + max_new
+    cache = rollout_cache(model, compiled_capacity(capacity) if decoder is not None else capacity)
     cache_key = cache_kwarg(model)
     prefill_positions = position_ids_from_mask(prompt_mask)
     out = model(input_ids=prompt_ids, attention_mask=prompt_mask, position_ids=prefill_positions,
@@ -248,12 +263,15 @@ def _sample_loop(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: 
     finished = torch.zeros(batch, dtype=torch.bool, device=device)
     # lean steps (models/lean.py: GPT-2 and Llama-shaped models, without the forward's per-call Python)
     # write into the preallocated cache layers: only where every layer is one
-    step = lean_decode_step(model)
-    if step is not None and (len(cache.layers) != model.config.num_hidden_layers
-                             or not all(type(layer) is _PreallocatedLayer for layer in cache.layers)):
-        step = None
+    preallocated = len(cache.layers) == model.config.num_hidden_layers and all(
+        type(layer) is _PreallocatedLayer for layer in cache.layers)
+    step = lean_decode_step(model) if preallocated else None
     # no key is ever masked but left padding: the decode masks are views of one tensor, or none at all
     padded = None if bool(prompt_mask.all()) else attention.bool()[:, None, None, :]
+    compiled = decoder is not None and preallocated and decoder.prepare(batch)
+    if compiled:  # the static cache's key mask: padding False; the step masks the positions not yet written
+        key_mask = torch.ones(batch, cache.layers[0].capacity, dtype=torch.bool, device=device)
+        key_mask[:, :prompt_len] = prompt_mask.bool()
     rows = slice(row_offset, row_offset + batch)
     sampler = TokenSampler(cfg, eos_token_id, pad_token_id, batch, next_logits)
     for t in range(max_new):
@@ -262,6 +280,12 @@ def _sample_loop(model: PreTrainedModel, prompt_ids: torch.Tensor, prompt_mask: 
         finished |= token == eos_token_id
         if t == max_new - 1 or bool(finished.all()):
             return tokens, logprobs, t + 1
+        if compiled:
+            logits = decoder.step(token[:, None], decode_positions[:, t : t + 1], prompt_len + t, key_mask, cache.layers)
+            if logits is not None:
+                next_logits = logits.float()
+                continue
+            compiled = False  # it could not compile: the eager step from here on
         if step is not None:
             next_logits = step(token[:, None], decode_positions[:, t : t + 1], cache.layers,
                                None if padded is None else padded[..., : prompt_len + t + 1]).float()

@@ -71,7 +71,8 @@ class ExperienceMaker:
         self.micro_rows = max(1, b.mini_batch_size // b.grad_accum // ranks.world)
         self.vocab_size = vocab_size(actor)
         self.pad_id = tokenizer.pad_token_id
-        self.backend = make_rollout_backend(cfg.rollout.backend, tokenizer.eos_token_id, self.pad_id)
+        self.backend = make_rollout_backend(cfg.rollout.backend, tokenizer.eos_token_id, self.pad_id,
+                                            compile=cfg.rollout.compile, note=ranks.print)
         self.uses_reference = cfg.algorithm.uses_reference
         self.recompute_logprobs = not (cfg.rollout.logprobs_from_generation and self.backend.logprobs_match_trainer)
         self.group_size = group_size  # > 1: scoring forwards compute each group's prompt once
@@ -169,7 +170,8 @@ class ExperienceMaker:
             if self.agent:  # the same episodes at every evaluation
                 tools_before = self.agent.tool_counts()
                 rollout, records = self.agent.generate(pair.actor, rows[start:end], EVALUATION_STEP, start, 1, generator,
-                                                       start, n_rows, self.device, sampling=sampling)
+                                                       start, n_rows, self.device, sampling=sampling,
+                                                       decoder=self.backend.decoder)
             else:
                 rollout = self.backend.generate(batch["input_ids"].to(self.device),
                                                 batch["attention_mask"].to(self.device), sampling,
@@ -247,7 +249,7 @@ class ExperienceMaker:
             if self.agent:
                 rollout, records = self.agent.generate(pair.actor, rows[start:end], self.step, first_row, n,
                                                        self.step_generator(purpose), start * n, len(rows) * n,
-                                                       self.device)
+                                                       self.device, decoder=self.backend.decoder)
                 self.records += records
             else:
                 rollout = self.backend.generate(batch["input_ids"].to(self.device),
