@@ -30,6 +30,8 @@ class Experience:
     group_ids: torch.Tensor | None = None  # [batch] the prompt each sample answers
     old_values: torch.Tensor | None = None  # [batch, response_len] V(S_t) at rollout time
     returns: torch.Tensor | None = None  # [batch, response_len] the critic's targets
+    # off-policy correction (rl/offpolicy.py): each token's policy-gradient weight pi_old / pi_sampler; None: 1
+    behaviour_weights: torch.Tensor | None = None  # [batch, response_len]
     prompts: list[str] | None = None  # decoded texts, when scoring read them
     responses: list[str] | None = None
 

@@ -16,7 +16,8 @@ from quartet.runs.distributed import Ranks
 
 # per-row tensors whose second dimension is the prompt (left-padded) or the response (right-padded)
 _PROMPT_SIDE = ("prompt_ids", "prompt_mask")
-_RESPONSE_SIDE = ("response_ids", "mask", "old_logprobs", "ref_logprobs", "old_values", "attention", "turn_ids")
+_RESPONSE_SIDE = ("response_ids", "mask", "old_logprobs", "behaviour_logprobs", "ref_logprobs", "old_values",
+                  "attention", "turn_ids")
 _ROW_VALUES = ("scores", "has_eos", "group_ids")
 _PAD = {"prompt_ids": None, "response_ids": None, "turn_ids": -1}  # None: the pad token; others pad with 0
 
@@ -41,6 +42,8 @@ class ScoredRollout:
     attention: torch.Tensor | None = None  # [B, response_len]
     turn_ids: torch.Tensor | None = None  # [B, response_len] int64
     turn_rewards: torch.Tensor | None = None  # [B, max_turns]
+    # with an off-policy correction: the sampler's log-probs, beside the trainer's recomputed old ones
+    behaviour_logprobs: torch.Tensor | None = None  # [B, response_len]
 
     @property
     def response_attention(self) -> torch.Tensor:

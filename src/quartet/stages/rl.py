@@ -222,6 +222,8 @@ class RLTrainer(Job):
                                                             with_entropy, self.group_size)
             pg_losses, pg_stats = self.algorithm.policy_losses(logprobs.float(), exp.old_logprobs[micro],
                                                                exp.advantages[micro], loss_mask, a)
+            if exp.behaviour_weights is not None:  # off-policy correction: pi_old / pi_sampler per token
+                pg_losses = pg_losses * exp.behaviour_weights[micro]
             loss = aggregate(pg_losses, loss_mask, aggregation, max_new)
             terms = {"loss/policy": loss, **{f"policy/{k}": v for k, v in pg_stats.items()}}
             if a.kl_in_loss and exp.ref_logprobs is not None:  # beta x the aggregated KL estimate (GRPO's k3)

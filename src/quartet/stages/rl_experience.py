@@ -34,6 +34,7 @@ from quartet.rl import (
 )
 from quartet.rl.algorithms import AdvantageInputs, Algorithm
 from quartet.rl.experience import Experience, experience_metrics, score_part_metrics
+from quartet.rl.offpolicy import behaviour_weights
 from quartet.rollout.agent import AgentRollout, episode_metrics
 from quartet.rollout.backend import make_rollout_backend
 from quartet.rollout.episodes import EpisodeRecord
@@ -74,7 +75,10 @@ class ExperienceMaker:
         self.backend = make_rollout_backend(cfg.rollout.backend, tokenizer.eos_token_id, self.pad_id,
                                             compile=cfg.rollout.compile, note=ranks.print)
         self.uses_reference = cfg.algorithm.uses_reference
-        self.recompute_logprobs = not (cfg.rollout.logprobs_from_generation and self.backend.logprobs_match_trainer)
+        # an off-policy correction weighs the trainer's old log-probs against the sampler's: it needs both
+        self.correction = cfg.algorithm.offpolicy_correction
+        self.recompute_logprobs = self.correction != "none" or not (cfg.rollout.logprobs_from_generation
+                                                                     and self.backend.logprobs_match_trainer)
         self.group_size = group_size  # > 1: scoring forwards compute each group's prompt once
         # multi-turn episodes with an environment or tools, instead of one answer per prompt
         self.agent = (AgentRollout(cfg.rollout, tokenizer, cfg.run.seed, cfg.data.max_prompt_length)
@@ -82,6 +86,7 @@ class ExperienceMaker:
         self.records: list[EpisodeRecord] = []  # this rank's episodes of the step, for metrics
         self.trained: torch.nn.Module | None = None  # the trained models, as wrapped, during make()
         self.step, self.beta = 0, 0.0
+        self.offpolicy_stats: dict[str, float] = {}  # the last batch's importance weights (with a correction)
 
     def step_generator(self, purpose: int) -> torch.Generator:
         """Random numbers of one step, the same on every rank and after a resume."""
@@ -116,7 +121,7 @@ class ExperienceMaker:
         t0 = time.perf_counter()
         exp = self._experience(batch)
         timings["time/scoring"] += time.perf_counter() - t0
-        metrics = {**experience_metrics(exp, batch.has_eos, beta), **sampling, **timings,
+        metrics = {**experience_metrics(exp, batch.has_eos, beta), **sampling, **timings, **self.offpolicy_stats,
                    **score_part_metrics(batch.score_parts, self.verifiers)}
         for metric_fn in self.metric_fns:
             metrics.update(metric_fn(exp.prompts, exp.responses))
@@ -309,6 +314,8 @@ class ExperienceMaker:
             with self.ranks.scoring_parameters(self.trained) as pair:
                 if self.recompute_logprobs:
                     scored["old_logprobs"] = in_row_chunks(partial(logprobs, pair.actor), rows, seq, attn, resp)
+                if self.correction != "none":
+                    scored["behaviour_logprobs"] = rollout.logprobs
                 if pair.critic is not None:
                     scored["old_values"] = in_row_chunks(partial(response_values, pair.critic, response_len=resp.shape[1]),
                                                          rows, seq, attn)
@@ -339,11 +346,17 @@ class ExperienceMaker:
             rewards = rewards + place_turn_rewards(batch.turn_rewards.to(rewards.dtype), turn_ends, mask)
         advantages, returns = self.algorithm.advantages(
             AdvantageInputs(rewards=rewards, mask=mask, scores=scores, values=old_values, group_ids=batch.group_ids), a)
+        weights = None
+        if batch.behaviour_logprobs is not None:
+            weights, stats = behaviour_weights(old_logprobs, batch.behaviour_logprobs * mask, mask,
+                                               a.tis_cap if a.offpolicy_correction == "tis" else None)
+            self.offpolicy_stats = {f"offpolicy/{k}": float(v) for k, v in stats.items()}
         return Experience(
             sequences=torch.cat([batch.prompt_ids, batch.response_ids], dim=1),
             attention_mask=torch.cat([batch.prompt_mask, batch.response_attention.to(batch.prompt_mask.dtype)], dim=1),
             response_ids=batch.response_ids, mask=mask, old_logprobs=old_logprobs, ref_logprobs=ref_logprobs,
             old_values=old_values, rewards=rewards, kl_penalty=kl_penalty, advantages=advantages, returns=returns,
             scores=batch.scores, group_ids=batch.group_ids, prompts=batch.prompts, responses=batch.responses,
+            behaviour_weights=weights,
             loss_mask=mask * batch.has_eos.unsqueeze(1).to(mask.dtype) if a.mask_truncated else mask)
 
