@@ -68,6 +68,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--share-prompts", choices=("on", "off"), default="on",
                    help="batch.share_prompts: each prompt computed once per group in the reference and training "
                         "forwards (on, Quartet's default for GRPO) or once per row (off, as the anchors)")
+    p.add_argument("--compile-rollout", action="store_true",
+                   help="rollout.compile: compiled decode steps (the old log-probs are then recomputed)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="where the model and the run go (default: a temporary directory)")
@@ -145,7 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
                           "loss_aggregation": "token-mean", "scale_rewards": "group", "advantage_eps": 1e-4,
                           "cliprange": 0.2},
             "rollout": {"n": a.num_generations, "max_new_tokens": a.new_tokens, "min_new_tokens": a.new_tokens,
-                        "temperature": a.temperature},
+                        "temperature": a.temperature, "compile": a.compile_rollout},
             "batch": {"rollout_batch_size": batch, "mini_batch_size": batch, "grad_accum": batch // a.micro_batch,
                       "ppo_epochs": 1, "share_prompts": a.share_prompts == "on"},
             "optim": {"actor_lr": a.lr, "weight_decay": 0.0, "max_grad_norm": a.max_grad_norm},

@@ -54,6 +54,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--steps", type=int, default=25, help="PPO steps, warm-up included")
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--temperature", type=float, default=0.7)
+    p.add_argument("--compile-rollout", action="store_true",
+                   help="rollout.compile: compiled decode steps (the old log-probs are then recomputed)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="train.bf16: bf16 autocast (measures the option)")
@@ -159,7 +161,8 @@ def main(argv: list[str] | None = None) -> dict:
             "run": {"output_dir": str(root / "run"), "seed": a.seed},
             "models": {"actor": str(actor), "reward": str(reward), "critic_init": "reward", "shared_trunk": a.shared_trunk},
             "data": {"train": str(root / "prompts.jsonl"), "max_prompt_length": a.prompt_len},
-            "rollout": {"max_new_tokens": a.new_tokens, "min_new_tokens": a.new_tokens, "temperature": a.temperature},
+            "rollout": {"max_new_tokens": a.new_tokens, "min_new_tokens": a.new_tokens, "temperature": a.temperature,
+                        "compile": a.compile_rollout},
             "batch": {"rollout_batch_size": a.batch, "mini_batch_size": a.mini_batch, "ppo_epochs": a.ppo_epochs,
                       "forward_batch_size": a.forward_batch_size},
             "train": {"steps": a.steps, "log_every": 1, "sample_every": 10**9, "n_samples": 0, "bf16": a.bf16,

@@ -221,6 +221,18 @@ def test_sampler_benchmark_times_quartets_two_paths_on_the_same_rollouts(capsys)
         sampler.main(["--batch", "6", "--group", "4", "--no-floor"])
 
 
+def test_the_sampler_benchmark_times_the_compiled_decode_step_beside_the_eager_one():
+    sampler = load_benchmark(BENCH.parent / "sampler.py")
+    result = sampler.main(["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab", "64", "--batch", "4",
+                           "--prompt-len", "3", "--new-tokens", "4", "--rounds", "2", "--no-floor", "--no-forward",
+                           "--compiled", "--threads", "1"])
+    medians = result["ms_per_rollout_median"]
+    assert set(medians) == {"quartet", "quartet_compiled"} and result["compile_s"] > 0
+    assert result["compiled_over_eager"] == medians["quartet_compiled"] / medians["quartet"]
+    assert result["tokens_per_s"]["quartet"] == pytest.approx(4 * 4 / (medians["quartet"] / 1e3))
+    assert 0 < result["projection_gflops"]["quartet_compiled"] and result["peak_gflops"] > 0
+
+
 def test_the_episodes_benchmark_times_equal_model_tokens_three_ways():
     from benchmarks import episodes
 
