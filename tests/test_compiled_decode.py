@@ -7,6 +7,8 @@ import pytest
 import torch
 
 import quartet.models.compiled_decode as compiled_decode
+import quartet.rollout.episodes as episodes
+import test_episodes
 from quartet.config import RLConfig, SamplingConfig, build_config
 from quartet.models.compiled_decode import CompiledDecoder, compiled_capacity
 from quartet.models.policy import response_logprobs
@@ -72,19 +74,19 @@ def test_a_split_batch_samples_what_the_whole_batch_samples_compiled():
         torch.testing.assert_close(half.logprobs, whole.logprobs[rows, :length], **LOGPROB_TOL)
 
 
-def test_multi_turn_episodes_compiled_match_the_eager_episodes(tokenizer):
+@pytest.mark.parametrize("room", ["estimated", "outgrown"])
+def test_multi_turn_episodes_compiled_match_the_eager_episodes(tokenizer, monkeypatch, room):
     model = _eos_biased(_tiny_gpt2(tokenizer), tokenizer.eos_token_id)  # a hooked head: called as a module
     eager, eager_records, eager_driver = _episodes(model, tokenizer)
     compiled_decoder = CompiledDecoder(model, note=lambda text: None)
-    import test_episodes
-
     original = test_episodes.sample_episodes
-    test_episodes.sample_episodes = lambda *a, **k: original(*a, **k, decoder=compiled_decoder)
-    try:
-        compiled, records, driver = _episodes(model, tokenizer)
-    finally:
-        test_episodes.sample_episodes = original
+    monkeypatch.setattr(test_episodes, "sample_episodes", lambda *a, **k: original(*a, **k, decoder=compiled_decoder))
+    if room == "outgrown":  # a cache with room for 3 tokens after the prompt: decode steps and observations grow it
+        monkeypatch.setattr(episodes, "compiled_capacity", lambda positions: 5 + 3)
+    compiled, records, driver = _episodes(model, tokenizer)
     assert compiled_decoder.usable and compiled_decoder._shapes_compiled  # the steps did run compiled
+    if room == "outgrown":
+        assert len({shape[3] for shape in compiled_decoder._shapes_compiled}) > 1  # compiled for each capacity
     assert driver.calls == eager_driver.calls and [r.turns for r in records] == [r.turns for r in eager_records]
     for name in ("response_ids", "response_mask", "action_mask", "turn_ids"):
         assert torch.equal(getattr(compiled, name), getattr(eager, name)), name

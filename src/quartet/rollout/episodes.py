@@ -232,6 +232,8 @@ class _EpisodeLoop:
         self.next_position = self.next_position + exists.long().sum(1)
         if ids.shape[1] == 1 and self.compiled:
             layers = self.cache.layers
+            for layer in layers:  # the compiled step writes at the slot after the cached positions: room for it
+                layer.reserve(layer.length + 1)
             # the static cache's key mask: padding False, positions not yet written masked by the step; the new
             # token attends to itself even where it is padding (such a row's logits are never sampled from)
             key_mask = torch.ones(self.batch, layers[0].capacity, dtype=torch.bool, device=self.device)

@@ -108,13 +108,18 @@ class _PreallocatedLayer(DynamicLayer):
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
         start, end = self.length, self.length + key_states.shape[-2]
-        if end > self.capacity:  # multi-turn observations can outgrow the estimate: grow, keeping what is cached
-            self._grow(max(end, 2 * self.capacity))
+        self.reserve(end)
         self._key_buffer[:, :, start:end] = key_states
         self._value_buffer[:, :, start:end] = value_states
         self.length = end
         self.keys, self.values = self._key_buffer[:, :, :end], self._value_buffer[:, :, :end]
         return self.keys, self.values
+
+    def reserve(self, positions: int) -> None:
+        """Room for `positions` in all: multi-turn observations can outgrow the estimate; grow, keeping what is
+        cached."""
+        if positions > self.capacity:
+            self._grow(max(positions, 2 * self.capacity))
 
     def _grow(self, capacity: int) -> None:
         for name in ("_key_buffer", "_value_buffer"):
