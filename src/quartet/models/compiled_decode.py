@@ -161,7 +161,6 @@ class CompiledDecoder:
         self._compiled: Callable | None = None
         self._shapes_compiled: set[tuple] = set()
         self.buffers: dict[tuple, tuple] = {}  # per shape: keys, values and their per-layer views
-        self.compile_seconds = 0.0
         if self.unsupported:
             note(f"rollout.compile: decoding eagerly, the compiled step does not apply: {self.unsupported}")
 
@@ -238,7 +237,6 @@ class CompiledDecoder:
                 self.note(f"rollout.compile: compilation failed, decoding eagerly from here on ({self.failed})")
                 return None
             seconds = time.perf_counter() - start
-            self.compile_seconds += seconds
             self._shapes_compiled.add(shape)
             self.note(f"rollout.compile: compiled in {seconds:.1f}s")
         else:
