@@ -24,9 +24,7 @@ import torch
 
 from quartet.rl.masks import masked_mean
 
-__all__ = ["OFFPOLICY_CORRECTIONS", "behaviour_weights"]
-
-OFFPOLICY_CORRECTIONS = ("none", "decoupled", "tis")
+__all__ = ["behaviour_weights"]
 
 
 def behaviour_weights(proximal_logp: torch.Tensor, behaviour_logp: torch.Tensor, mask: torch.Tensor,

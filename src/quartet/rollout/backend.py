@@ -25,7 +25,7 @@ class RolloutBackend(ABC):
     """Samples responses to left-padded prompts with the actor's current weights."""
 
     name: ClassVar[str]
-    logprobs_match_trainer: bool  # sampled-token log-probs equal the trainer's forward pass
+    logprobs_match_trainer: ClassVar[bool]  # sampled-token log-probs equal the trainer's forward pass
     decoder: CompiledDecoder | None = None  # compiled decode steps, for episodes sampled outside `generate`
 
     @abstractmethod
@@ -55,17 +55,17 @@ class HFRollout(RolloutBackend):
     """
 
     name = "hf"
+    logprobs_match_trainer = True
 
     def __init__(self, eos_token_id: int, pad_token_id: int, compile: bool = False,
                  note: Callable[[str], None] = print):
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
         self.compile, self.note = compile, note
-        self.logprobs_match_trainer = True
         self.actor: torch.nn.Module | None = None
         self.decoder: CompiledDecoder | None = None
 
     def load_weights(self, actor: torch.nn.Module) -> None:
-        self.actor = actor  # the same parameters: nothing to copy (the compiled step repacks what changed)
+        self.actor = actor  # the same parameters: nothing to copy (the compiled step repacks them per rollout)
         if self.compile and (self.decoder is None or self.decoder.model is not actor):
             self.decoder = CompiledDecoder(actor, note=self.note)
 
