@@ -70,6 +70,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "forwards (on, Quartet's default for GRPO) or once per row (off, as the anchors)")
     p.add_argument("--compile-rollout", action="store_true",
                    help="rollout.compile: compiled decode steps (the old log-probs are then recomputed)")
+    p.add_argument("--max-staleness", type=int, default=None,
+                   help="rollout.max_staleness: asynchronous RL, a producer process sampling k updates behind "
+                        "(benchmarks/async_rl.py compares them)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--workdir", help="where the model and the run go (default: a temporary directory)")
@@ -147,7 +150,7 @@ def main(argv: list[str] | None = None) -> dict:
                           "loss_aggregation": "token-mean", "scale_rewards": "group", "advantage_eps": 1e-4,
                           "cliprange": 0.2},
             "rollout": {"n": a.num_generations, "max_new_tokens": a.new_tokens, "min_new_tokens": a.new_tokens,
-                        "temperature": a.temperature, "compile": a.compile_rollout},
+                        "temperature": a.temperature, "compile": a.compile_rollout, "max_staleness": a.max_staleness},
             "batch": {"rollout_batch_size": batch, "mini_batch_size": batch, "grad_accum": batch // a.micro_batch,
                       "ppo_epochs": 1, "share_prompts": a.share_prompts == "on"},
             "optim": {"actor_lr": a.lr, "weight_decay": 0.0, "max_grad_norm": a.max_grad_norm},
@@ -168,6 +171,8 @@ def main(argv: list[str] | None = None) -> dict:
                                               "steps", "warmup", "seed", "beta", "lr", "max_grad_norm",
                                               "share_prompts")},
         "sec_per_step_median": step,
+        "max_staleness": a.max_staleness,
+        "rollout_wait_sec_median": median("time/rollout_wait") if a.max_staleness is not None else None,
         "sec_per_step_all": [round(r["time/step"], 4) for r in records],
         "phase_sec_median": {"generation": median("time/generation"), "scoring": median("time/scoring"),
                              "update": median("time/training")},

@@ -56,6 +56,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--temperature", type=float, default=0.7)
     p.add_argument("--compile-rollout", action="store_true",
                    help="rollout.compile: compiled decode steps (the old log-probs are then recomputed)")
+    p.add_argument("--max-staleness", type=int, default=None,
+                   help="rollout.max_staleness: asynchronous RL, a producer process sampling k updates behind "
+                        "(benchmarks/async_rl.py compares them)")
     p.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--bf16", action="store_true", help="train.bf16: bf16 autocast (measures the option)")
@@ -162,7 +165,7 @@ def main(argv: list[str] | None = None) -> dict:
             "models": {"actor": str(actor), "reward": str(reward), "critic_init": "reward", "shared_trunk": a.shared_trunk},
             "data": {"train": str(root / "prompts.jsonl"), "max_prompt_length": a.prompt_len},
             "rollout": {"max_new_tokens": a.new_tokens, "min_new_tokens": a.new_tokens, "temperature": a.temperature,
-                        "compile": a.compile_rollout},
+                        "compile": a.compile_rollout, "max_staleness": a.max_staleness},
             "batch": {"rollout_batch_size": a.batch, "mini_batch_size": a.mini_batch, "ppo_epochs": a.ppo_epochs,
                       "forward_batch_size": a.forward_batch_size},
             "train": {"steps": a.steps, "log_every": 1, "sample_every": 10**9, "n_samples": 0, "bf16": a.bf16,
@@ -182,6 +185,8 @@ def main(argv: list[str] | None = None) -> dict:
                                               "mini_batch", "ppo_epochs", "new_tokens", "steps", "warmup", "seed",
                                               "bf16", "compile", "forward_batch_size", "shared_trunk")},
         "sec_per_step_median": step,
+        "max_staleness": a.max_staleness,
+        "rollout_wait_sec_median": median("time/rollout_wait") if a.max_staleness is not None else None,
         "sec_per_step_all": [round(r["time/step"], 4) for r in records],
         "phase_sec_median": {"generation": median("time/generation"), "scoring": median("time/scoring"),
                              "update": median("time/training")},

@@ -241,7 +241,7 @@ RESUME_LOCKED_KEYS = (
     "preset", "algorithm.name", "dpo.loss_type", "run.seed",
     "train.batch_size", "train.grad_accum",
     "batch.rollout_batch_size", "batch.mini_batch_size", "batch.grad_accum", "batch.ppo_epochs", "rollout.n",
-    "rollout.env", "rollout.tools",
+    "rollout.env", "rollout.tools", "rollout.max_staleness",
 )
 RUN_CONFIG = "config.yaml"  # the resolved config a run writes into its directory
 

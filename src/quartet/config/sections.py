@@ -306,6 +306,18 @@ class RolloutConfig(SamplingConfig):
     env_timeout: float = Field(60.0, gt=0, description="Seconds an environment's reset or step may take (a tool "
                                                        "environment's step includes its calls); past it the run stops "
                                                        "with the environment and row named.")
+    max_staleness: int | None = Field(
+        None, ge=0, description="Asynchronous RL: a producer process samples and scores step t's batch with the "
+                                "policy of step t-k while the trainer updates (k = this; 0 = take turns; default "
+                                "none: synchronous, in one process). See docs/async.md.")
+    producer_timeout: float = Field(600.0, gt=0, description="Asynchronous RL: seconds the trainer waits for a batch; "
+                                                             "a producer that takes longer, or dies, is restarted "
+                                                             "and its batch made again.")
+    producer_restarts: int = Field(2, ge=0, description="Asynchronous RL: restarts of the producer for one batch "
+                                                        "before the run stops (with a checkpoint to resume from).")
+    producer_threads: int | None = Field(None, gt=0, description="Asynchronous RL: the producer's torch threads; the "
+                                                                 "trainer keeps the rest (default: half each when "
+                                                                 "k > 0, all for both when k = 0, as they take turns).")
 
     @field_validator("tools", mode="before")
     @classmethod

@@ -70,6 +70,9 @@ class RewardServerDown(StepAbandoned):
         super().__init__(f"reward server {url} failed: {error}")
         self.url, self.error = url, error
 
+    def __reduce__(self):  # raised in a rollout producer's process, re-raised by the trainer's
+        return type(self), (self.url, self.error)
+
 
 def _reader_gone(err: OSError) -> bool:
     return isinstance(err, BrokenPipeError) or err.errno == errno.EPIPE

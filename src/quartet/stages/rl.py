@@ -52,6 +52,7 @@ from quartet.runs.run import Run, seed_everything
 from quartet.runs.seeds import STEP_UPDATE, derive_seed
 from quartet.scoring import MetricFn, RewardFn, RewardSource, build_reward_source
 from quartet.stages.common import check_context_length, check_fsdp_options, unwrap_lora
+from quartet.stages.rl_async import SNAPSHOT_DIR, RolloutProducer, check_async
 from quartet.stages.rl_experience import ExperienceMaker
 from quartet.stages.rl_setup import PromptRow, check_batches_split, load_rl_models, load_rl_prompts, prompt_sharing
 
@@ -81,6 +82,9 @@ class RLTrainer(Job):
                              f"forward, without lean passes (slower at small batches): {why}")
         self.experience = ExperienceMaker(cfg, self.algorithm, actor, reference, reward, tokenizer, prompts, self.ranks,
                                           reward_stats, metric_fns, self.group_size)
+        if cfg.rollout.max_staleness is not None:  # asynchronous RL: a rollout producer process samples
+            check_async(cfg, self.ranks)
+            self.experience.producer = RolloutProducer(self.experience, cfg.rollout, note=self.ranks.print)
         if cfg.models.shared_trunk:
             if self.ranks.shards_parameters:
                 raise ValueError("models.shared_trunk runs on one process or with DDP; FSDP and DeepSpeed would "
@@ -321,6 +325,8 @@ class RLTrainer(Job):
             save_model(self.actor, self.tokenizer, tmp / "actor", state_dict=actor_state)
             if self.critic is not None:
                 save_model(self.critic, self.tokenizer, tmp / "critic", state_dict=critic_state)
+            if self.experience.producer is not None:
+                self.experience.producer.write_snapshots(tmp / SNAPSHOT_DIR, self.step)
         return write
 
     def training_state(self) -> dict[str, Any]:
@@ -343,13 +349,19 @@ class RLTrainer(Job):
     def load_training_state(self, state: dict[str, Any], checkpoint: Path) -> None:
         load_optimizer_state(self.optimizer, state["optimizer"], checkpoint)
         self.kl_ctl.load_state_dict(state["kl_ctl"])
+        if self.experience.producer is not None:
+            self.experience.producer.read_snapshots(checkpoint / SNAPSHOT_DIR, state["step"])
         self.experience.load_state_dict(state)
         self.history = list(state["history"])
         self.generated_tokens = state.get("generated_tokens", 0)  # checkpoints of earlier versions have none
         self.first_eval, self.last_eval = state.get("first_eval", {}), state.get("last_eval", {})
 
     def train(self) -> dict[str, Any]:
-        seconds = RunLoop(self, self.run, self.cfg.train).run_to_end()
+        try:
+            seconds = RunLoop(self, self.run, self.cfg.train).run_to_end()
+        finally:
+            if self.experience.producer is not None:
+                self.experience.producer.close()
         return {"steps": self.step, "seconds": seconds, "generated_tokens": self.generated_tokens,
                 **{f"initial_{k}": v for k, v in self.first_eval.items()}, **self.last_eval,
                 "history": list(self.history)}

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
 from functools import partial
 from typing import Any
 
@@ -51,6 +52,27 @@ from quartet.scoring import MetricFn, RewardSource
 from quartet.stages.rl_setup import PromptRow
 
 
+@dataclass
+class SampledShare:
+    """One sampling round of this rank's prompts, generated and scored, before the trainer's forwards:
+    what a rollout producer hands the trainer (asynchronous RL)."""
+
+    rollout: Rollout
+    group_ids: torch.Tensor  # [rows] the prompt each sample answers, among the round's prompts
+    prompts: list[str] | None = None  # decoded texts, when something reads them
+    responses: list[str] | None = None
+    records: list[EpisodeRecord] | None = None  # multi-turn episodes
+    scores: torch.Tensor | None = None  # [rows] raw scores (with the environment's rewards); None on a failure
+    score_parts: dict[str, torch.Tensor] = field(default_factory=dict)
+    failure: StepAbandoned | None = None  # the scoring failed (a reward server down): the step is abandoned
+
+
+@contextlib.contextmanager
+def _actor_of(full_parameters: contextlib.AbstractContextManager) -> Iterator[PreTrainedModel]:
+    with full_parameters as pair:
+        yield pair.actor
+
+
 class ExperienceMaker:
     """Turns the prompt stream into scored, shaped experience, one step at a time."""
 
@@ -87,6 +109,8 @@ class ExperienceMaker:
         self.trained: torch.nn.Module | None = None  # the trained models, as wrapped, during make()
         self.step, self.beta = 0, 0.0
         self.offpolicy_stats: dict[str, float] = {}  # the last batch's importance weights (with a correction)
+        self.producing = False  # True in a rollout producer's process: it samples with its own copy of the actor
+        self.producer: Any = None  # asynchronous RL: the trainer's handle on its rollout producer
 
     def step_generator(self, purpose: int) -> torch.Generator:
         """Random numbers of one step, the same on every rank and after a resume."""
@@ -108,13 +132,23 @@ class ExperienceMaker:
     def make(self, trained: torch.nn.Module, step: int, beta: float) -> tuple[Experience, dict[str, float]]:
         """Sample and score step `step`'s batch with the trained models `trained` (each rank its share,
         then gathered: the global batch), and turn it into the algorithm's rewards and advantages
-        (KL coefficient `beta`), identically on every rank."""
+        (KL coefficient `beta`), identically on every rank. With a rollout producer (asynchronous RL)
+        the batch comes from it, sampled by the policy of step `step - k`."""
         self.trained, self.step, self.beta = trained, step, beta
         timings = {"time/generation": 0.0, "time/scoring": 0.0}
         tools_before, self.records = self.agent.tool_counts() if self.agent else {}, []
-        position = self.prompt_position
+        position, extra = self.prompt_position, {}
         try:
-            batch, sampling = self._sample_batch(timings)
+            if self.producer is not None:
+                produced = self.producer.batch_for(step, trained)
+                self.records = [r for share in produced.shares for r in share.records or ()]
+                timings.update(produced.timings)
+                batch, sampling = self._sample_batch(timings, produced.shares)
+                self.prompt_position, tool_calls = produced.prompt_position, produced.tool_calls
+                extra = produced.metrics(step)
+            else:
+                batch, sampling = self._sample_batch(timings)
+                tool_calls = self._tool_calls_since(tools_before)
         except StepAbandoned:  # e.g. the reward server is down: the step is redone from the same prompts
             self.prompt_position = position
             raise
@@ -122,15 +156,44 @@ class ExperienceMaker:
         exp = self._experience(batch)
         timings["time/scoring"] += time.perf_counter() - t0
         metrics = {**experience_metrics(exp, batch.has_eos, beta), **sampling, **timings, **self.offpolicy_stats,
-                   **score_part_metrics(batch.score_parts, self.verifiers)}
+                   **extra, **score_part_metrics(batch.score_parts, self.verifiers)}
         for metric_fn in self.metric_fns:
             metrics.update(metric_fn(exp.prompts, exp.responses))
         if self.agent:
-            metrics.update(self._episode_metrics(self.records, tools_before))
+            metrics.update(self._episode_metrics(self.records, tool_calls))
         return exp, metrics
 
-    def _episode_metrics(self, records: list[EpisodeRecord], tools_before: dict[str, float]) -> dict[str, float]:
-        """Turns, environment reward, how episodes ended (shares), and this step's tool calls, over all ranks."""
+    # ------------------------------------------------------------------ asynchronous RL (stages/rl_async.py)
+
+    def actor_state(self, trained: torch.nn.Module) -> dict[str, torch.Tensor]:
+        """A copy of the trained actor's weights on CPU: what a rollout producer samples with."""
+        with self.ranks.full_parameters(trained, "actor") as pair:
+            return {k: v.detach().to("cpu", copy=True) for k, v in pair.actor.state_dict().items()}
+
+    def become_producer(self, prompt_position: int) -> None:
+        """In a rollout producer's (forked) process: sample with this process's copy of the actor, from
+        `prompt_position` in the prompt schedule. Threads do not survive a fork: the environment's
+        runner is made again."""
+        self.producing, self.trained, self.prompt_position = True, None, prompt_position
+        if self.agent:
+            self.agent = AgentRollout(self.cfg.rollout, self.tokenizer, self.cfg.run.seed, self.cfg.data.max_prompt_length)
+
+    def produce(self, step: int) -> tuple[dict[str, float], dict[str, float], list[SampledShare]]:
+        """A producer's step: this step's sampling rounds, sampled and scored; their timings and tool calls."""
+        self.step, self.records = step, []
+        timings = {"time/generation": 0.0, "time/scoring": 0.0}
+        before = self.agent.tool_counts() if self.agent else {}
+        with torch.no_grad():
+            shares = self.produce_rounds(timings)
+        return timings, self._tool_calls_since(before), shares
+
+    def _tool_calls_since(self, before: dict[str, float]) -> dict[str, float]:
+        """This rank's tool counts since `before` (the agent's counts are cumulative)."""
+        now = self.agent.tool_counts() if self.agent else {}
+        return {k: now[k] - before.get(k, 0.0) for k in sorted(now)}
+
+    def _episode_metrics(self, records: list[EpisodeRecord], tool_calls: dict[str, float]) -> dict[str, float]:
+        """Turns, environment reward, how episodes ended (shares), and the tool calls, over all ranks."""
         sums = episode_metrics(records)
         keys = sorted(k for k in sums if k != "turns/max")
         totals = dict(zip(keys, self.ranks.sum_floats([sums[k] for k in keys])))
@@ -138,10 +201,8 @@ class ExperienceMaker:
         out = {"turns/mean": totals.pop("turns/sum") / count, "env/reward": totals.pop("env/reward_sum") / count,
                "turns/max": self.ranks.max_float(sums["turns/max"])}
         out.update({k: v / count for k, v in totals.items()})
-        tools = self.agent.tool_counts()
-        names = sorted(tools)
-        deltas = self.ranks.sum_floats([tools[k] - tools_before.get(k, 0.0) for k in names])
-        out.update(dict(zip(names, deltas)))
+        names = sorted(tool_calls)
+        out.update(dict(zip(names, self.ranks.sum_floats([tool_calls[k] for k in names]))))
         return out
 
     @property
@@ -199,7 +260,7 @@ class ExperienceMaker:
         for metric_fn in (self.metric_fns if with_metric_fns else ()):
             metrics.update(metric_fn(prompts, responses))
         if self.agent:
-            metrics.update(self._episode_metrics(records, tools_before))
+            metrics.update(self._episode_metrics(records, self._tool_calls_since(tools_before)))
         return metrics
 
     @staticmethod
@@ -216,17 +277,19 @@ class ExperienceMaker:
         env = torch.tensor([r.env_reward for r in records], dtype=scores.dtype, device=scores.device)
         return (scores if per_turn else scores + env), {**parts, "env": env}
 
-    def _sample_batch(self, timings: dict[str, float]) -> tuple[ScoredRollout, dict[str, float]]:
+    def _sample_batch(self, timings: dict[str, float], produced: list[SampledShare] | None = None
+                      ) -> tuple[ScoredRollout, dict[str, float]]:
         """One sampling round of the step's prompts; with dynamic sampling (DAPO), more rounds of new
         prompts until the groups whose scores differ fill the batch (or the rounds run out: then the
-        batch is filled with groups that do not)."""
+        batch is filled with groups that do not). `produced`: the rounds a rollout producer sampled and
+        scored already (asynchronous RL), finished here with the trainer's forwards."""
         a, size, n = self.cfg.algorithm, self.cfg.batch.rollout_batch_size, self.cfg.rollout.n
         kept: list[ScoredRollout] = []
         dropped: list[ScoredRollout] = []
-        for round_ in range(a.max_sampling_rounds if a.dynamic_sampling else 1):
-            rows = self.prompts.rows(self.prompt_position, size // n)
-            self.prompt_position += size // n
-            part = self._sample_round(rows, STEP_ROLLOUT if round_ == 0 else STEP_MORE_ROLLOUTS + round_ - 1, timings)
+        rounds = a.max_sampling_rounds if a.dynamic_sampling else 1
+        for round_ in range(rounds if produced is None else len(produced)):
+            share = self._sample_next_round(round_, timings) if produced is None else produced[round_]
+            part = self._finish_round(share, timings)
             if not a.dynamic_sampling:
                 return part, {}
             signal = groups_with_signal(part.scores, part.group_ids)
@@ -239,20 +302,48 @@ class ExperienceMaker:
         return batch, {"sampling/rounds": round_ + 1, "sampling/kept_groups": n_kept // n,
                        "sampling/filled_groups": (size - n_kept) // n}
 
-    def _sample_round(self, rows: list[tuple[list[int], dict[str, Any]]], purpose: int,
-                      timings: dict[str, float]) -> ScoredRollout:
-        """Generate and score this rank's share of `rows` (prompt ids, dataset columns); the global batch."""
+    def produce_rounds(self, timings: dict[str, float]) -> list[SampledShare]:
+        """A rollout producer's side of `_sample_batch` (one process: its shares are the global batch):
+        the rounds it samples and scores, with the same rule for when dynamic sampling has enough."""
+        a, size = self.cfg.algorithm, self.cfg.batch.rollout_batch_size
+        shares, with_signal = [], 0
+        for round_ in range(a.max_sampling_rounds if a.dynamic_sampling else 1):
+            share = self._sample_next_round(round_, timings)
+            shares.append(share)
+            if share.failure is not None or not a.dynamic_sampling:
+                break
+            with_signal += int(groups_with_signal(share.scores, share.group_ids).sum())
+            if with_signal >= size:
+                break
+        return shares
+
+    def _sample_next_round(self, round_: int, timings: dict[str, float]) -> SampledShare:
+        """The next prompts of the schedule, sampled and scored (this rank's share)."""
+        rows = self.prompts.rows(self.prompt_position, self.cfg.batch.rollout_batch_size // self.cfg.rollout.n)
+        self.prompt_position += len(rows)
+        return self._sample_share(rows, STEP_ROLLOUT if round_ == 0 else STEP_MORE_ROLLOUTS + round_ - 1, timings)
+
+    def _sampling_actor(self):
+        """The actor that samples: the trained one with its full weights, or a producer's own copy."""
+        if self.producing:
+            return contextlib.nullcontext(self.actor)
+        return _actor_of(self.ranks.full_parameters(self.trained, "actor"))
+
+    def _sample_share(self, rows: list[tuple[list[int], dict[str, Any]]], purpose: int,
+                      timings: dict[str, float]) -> SampledShare:
+        """Generate and score (reward source, environment) this rank's share of `rows` (prompt ids, dataset
+        columns). No collective: a rollout producer runs this in its own process."""
         t0 = time.perf_counter()
         n, ranks = self.cfg.rollout.n, self.ranks
         start, end = ranks.share(rows)  # whole prompts, so a group never straddles two ranks
         batch = collate_prompts([{"input_ids": ids} for ids, _ in rows[start:end]], self.pad_id)
         first_row = self.prompt_position - len(rows) + start  # among all prompts drawn: the episodes' seeds
         # the actor's weights gathered for the whole rollout (under FSDP), freed after it
-        with ranks.full_parameters(self.trained, "actor") as pair, autocast_context(self.device, self.cfg.train.bf16):
-            self.backend.load_weights(pair.actor)
+        with self._sampling_actor() as actor, autocast_context(self.device, self.cfg.train.bf16):
+            self.backend.load_weights(actor)
             records = None
             if self.agent:
-                rollout, records = self.agent.generate(pair.actor, rows[start:end], self.step, first_row, n,
+                rollout, records = self.agent.generate(actor, rows[start:end], self.step, first_row, n,
                                                        self.step_generator(purpose), start * n, len(rows) * n,
                                                        self.device, decoder=self.backend.decoder)
                 self.records += records
@@ -271,44 +362,58 @@ class ExperienceMaker:
                                               rollout.response_ids, rollout.response_mask)
         names = sorted({k for _, columns in rows for k in columns})
         columns = {k: [c.get(k) for _, c in rows[start:end] for _ in range(n)] for k in names}
+        if records is not None and prompts is not None:
+            responses, columns = self._episode_texts(records, columns)
+        share = SampledShare(rollout=rollout, group_ids=torch.arange(start * n, end * n, device=self.device) // n,
+                             prompts=prompts, responses=responses, records=records)
+        try:
+            with autocast_context(self.device, self.cfg.train.bf16):
+                rows_per_chunk = self._scoring_rows(rollout)
+                scores, parts = self.reward(rollout, prompts, responses, rows_per_chunk, columns)
+            share.scores, share.score_parts = scores.float(), parts
+        except StepAbandoned as err:  # e.g. a reward server down: every rank abandons the step, none waits
+            share.failure = err
+        if records is not None and share.failure is None:
+            share.scores, share.score_parts = self._with_env_rewards(
+                share.scores, share.score_parts, records, per_turn=self.cfg.algorithm.turn_rewards)
+        timings["time/scoring"] += time.perf_counter() - t1
+        return share
+
+    def _finish_round(self, share: SampledShare, timings: dict[str, float]) -> ScoredRollout:
+        """The trainer's side of a sampled share: old and reference log-probs and values; the global batch."""
+        t0 = time.perf_counter()
+        if self.ranks.any(share.failure is not None):
+            raise share.failure or RewardServerDown("of another process", "the step's rewards are incomplete")
+        rollout = share.rollout
         episode = {}
-        if records is not None:
-            if prompts is not None:
-                responses, columns = self._episode_texts(records, columns)
+        if share.records is not None:
             turns = self.cfg.rollout.max_turns
             episode = {"attention": rollout.response_mask.float(), "turn_ids": rollout.turn_ids,
                        "turn_rewards": torch.tensor([r.turn_rewards + [float("nan")] * (turns - len(r.turn_rewards))
-                                                     for r in records], device=self.device)}
-        failure = None
-        try:
-            scored = self._score(rollout, prompts, responses, columns)
-        except StepAbandoned as err:  # e.g. a reward server down: every rank abandons the step, none waits
-            failure = err
-        if self.ranks.any(failure is not None):
-            raise failure or RewardServerDown("of another process", "the step's rewards are incomplete")
-        if records is not None:
-            scored["scores"], scored["score_parts"] = self._with_env_rewards(
-                scored["scores"], scored["score_parts"], records, per_turn=self.cfg.algorithm.turn_rewards)
+                                                     for r in share.records], device=self.device)}
         local = ScoredRollout(
             prompt_ids=rollout.prompt_ids, prompt_mask=rollout.prompt_mask, response_ids=rollout.response_ids,
-            mask=rollout.chosen_mask.float(), has_eos=rollout.has_eos, prompts=prompts, responses=responses,
-            group_ids=torch.arange(start * n, end * n, device=self.device) // n, **scored, **episode)
-        batch = local.gather(ranks, self.pad_id)
-        timings["time/scoring"] += time.perf_counter() - t1
+            mask=rollout.chosen_mask.float(), has_eos=rollout.has_eos, prompts=share.prompts,
+            responses=share.responses, group_ids=share.group_ids, scores=share.scores,
+            score_parts=share.score_parts, **self._score(rollout), **episode)
+        batch = local.gather(self.ranks, self.pad_id)
+        timings["time/scoring"] += time.perf_counter() - t0
         return batch
 
-    def _score(self, rollout: Rollout, prompts: list[str] | None, responses: list[str] | None,
-               columns: dict[str, list[Any]]) -> dict[str, Any]:
-        """Old and reference log-probs, critic values and scores of this rank's rollouts, in row chunks
-        (the peak memory of one chunk). Under FSDP the forwards are collectives: every rank runs as many
-        chunks (its rows are as many; the chunk size is set by the longest possible response)."""
-        seq, attn, resp = rollout.sequences, rollout.attention_mask, rollout.response_ids
-        temperature = self.cfg.rollout.temperature
-        response_len = self.cfg.rollout.max_new_tokens if self.ranks.fsdp is not None else resp.shape[1]
+    def _scoring_rows(self, rollout: Rollout) -> int:
+        """Rows per forward when scoring: the configured number, or what one chunk's memory allows
+        (under FSDP the chunk size is set by the longest possible response, so every rank runs as many)."""
+        response_len = self.cfg.rollout.max_new_tokens if self.ranks.fsdp is not None else rollout.response_ids.shape[1]
         rows = self.cfg.batch.forward_batch_size or scoring_rows(self.micro_rows, response_len, self.vocab_size)
         n = self.group_size
-        rows = max(n, rows // n * n)  # chunks of whole groups when they share their prompt
-        logprobs = partial(response_logprobs, temperature=temperature, group_size=n)
+        return max(n, rows // n * n)  # chunks of whole groups when they share their prompt
+
+    def _score(self, rollout: Rollout) -> dict[str, torch.Tensor | None]:
+        """Old and reference log-probs and critic values of this rank's rollouts, in row chunks (the peak
+        memory of one chunk). Under FSDP the forwards are collectives: every rank runs as many chunks."""
+        seq, attn, resp = rollout.sequences, rollout.attention_mask, rollout.response_ids
+        rows, n = self._scoring_rows(rollout), self.group_size
+        logprobs = partial(response_logprobs, temperature=self.cfg.rollout.temperature, group_size=n)
         scored = {"old_logprobs": rollout.logprobs, "ref_logprobs": None, "old_values": None}
         with autocast_context(self.device, self.cfg.train.bf16):
             with self.ranks.scoring_parameters(self.trained) as pair:
@@ -323,7 +428,6 @@ class ExperienceMaker:
                 with self.reference_context():
                     ref_model = self.reference if self.reference is not None else self.actor
                     scored["ref_logprobs"] = in_row_chunks(partial(logprobs, ref_model), rows, seq, attn, resp)
-            scored["scores"], scored["score_parts"] = self.reward(rollout, prompts, responses, rows, columns)
         return {k: v.float() if isinstance(v, torch.Tensor) else v for k, v in scored.items()}
 
     def _experience(self, batch: ScoredRollout) -> Experience:
