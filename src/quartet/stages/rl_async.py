@@ -15,14 +15,17 @@ was in flight when a run stopped is made again on resume from the weights it was
 from the same weights and seeds; after `rollout.producer_restarts` failed tries the run stops
 with a checkpoint of the state before the step.
 
-The producer is forked (it inherits the loaded models, tokenizer and reward source), so it runs on
-CPU; a CUDA device cannot be forked.
+The producer is a fresh interpreter (spawned, not forked: a fork would inherit the trainer's OpenMP
+thread pool without its threads and hang in its first parallel region). It gets a copy of the actor,
+tokenizer, reward source and prompt schedule by pickling, so reward functions must be importable
+module-level functions. It runs on CPU.
 """
 
 from __future__ import annotations
 
 import itertools
 import os
+import pickle
 import queue
 import signal
 import time
@@ -43,6 +46,7 @@ from quartet.stages.rl_experience import ExperienceMaker, SampledShare
 
 SNAPSHOT_DIR = "rollout_producer"  # in a checkpoint: the weights the batches in flight were sampled with
 _POLL_SECONDS = 0.5  # how often a waiting side checks that the other is still there
+_STARTUP_SECONDS = 300.0  # a fresh producer imports torch and transformers (seconds) before its first batch
 
 
 def policy_version(step: int, max_staleness: int) -> int:
@@ -86,6 +90,11 @@ class ProducedBatch:
 
 
 @dataclass
+class _Ready:
+    """The producer has started: from now on its batches are timed."""
+
+
+@dataclass
 class _ProducerError:
     step: int
     error: BaseException | None  # a StepAbandoned travels as itself (the run stops with a checkpoint)
@@ -107,6 +116,7 @@ class RolloutProducer:
             self.threads = self.trainer_threads if self.k == 0 else max(1, self.trainer_threads // 2)
         self.snapshots: dict[int, dict[str, torch.Tensor]] = {}  # version -> the actor's weights, on CPU
         self.process: Any = None
+        self.ready = False  # the running producer has started (unpickled its copy, made its backend)
         self.inbox: Any = None  # weights to the producer
         self.outbox: Any = None  # batches from it
         self.restarts = 0
@@ -172,21 +182,30 @@ class RolloutProducer:
 
     def _start(self, step: int) -> None:
         """A fresh producer making batches from step `step` on, handed every version they need."""
-        context = mp.get_context("fork")
+        try:
+            payload = pickle.dumps(self.maker.producer_copy())
+        except Exception as err:
+            raise ValueError(f"rollout.max_staleness: the rollout producer's process gets a copy of what samples and "
+                             f"scores (the actor, tokenizer, reward source) by pickling, and this run's cannot be "
+                             f"pickled ({type(err).__name__}: {err}); reward functions must be importable "
+                             "module-level functions") from err
+        context = mp.get_context("spawn")
         self.inbox, self.outbox = context.Queue(), context.Queue()
         if self.k > 0:  # they run at once: each its share of the threads
             torch.set_num_threads(max(1, self.trainer_threads - self.threads))
+        self.ready = False
         self.process = context.Process(
             target=_produce, name="quartet-rollout-producer", daemon=True,
-            args=(self.maker, self.inbox, self.outbox, step, self.maker.prompt_position, self.k, self.threads,
+            args=(payload, self.inbox, self.outbox, step, self.maker.prompt_position, self.k, self.threads,
                   os.getpid()))
         self.process.start()
         for version in sorted(v for v in self.snapshots if v >= policy_version(step, self.k)):
             self.inbox.put(("weights", version, self.snapshots[version]))
 
     def _wait(self, step: int) -> ProducedBatch | str:
-        """Step `step`'s batch, or why the producer failed to deliver it (it died or stalled)."""
-        deadline = time.monotonic() + self.timeout
+        """Step `step`'s batch, or why the producer failed to deliver it (it died or stalled). The time
+        limit counts from when the producer has started (a start has its own, generous, limit)."""
+        deadline = time.monotonic() + (self.timeout if self.ready else _STARTUP_SECONDS)
         while True:
             try:
                 item = self.outbox.get(timeout=_POLL_SECONDS)
@@ -194,10 +213,15 @@ class RolloutProducer:
                 if not self.process.is_alive():
                     return f"exited (code {self.process.exitcode})"
                 if time.monotonic() > deadline:
+                    if not self.ready:
+                        return f"did not start in {_STARTUP_SECONDS:g} s"
                     return f"made no batch in {self.timeout:g} s (rollout.producer_timeout)"
                 continue
             except Exception as err:  # a message cut short by the producer's death
                 return f"sent a batch that could not be read ({type(err).__name__}: {err})"
+            if isinstance(item, _Ready):
+                self.ready, deadline = True, time.monotonic() + self.timeout
+                continue
             if isinstance(item, _ProducerError):
                 if item.error is not None:
                     raise item.error
@@ -226,15 +250,16 @@ class RolloutProducer:
 # ---------------------------------------------------------------------- the producer's side
 
 
-def _produce(maker: ExperienceMaker, inbox: Any, outbox: Any, first_step: int, prompt_position: int, k: int,
+def _produce(payload: bytes, inbox: Any, outbox: Any, first_step: int, prompt_position: int, k: int,
              threads: int, trainer_pid: int) -> None:
     """The producer process: for each step from `first_step`, wait for its version's weights, sample and
     score its batch, send it. Ends on "stop", or when the trainer is gone."""
     _end_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's: it checkpoints, then stops this
-    signal.signal(signal.SIGTERM, signal.SIG_DFL)
     torch.set_num_threads(threads)
+    maker: ExperienceMaker = pickle.loads(payload)  # the trainer's own pickle of its producer_copy()
     maker.become_producer(prompt_position)
+    outbox.put(_Ready())
     version = None
     for step in itertools.count(first_step):
         need = policy_version(step, k)

@@ -10,6 +10,7 @@ of groups that carry a learning signal.
 from __future__ import annotations
 
 import contextlib
+import copy
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
@@ -67,6 +68,22 @@ class SampledShare:
     failure: StepAbandoned | None = None  # the scoring failed (a reward server down): the step is abandoned
 
 
+@dataclass
+class ProducerRanks:
+    """A rollout producer's view of its trainer's rank: which share of the prompts it samples; no collectives."""
+
+    rank: int
+    world: int
+    device: torch.device
+    fsdp: None = None
+
+    share = Ranks.share
+
+    def print(self, *args: Any, **kwargs: Any) -> None:
+        if self.rank == 0:
+            print(*args, **kwargs, flush=True)
+
+
 @contextlib.contextmanager
 def _actor_of(full_parameters: contextlib.AbstractContextManager) -> Iterator[PreTrainedModel]:
     with full_parameters as pair:
@@ -84,6 +101,9 @@ class ExperienceMaker:
         self.cfg, self.algorithm, self.actor, self.reference, self.reward = cfg, algorithm, actor, reference, reward
         self.tokenizer, self.ranks, self.device = tokenizer, ranks, ranks.device
         self.reward_stats, self.metric_fns = reward_stats, list(metric_fns)
+        # texts only for what reads them (reward functions, a reward model with its own tokenizer, metric
+        # functions); sample tables decode their few rows when they are written
+        self.needs_texts = reward.reads_text or bool(self.metric_fns)
         if cfg.algorithm.score_normalization == "stored" and reward_stats is None:
             raise ValueError("algorithm.score_normalization is 'stored' but the reward model has no stored "
                              "reward_mean/reward_std (train it with `quartet reward`, or use 'running')")
@@ -170,12 +190,24 @@ class ExperienceMaker:
         with self.ranks.full_parameters(trained, "actor") as pair:
             return {k: v.detach().to("cpu", copy=True) for k, v in pair.actor.state_dict().items()}
 
+    def producer_copy(self) -> "ExperienceMaker":
+        """What a rollout producer's process needs, to be pickled by value into it: the actor (its
+        weights as they are; the producer loads the version it samples with), the tokenizer, the reward
+        source, the prompt schedule, the settings. Not the trainer's wrapped models, the reference, the
+        metric functions (the trainer applies them), the ranks' process groups, threads or compiled code."""
+        copy_ = copy.copy(self)
+        copy_.trained = copy_.reference = copy_.producer = copy_.agent = copy_.backend = None
+        copy_.metric_fns, copy_.records = [], []
+        copy_.ranks = ProducerRanks(self.ranks.rank, self.ranks.world, self.device)
+        return copy_
+
     def become_producer(self, prompt_position: int) -> None:
-        """In a rollout producer's (forked) process: sample with this process's copy of the actor, from
-        `prompt_position` in the prompt schedule. Threads do not survive a fork: the environment's
-        runner is made again."""
-        self.producing, self.trained, self.prompt_position = True, None, prompt_position
-        if self.agent:
+        """In a rollout producer's process: sample with this process's copy of the actor, from
+        `prompt_position` in the prompt schedule; the backend and the environment's runner made here."""
+        self.producing, self.prompt_position = True, prompt_position
+        self.backend = make_rollout_backend(self.cfg.rollout.backend, self.tokenizer.eos_token_id, self.pad_id,
+                                            compile=self.cfg.rollout.compile, note=self.ranks.print)
+        if self.cfg.rollout.episodes:
             self.agent = AgentRollout(self.cfg.rollout, self.tokenizer, self.cfg.run.seed, self.cfg.data.max_prompt_length)
 
     def produce(self, step: int) -> tuple[dict[str, float], dict[str, float], list[SampledShare]]:
@@ -354,10 +386,8 @@ class ExperienceMaker:
                                                 total_rows=len(rows) * n)
         timings["time/generation"] += time.perf_counter() - t0
         t1 = time.perf_counter()
-        # texts only for what reads them (reward functions, a reward model with its own tokenizer, metric
-        # functions); sample tables decode their few rows when they are written
         prompts = responses = None
-        if self.reward.reads_text or self.metric_fns:
+        if self.needs_texts:
             prompts, responses = decode_texts(self.tokenizer, rollout.prompt_ids, rollout.prompt_mask,
                                               rollout.response_ids, rollout.response_mask)
         names = sorted({k for _, columns in rows for k in columns})
