@@ -2,6 +2,7 @@
 """Asynchronous RL against synchronous: throughput on the step benchmarks' configs, and learning in the arena.
 
     python -m benchmarks.async_rl throughput            # configs D (GRPO) and A (PPO): sync, k = 0, 1, 2
+    python -m benchmarks.async_rl throughput --configs "D (GRPO)" --reward-latency 1   # a slow judge
     python -m benchmarks.async_rl learning              # ground truth at equal generated tokens, k = 0, 1, 2
 
 `throughput` runs `benchmarks/grpo_step.py` (config D) and `benchmarks/ppo_step.py` (config A), each
@@ -45,6 +46,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     t.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "2")))
     t.add_argument("--configs", default=",".join(CONFIGS), help=f"comma-separated, of: {', '.join(CONFIGS)}")
     t.add_argument("--new-tokens", type=int, default=32)
+    t.add_argument("--reward-latency", type=float, default=0.0,
+                   help="config D only: seconds its reward function waits per batch (a remote judge's latency)")
     lr = sub.add_parser("learning", help="held-out ground truth at equal generated tokens, k = 0, 1, 2")
     lr.add_argument("--world", default="arith")
     lr.add_argument("--seeds", type=int, default=2)
@@ -60,6 +63,8 @@ def _step_benchmark(module: str, a: argparse.Namespace, k: int | None) -> dict[s
            str(a.threads), "--new-tokens", str(a.new_tokens)]
     if k is not None:
         cmd += ["--max-staleness", str(k)]
+    if a.reward_latency:
+        cmd += ["--reward-latency", str(a.reward_latency)]
     env = {**os.environ, "QUARTET_PROGRESS": "0", "OMP_NUM_THREADS": str(a.threads)}
     done = subprocess.run(cmd, capture_output=True, text=True, env=env, cwd=Path(__file__).resolve().parents[1])
     if done.returncode != 0:
@@ -72,6 +77,8 @@ def throughput(a: argparse.Namespace) -> dict[str, Any]:
     unknown = [c for c in configs if c not in CONFIGS]
     if unknown:
         raise SystemExit(f"unknown config(s) {unknown}; choose from {', '.join(CONFIGS)}")
+    if a.reward_latency and configs != ["D (GRPO)"]:
+        raise SystemExit("--reward-latency applies to config D (GRPO) only: --configs 'D (GRPO)'")
     out: dict[str, Any] = {}
     for config in configs:
         runs: dict[str, list[dict[str, Any]]] = {name: [] for name, _ in MODES}
@@ -92,7 +99,8 @@ def throughput(a: argparse.Namespace) -> dict[str, Any]:
                           "rollout_wait_sec": statistics.median(waits) if waits else None,
                           "phases_sec": runs[name][-1]["phase_sec_median"]}
         out[config] = rows
-        print(f"\n{config}, {a.threads} threads, {a.steps - a.warmup} timed steps x {a.rounds} rounds")
+        latency = f", a reward latency of {a.reward_latency:g} s" if a.reward_latency else ""
+        print(f"\n{config}, {a.threads} threads, {a.steps - a.warmup} timed steps x {a.rounds} rounds{latency}")
         print(f"{'mode':6} {'s/step':>8} {'steps/min':>10} {'tokens/s':>9} {'vs sync':>8} {'waited s':>9}")
         for name, row in rows.items():
             wait = "" if row["rollout_wait_sec"] is None else f"{row['rollout_wait_sec']:.3f}"

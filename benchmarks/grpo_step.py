@@ -44,6 +44,7 @@ import resource
 import statistics
 import sys
 import tempfile
+import time
 from pathlib import Path
 
 from benchmarks.ppo_step import _actor_body, gpt2_config, matmul_gflops, model_arguments, word_prompts, word_tokenizer  # noqa: E501
@@ -70,6 +71,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         "forwards (on, Quartet's default for GRPO) or once per row (off, as the anchors)")
     p.add_argument("--compile-rollout", action="store_true",
                    help="rollout.compile: compiled decode steps (the old log-probs are then recomputed)")
+    p.add_argument("--reward-latency", type=float, default=0.0,
+                   help="seconds the reward function waits per batch, as a remote judge would")
     p.add_argument("--max-staleness", type=int, default=None,
                    help="rollout.max_staleness: asynchronous RL, a producer process sampling k updates behind "
                         "(benchmarks/async_rl.py compares them)")
@@ -79,13 +82,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def low_half_reward(prompts: list[str], responses: list[str], *, vocab: int, new_tokens: int) -> list[float]:
-    """The anchors' rule: the fraction of the completion's tokens whose id is below vocab / 2.
+def low_half_reward(prompts: list[str], responses: list[str], *, vocab: int, new_tokens: int,
+                    latency: float = 0.0) -> list[float]:
+    """The anchors' rule: the fraction of the completion's tokens whose id is below vocab / 2; after
+    `latency` seconds (a stand-in for a remote judge or reward server).
 
     Responses are decoded without special tokens; those ids (0..2) are all below vocab / 2, so
     counting the high words out of the fixed length gives the anchors' number exactly.
     """
     half = vocab // 2
+    time.sleep(latency)
     return [(new_tokens - sum(int(w[1:]) + N_SPECIAL >= half for w in r.split())) / new_tokens for r in responses]
 
 
@@ -156,7 +162,7 @@ def main(argv: list[str] | None = None) -> dict:
             "optim": {"actor_lr": a.lr, "weight_decay": 0.0, "max_grad_norm": a.max_grad_norm},
             "train": {"steps": a.steps, "log_every": 1, "sample_every": 10**9, "n_samples": 0},
         })
-        run_rl(cfg, reward_fn=partial(low_half_reward, vocab=a.vocab, new_tokens=a.new_tokens))
+        run_rl(cfg, reward_fn=partial(low_half_reward, vocab=a.vocab, new_tokens=a.new_tokens, latency=a.reward_latency))
         records = read_metrics(root / "run" / "metrics.jsonl")[a.warmup:]
         params_no_embed = sum(p.numel() for n, p in _actor_body(actor))
     median = lambda key: statistics.median(r[key] for r in records)  # noqa: E731
@@ -169,7 +175,7 @@ def main(argv: list[str] | None = None) -> dict:
         "config": {k: getattr(a, k) for k in ("n_layer", "n_embd", "n_head", "vocab", "n_ctx", "activation", "prompt_len",
                                               "prompts_per_step", "num_generations", "micro_batch", "new_tokens",
                                               "steps", "warmup", "seed", "beta", "lr", "max_grad_norm",
-                                              "share_prompts")},
+                                              "share_prompts", "reward_latency")},
         "sec_per_step_median": step,
         "max_staleness": a.max_staleness,
         "rollout_wait_sec_median": median("time/rollout_wait") if a.max_staleness is not None else None,

@@ -23,12 +23,17 @@ import torch
 from safetensors.torch import load_file
 
 from quartet.config import RLConfig
-from quartet.models.loading import save_model
-from quartet.models.presets import build_preset_model
 from quartet.runs.metrics import read_metrics
 from quartet.stages.rl_async import check_async, policy_version
 from test_distributed import assert_ranks_identical, two_processes
-from test_kill_resume import _interrupt, _weights, _without_timings, assert_same_run
+from test_kill_resume import (
+    NEXT_NUMBER_ENV,
+    _interrupt,
+    _weights,
+    _without_timings,
+    assert_same_run,
+    save_tiny_actor_and_reward_model,
+)
 
 TIMEOUT = 300
 ASYNC_ONLY = {"offpolicy/staleness", "rollout/producer_restarts"}  # what an async run logs beyond a synchronous one
@@ -61,18 +66,14 @@ def work(tmp_path_factory) -> Path:
     rows = [{"prompt": f"Q: what comes after {i}?\nA:", "completion": f" {i + 1}."} for i in range(64)]
     (root / "prompts.jsonl").write_text("".join(json.dumps({"prompt": r["prompt"]}) + "\n" for r in rows))
     (root / "sft.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    from quartet.models.tokenizer import train_bpe_tokenizer
-
-    tokenizer = train_bpe_tokenizer([r["prompt"] + r["completion"] for r in rows], vocab_size=300)
-    save_model(build_preset_model("nano", tokenizer, seed=0), tokenizer, root / "actor")
-    save_model(build_preset_model("nano", tokenizer, seed=1, scalar=True), tokenizer, root / "rm")
-    (root / "ppo.yaml").write_text(
+    save_tiny_actor_and_reward_model(root, [r["prompt"] + r["completion"] for r in rows])
+    (root / "ppo.yaml").write_text(  # PPO with a reward model and a critic; an update moves the policy visibly
         "models: {actor: actor, reward: rm, critic_init: actor}\n"
         "data: {train: prompts.jsonl}\n"
         "algorithm: {beta: 0.1, adaptive_kl: true}\n"
         "rollout: {max_new_tokens: 8}\n"
-        "batch: {rollout_batch_size: 8, mini_batch_size: 4, ppo_epochs: 2}\n"
         "optim: {actor_lr: 1.0e-3}\n"
+        "batch: {rollout_batch_size: 8, mini_batch_size: 4, ppo_epochs: 2}\n"
         "train: {steps: 6, log_every: 1, save_every: 1}\n")
     # a multi-turn GRPO run from a model that has learnt to stop (so that episodes take a second turn), with a
     # seeded environment that asks again after the first answer
@@ -81,16 +82,7 @@ def work(tmp_path_factory) -> Path:
         "data: {train: sft.jsonl, max_length: 32}\n"
         "train: {lr: 0.003, max_steps: 80, batch_size: 8}\n")
     _run(root, "sft", "sft", "--config", "sft.yaml", "--output", "sft")
-    (root / "async_envs.py").write_text(
-        "class NextNumber:\n"
-        "    def __init__(self, rng):\n"
-        "        self.digit, self.turn = str(rng.randrange(10)), 0\n"
-        "    def reset(self):\n"
-        "        return None\n"
-        "    def step(self, action):\n"
-        "        self.turn += 1\n"
-        "        reward = float(self.digit in action)\n"
-        "        return ('And after that?', reward, False) if self.turn < 2 else (None, reward, True)\n")
+    (root / "async_envs.py").write_text(NEXT_NUMBER_ENV)
     (root / "agent.yaml").write_text(
         "models: {actor: sft/final}\n"
         "data: {train: prompts.jsonl}\n"

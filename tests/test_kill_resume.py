@@ -115,6 +115,26 @@ GRPO_STEPS = 30
 DPO_STEPS = 80
 AGENT_STEPS = 20
 COMMANDS = {"agent": "grpo"}  # runs named apart from the command that runs them
+# a seeded environment that asks again after the first answer: episodes of two turns when the model stops
+NEXT_NUMBER_ENV = (
+    "class NextNumber:\n"
+    "    def __init__(self, rng):\n"
+    "        self.digit, self.turn = str(rng.randrange(10)), 0\n"
+    "    def reset(self):\n"
+    "        return None\n"
+    "    def step(self, action):\n"
+    "        self.turn += 1\n"
+    "        reward = float(self.digit in action)\n"
+    "        return ('And after that?', reward, False) if self.turn < 2 else (None, reward, True)\n")
+
+
+def save_tiny_actor_and_reward_model(root: Path, texts: list[str]) -> None:
+    """`root/actor` and `root/rm`: nano Llamas (a causal LM and a one-output scorer) on a tokenizer of `texts`."""
+    from quartet.models.tokenizer import train_bpe_tokenizer
+
+    tokenizer = train_bpe_tokenizer(texts, vocab_size=300)
+    save_model(build_preset_model("nano", tokenizer, seed=0), tokenizer, root / "actor")
+    save_model(build_preset_model("nano", tokenizer, seed=1, scalar=True), tokenizer, root / "rm")
 
 
 @pytest.fixture(scope="module")
@@ -136,11 +156,7 @@ def work(tmp_path_factory) -> Path:
         "data: {train: prefs.jsonl, eval_fraction: 0.1, max_length: 32}\n"
         f"train: {{lr: 0.001, max_steps: {REWARD_STEPS}, batch_size: 8, eval_every: 25, log_every: 1, save_every: 1,"
         " keep_checkpoints: 1}\n")
-    from quartet.models.tokenizer import train_bpe_tokenizer
-
-    tokenizer = train_bpe_tokenizer([r["prompt"] + r["completion"] for r in sft], vocab_size=300)
-    save_model(build_preset_model("nano", tokenizer, seed=0), tokenizer, root / "actor")
-    save_model(build_preset_model("nano", tokenizer, seed=1, scalar=True), tokenizer, root / "rm")
+    save_tiny_actor_and_reward_model(root, [r["prompt"] + r["completion"] for r in sft])
     (root / "ppo.yaml").write_text(
         "models: {actor: actor, reward: rm, critic_init: actor}\n"
         "data: {train: prompts.jsonl}\n"
@@ -163,16 +179,7 @@ def work(tmp_path_factory) -> Path:
         f"train: {{steps: {GRPO_STEPS}, log_every: 1, save_every: 1, sample_every: 5, n_samples: 2}}\n")
     # multi-turn episodes (GRPO) with a seeded environment, from the SFT run's model (it has learnt to stop,
     # so episodes take a second turn): the environments' draws must replay after a resume
-    (root / "kill_envs.py").write_text(
-        "class NextNumber:\n"
-        "    def __init__(self, rng):\n"
-        "        self.digit, self.turn = str(rng.randrange(10)), 0\n"
-        "    def reset(self):\n"
-        "        return None\n"
-        "    def step(self, action):\n"
-        "        self.turn += 1\n"
-        "        reward = float(self.digit in action)\n"
-        "        return ('And after that?', reward, False) if self.turn < 2 else (None, reward, True)\n")
+    (root / "kill_envs.py").write_text(NEXT_NUMBER_ENV)
     (root / "agent.yaml").write_text(
         "models: {actor: sft-straight/final}\n"
         "data: {train: prompts.jsonl}\n"

@@ -57,8 +57,8 @@ def policy_version(step: int, max_staleness: int) -> int:
 def check_async(cfg: RLConfig, ranks: Ranks) -> None:
     """Refuse, before anything runs, what the rollout producer cannot do."""
     if ranks.device.type != "cpu":
-        raise ValueError(f"rollout.max_staleness: the rollout producer is a forked process, which runs on CPU only "
-                         f"(this run's device is {ranks.device.type}); leave it unset for synchronous RL")
+        raise ValueError(f"rollout.max_staleness: the rollout producer runs on CPU only for now (this run's device "
+                         f"is {ranks.device.type}); leave it unset for synchronous RL")
     if ranks.shards_parameters:
         raise ValueError("rollout.max_staleness runs on one process or with DDP: the rollout producer holds a whole "
                          "copy of the actor, which FSDP and DeepSpeed shard")
