@@ -244,3 +244,36 @@ def test_the_episodes_benchmark_times_equal_model_tokens_three_ways():
     for name in ("episodes", "one_turn", "one_turn_observations_in_prompt"):
         assert 0 < result[name]["min_ms"] <= result[name]["median_ms"]
     assert result["episodes/one_turn"] == result["episodes"]["median_ms"] / result["one_turn"]["median_ms"]
+
+
+def test_the_grpo_benchmark_runs_asynchronously_with_a_reward_latency(grpo_bench, tmp_path):
+    result = grpo_bench.main(["--n-layer", "1", "--n-embd", "32", "--n-head", "2", "--vocab", "64", "--prompts-per-step", "2",
+                              "--num-generations", "4", "--micro-batch", "4", "--new-tokens", "5", "--prompt-len", "3",
+                              "--steps", "3", "--max-staleness", "1", "--reward-latency", "0.05",
+                              "--workdir", str(tmp_path)])
+    from quartet.runs.metrics import read_metrics
+
+    assert [r["offpolicy/staleness"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [0, 1, 1]
+    assert result["max_staleness"] == 1 and result["rollout_wait_sec_median"] >= 0
+    assert result["config"]["reward_latency"] == 0.05
+
+
+def test_the_async_benchmark_pairs_each_round_with_its_synchronous_run(monkeypatch):
+    async_rl = load_benchmark(BENCHMARKS / "async_rl.py")
+    calls = []
+
+    def fake_step_benchmark(module, a, k):
+        calls.append((module, k))
+        round_ = sum(c == (module, k) for c in calls)  # 1, 2, 3: the mode's round
+        sec = {None: 2.0, 0: 2.2, 1: 1.6, 2: 1.5}[k] * round_
+        return {"sec_per_step_median": sec, "e2e_tokens_per_s": 100 / sec, "phase_sec_median": {},
+                "rollout_wait_sec_median": None if k is None else 0.1 * round_}
+
+    monkeypatch.setattr(async_rl, "_step_benchmark", fake_step_benchmark)
+    rows = async_rl.main(["throughput", "--configs", "D (GRPO)", "--rounds", "3"])["results"]["D (GRPO)"]
+    assert calls == [("benchmarks.grpo_step", k) for _ in range(3) for k in (None, 0, 1, 2)]  # modes alternate
+    assert rows["sync"]["sec_per_step"] == 4.0 and rows["k=1"]["sec_per_step"] == pytest.approx(3.2)  # medians
+    assert rows["k=1"]["speed_vs_sync_all"] == pytest.approx([1.25, 1.25, 1.25])  # each round against its own
+    assert rows["k=1"]["rollout_wait_sec"] == pytest.approx(0.2) and rows["sync"]["rollout_wait_sec"] is None
+    with pytest.raises(SystemExit, match="config D"):
+        async_rl.main(["throughput", "--configs", "A (PPO)", "--reward-latency", "1"])
