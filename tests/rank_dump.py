@@ -47,8 +47,9 @@ def resume_and_dump(self, checkpoint):
         torch.save({"checkpoint": str(checkpoint), "restored": restored["state"], "saved": saved["state"]}, out)
 
 
-if "QUARTET_TEST_RANK_DUMP" in os.environ:
-    Run.save_final = save_final_and_dump
-if "QUARTET_TEST_RESUME_DUMP" in os.environ:
-    RunLoop.resume = resume_and_dump
-sys.exit(main(sys.argv[1:]))
+if __name__ == "__main__":  # not again in a spawned process (the rollout producer of rollout.max_staleness)
+    if "QUARTET_TEST_RANK_DUMP" in os.environ:
+        Run.save_final = save_final_and_dump
+    if "QUARTET_TEST_RESUME_DUMP" in os.environ:
+        RunLoop.resume = resume_and_dump
+    sys.exit(main(sys.argv[1:]))

@@ -276,7 +276,7 @@ def test_a_producer_that_keeps_dying_stops_the_run_with_a_checkpoint_to_resume(w
     _set_fault(work, "kill", at=3, times=100)
     log = _run(work, "faults-down", "grpo", "--config", "faults.yaml", "--output", "faults-down",
                "--rollout.producer_restarts", "1", expect=1)
-    assert re.search(r"the rollout producer \(pid \d+\) exited \(code -9\) while making step 3's batch, 2 times "
+    assert re.search(r"the rollout producer \(pid \d+\) exited \(code -9\) while making step 3's batch, on try 2 of 2 "
                      r"\(rollout.producer_restarts = 1\)", log), log[-3000:]
     assert "stopped before step 3, checkpoint saved in faults-down/checkpoints/step-2" in log
     pids = [int(p) for p in re.findall(r"pid (\d+)", log)]
@@ -285,6 +285,23 @@ def test_a_producer_that_keeps_dying_stops_the_run_with_a_checkpoint_to_resume(w
     _set_fault(work, None)  # fixed: the run resumes where it stopped, to the same result
     _run(work, "faults-down-resumed", "grpo", "--config", "faults.yaml", "--output", "faults-down", "--resume")
     assert_same_weights(faults_straight / "final", work / "faults-down" / "final")
+
+
+def test_a_script_without_a_main_guard_is_told_so_and_does_not_hang(work):
+    """The producer is spawned: it imports the script that started the run again. Unguarded, the script
+    would start a second run in it; it is stopped at once, and the trainer stops cleanly."""
+    (work / "unguarded.py").write_text(
+        "import sys\nfrom quartet.cli import main\n"
+        "sys.exit(main(['grpo', '--config', 'faults.yaml', '--output', 'unguarded', '--train.steps', '2',"
+        " '--rollout.producer_restarts', '0']))\n")
+    with open(work / "unguarded.log", "w") as out:
+        done = subprocess.run([sys.executable, "unguarded.py"], cwd=work, env=_env(), stdout=out,
+                              stderr=subprocess.STDOUT, timeout=120)
+    log = (work / "unguarded.log").read_text()
+    assert done.returncode == 1, log[-3000:]
+    assert "put the script's run behind `if __name__ == \"__main__\":`" in log
+    assert re.search(r"the rollout producer \(pid \d+\) exited \(code 1\) while making step 1's batch", log)
+    assert not (work / "unguarded" / "final").exists()
 
 
 def test_an_error_in_the_producer_stops_the_run_with_its_traceback(work):

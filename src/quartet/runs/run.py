@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import multiprocessing
 import random
 from pathlib import Path
 from typing import Any
@@ -25,6 +26,18 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
+ROLLOUT_PRODUCER = "quartet-rollout-producer"  # the process name of asynchronous RL's producer (stages/rl_async.py)
+
+
+def _refuse_inside_a_rollout_producer() -> None:
+    """A spawned process imports the script that started it again: an unguarded script would start its run
+    a second time inside the rollout producer."""
+    if multiprocessing.current_process().name == ROLLOUT_PRODUCER:
+        raise RuntimeError("a run was started inside the rollout producer of rollout.max_staleness: the producer is "
+                           "a spawned process, which imports the script that started the run again; put the "
+                           "script's run behind `if __name__ == \"__main__\":`")
+
+
 class Run:
     """The output directory of a stage run.
 
@@ -38,6 +51,7 @@ class Run:
         Stages build a Run first (cheap checks), then load data and models, then call `start()`,
         so a bad input stops the run before it touches a directory that already holds work.
         """
+        _refuse_inside_a_rollout_producer()
         self.dir = Path(output_dir)
         self.stage = stage
         self.config = config

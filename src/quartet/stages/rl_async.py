@@ -18,12 +18,14 @@ with a checkpoint of the state before the step.
 The producer is a fresh interpreter (spawned, not forked: a fork would inherit the trainer's OpenMP
 thread pool without its threads and hang in its first parallel region). It gets a copy of the actor,
 tokenizer, reward source and prompt schedule by pickling, so reward functions must be importable
-module-level functions. It runs on CPU.
+module-level functions, and a script that starts a run must guard it with `if __name__ == "__main__":`
+(the producer imports the script again, as every spawned process does). It runs on CPU.
 """
 
 from __future__ import annotations
 
 import itertools
+import multiprocessing as mp
 import os
 import pickle
 import queue
@@ -36,12 +38,12 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import torch.multiprocessing as mp
 from safetensors.torch import load_file, save_file
 
 from quartet.config import RLConfig, RolloutConfig
 from quartet.runs.distributed import Ranks
 from quartet.runs.faults import StepAbandoned
+from quartet.runs.run import ROLLOUT_PRODUCER
 from quartet.stages.rl_experience import ExperienceMaker, SampledShare
 
 SNAPSHOT_DIR = "rollout_producer"  # in a checkpoint: the weights the batches in flight were sampled with
@@ -143,7 +145,7 @@ class RolloutProducer:
             tries += 1
             if tries > self.max_restarts:
                 raise ProducerDown(f"the rollout producer (pid {pid}) {failure} while making step {step + 1}'s "
-                                   f"batch, {tries} times (rollout.producer_restarts = {self.max_restarts})")
+                                   f"batch, on try {tries} of {tries} (rollout.producer_restarts = {self.max_restarts})")
             self.restarts += 1
             self.note(f"[rollout producer] pid {pid} {failure} while making step {step + 1}'s batch; restarting it "
                       f"(try {tries} of {self.max_restarts}) to make the batch again from the same weights")
@@ -153,7 +155,7 @@ class RolloutProducer:
         """Hand the producer the weights of `version` (kept until no batch to be made needs them)."""
         self.snapshots[version] = state
         if self.process is not None:
-            self.inbox.put(("weights", version, state))
+            self.inbox.put(("weights", version, _pack(state)))
 
     def in_flight_versions(self, step: int) -> list[int]:
         """Versions that sample the batches in flight after `step` updates (steps step .. step+k-1)."""
@@ -195,12 +197,14 @@ class RolloutProducer:
             torch.set_num_threads(max(1, self.trainer_threads - self.threads))
         self.ready = False
         self.process = context.Process(
-            target=_produce, name="quartet-rollout-producer", daemon=True,
-            args=(payload, self.inbox, self.outbox, step, self.maker.prompt_position, self.k, self.threads,
-                  os.getpid()))
+            target=_produce, name=ROLLOUT_PRODUCER, daemon=True,
+            args=(self.inbox, self.outbox, step, self.maker.prompt_position, self.k, self.threads, os.getpid()))
         self.process.start()
+        # the copy goes through the queue, not the start-up pipe: a start-up write blocks until the child
+        # reads it all, and a child that dies while starting (an unguarded script, no memory) would never read
+        self.inbox.put(("copy", payload))
         for version in sorted(v for v in self.snapshots if v >= policy_version(step, self.k)):
-            self.inbox.put(("weights", version, self.snapshots[version]))
+            self.inbox.put(("weights", version, _pack(self.snapshots[version])))
 
     def _wait(self, step: int) -> ProducedBatch | str:
         """Step `step`'s batch, or why the producer failed to deliver it (it died or stalled). The time
@@ -208,7 +212,7 @@ class RolloutProducer:
         deadline = time.monotonic() + (self.timeout if self.ready else _STARTUP_SECONDS)
         while True:
             try:
-                item = self.outbox.get(timeout=_POLL_SECONDS)
+                item = _unpack(self.outbox.get(timeout=_POLL_SECONDS))
             except queue.Empty:
                 if not self.process.is_alive():
                     return f"exited (code {self.process.exitcode})"
@@ -250,16 +254,20 @@ class RolloutProducer:
 # ---------------------------------------------------------------------- the producer's side
 
 
-def _produce(payload: bytes, inbox: Any, outbox: Any, first_step: int, prompt_position: int, k: int,
-             threads: int, trainer_pid: int) -> None:
-    """The producer process: for each step from `first_step`, wait for its version's weights, sample and
-    score its batch, send it. Ends on "stop", or when the trainer is gone."""
+def _produce(inbox: Any, outbox: Any, first_step: int, prompt_position: int, k: int, threads: int,
+             trainer_pid: int) -> None:
+    """The producer process: take the trainer's copy of what samples and scores; then for each step from
+    `first_step`, wait for its version's weights, sample and score its batch, send it. Ends on "stop", or
+    when the trainer is gone."""
     _end_with_parent()
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C is the trainer's: it checkpoints, then stops this
     torch.set_num_threads(threads)
+    payload = _receive(inbox, "copy", trainer_pid)
+    if payload is None:
+        return
     maker: ExperienceMaker = pickle.loads(payload)  # the trainer's own pickle of its producer_copy()
     maker.become_producer(prompt_position)
-    outbox.put(_Ready())
+    outbox.put(_pack(_Ready()))
     version = None
     for step in itertools.count(first_step):
         need = policy_version(step, k)
@@ -267,21 +275,22 @@ def _produce(payload: bytes, inbox: Any, outbox: Any, first_step: int, prompt_po
             state = _receive(inbox, need, trainer_pid)
             if state is None:
                 return
-            maker.actor.load_state_dict(state)
+            maker.actor.load_state_dict(_unpack(state))
             version = need
         try:
             timings, tool_calls, shares = maker.produce(step)
         except StepAbandoned as err:
-            outbox.put(_ProducerError(step, err, ""))
+            outbox.put(_pack(_ProducerError(step, err, "")))
             return
         except BaseException as err:  # noqa: BLE001 - any failure is the trainer's to report
-            outbox.put(_ProducerError(step, None, "".join(traceback.format_exception(err)).rstrip()))
+            outbox.put(_pack(_ProducerError(step, None, "".join(traceback.format_exception(err)).rstrip())))
             return
-        outbox.put(ProducedBatch(step, version, shares, maker.prompt_position, timings, tool_calls))
+        outbox.put(_pack(ProducedBatch(step, version, shares, maker.prompt_position, timings, tool_calls)))
 
 
-def _receive(inbox: Any, version: int, trainer_pid: int) -> dict[str, torch.Tensor] | None:
-    """The weights of `version` (older ones are skipped); None on "stop" or when the trainer is gone."""
+def _receive(inbox: Any, wanted: int | str, trainer_pid: int) -> Any:
+    """The weights of version `wanted` (older ones are skipped), or with `wanted` "copy" the trainer's copy;
+    None on "stop" or when the trainer is gone."""
     while True:
         try:
             message = inbox.get(timeout=_POLL_SECONDS)
@@ -291,11 +300,25 @@ def _receive(inbox: Any, version: int, trainer_pid: int) -> dict[str, torch.Tens
             continue
         if message[0] == "stop":
             return None
+        if message[0] == "copy":
+            if wanted == "copy":
+                return message[1]
+            continue
         _, got, state = message
-        if got == version:
+        if got == wanted:
             return state
-        if got > version:
-            raise RuntimeError(f"rollout producer: version {got} arrived before {version}")
+        if got > wanted:
+            raise RuntimeError(f"rollout producer: version {got} arrived before {wanted}")
+
+
+def _pack(obj: Any) -> bytes:
+    """Messages cross as bytes, tensors by value: torch's own queue pickling hands tensors over as shared
+    memory through file descriptors that a helper thread of the sender passes on, which failed under load."""
+    return pickle.dumps(obj, protocol=pickle.HIGHEST_PROTOCOL)
+
+
+def _unpack(data: bytes) -> Any:
+    return pickle.loads(data)  # from this run's own processes only
 
 
 def _end_with_parent() -> None:
